@@ -1,0 +1,3 @@
+"""fl_llm: federated LoRA fine-tuning of one shared transformer across e-commerce platforms."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,183 @@
+"""`fl-llm`: federated LoRA fine-tuning across e-commerce platforms.
+
+    fl-llm run                                  # the default job: 3 platforms, tiny model, local Ray
+    fl-llm run configs/default.yaml server.rounds=3 client.lr=1e-3
+    fl-llm run backend=local                    # same platforms in this process, for debugging
+    fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
+    fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
+
+Exit codes: 0 done; 2 a user error (config, data, paths, cluster), with one line saying what;
+1 the federation could not go on (e.g. too few platforms answered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import textwrap
+from datetime import datetime
+from pathlib import Path
+
+from fl_llm import config as config_mod
+from fl_llm.errors import EXIT_USER_ERROR, UserError
+
+RUN_HELP = """\
+Run a federated job. CONFIG is a YAML file (default: the embedded default, identical to
+configs/default.yaml); each KEY=VALUE overrides one dotted key, the value read as YAML
+(server.rounds=3, model.lora.target_modules=[q_proj,v_proj], ray.address=auto).
+
+Output: one line per round on stdout —
+  round  3/10  loss 1.602  auc 0.712  |  fashion-mall 1.55/0.74 ...  |  up 408 KB down 408 KB  7.1 s
+loss/auc: the global adapter's answer loss and AUC on every platform's held-out split, weighted by
+its size; then each platform's eval loss/AUC; bytes of adapter updates sent up and global adapters
+sent down this round; the round's wall time. The run dir holds config.yaml, metrics.jsonl (one
+JSON object per round), summary.json, platforms.json, adapter/ (standard PEFT) and, for the
+built-in model, base_model/.
+"""
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _config_keys_help() -> str:
+    rows = config_mod.describe()
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (KEY=VALUE), with defaults:"]
+    for key, default, help_ in rows:
+        lines.append(f"  {key:<{width}}  {help_}  [default: {default}]")
+    return "\n".join(lines)
+
+
+def _resolve_run_dir(cfg, overwrite: bool) -> Path:
+    if cfg.output_dir:
+        path = Path(cfg.output_dir)
+    else:
+        path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not overwrite:
+            raise UserError(f"output dir {str(path)!r} already exists; pass --overwrite or choose another output_dir")
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return path
+
+
+def cmd_run(ns) -> int:
+    from fl_llm.model.build import check_model_source
+    from fl_llm.progress import Progress
+    from fl_llm.server.loop import RunFailed, run
+
+    path, overrides = _split_config_args(ns.args)
+    cfg = config_mod.load(path, overrides)
+    check_model_source(cfg.model)
+    run_dir = _resolve_run_dir(cfg, ns.overwrite)
+    progress = Progress(enabled=cfg.tracking.progress)
+    progress.info(
+        f"fl_llm run '{cfg.name}': {cfg.data.num_platforms} platforms, {cfg.server.rounds} rounds, "
+        f"task {cfg.data.task}, strategy {cfg.strategy.name}, model {cfg.model.name_or_path}, "
+        f"backend {cfg.backend}\nrun dir: {run_dir}"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = run(cfg, run_dir, progress)
+    except UserError:
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written for a user's mistake
+        raise
+    except RunFailed as e:
+        print(f"fl-llm: run failed: {e}", file=sys.stderr)
+        return 1
+    final = summary["final"]
+    progress.info(
+        f"done in {summary['wall_seconds']:.0f} s: eval loss {summary['initial']['eval_loss']:.3f} -> "
+        f"{final['eval_loss']:.3f}, auc {summary['initial']['auc']:.3f} -> {final['auc']:.3f}\n"
+        f"global adapter (PEFT format): {run_dir / 'adapter'}\nmetrics: {run_dir / 'metrics.jsonl'}"
+    )
+    return 0
+
+
+def cmd_config(ns) -> int:
+    import yaml
+
+    path, overrides = _split_config_args(ns.args)
+    cfg = config_mod.load(path, overrides)
+    print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def cmd_tasks(ns) -> int:
+    from fl_llm.data.tasks import TASKS
+
+    for t in TASKS.values():
+        print(f"{t.name:<16} {t.description}\n{'':<16} answers: {', '.join(repr(a) for a in t.verbalizer)}")
+    return 0
+
+
+def cmd_strategies(ns) -> int:
+    from fl_llm.strategies import STRATEGIES
+
+    for s in STRATEGIES.values():
+        print(f"{s.name:<12} {s.summary}\n{'':<12} paper: {s.paper}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = (__doc__ or "").strip()
+    parser = argparse.ArgumentParser(
+        prog="fl-llm",
+        description=doc.splitlines()[0],
+        epilog=textwrap.indent("\n".join(doc.splitlines()[1:]).strip(), ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "run",
+        help="run a federated job",
+        description=RUN_HELP,
+        epilog=_config_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("config", help="print the resolved config (YAML) without running")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    p.set_defaults(func=cmd_config)
+    sub.add_parser("tasks", help="list the tasks (data.task)").set_defaults(func=cmd_tasks)
+    sub.add_parser("strategies", help="list the aggregation strategies (strategy.name)").set_defaults(
+        func=cmd_strategies
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options (`run --overwrite server.rounds=3`).
+    stray = [a for a in extra if a.startswith("-") or not hasattr(ns, "args")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        ns.args = [*ns.args, *extra]
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return ns.func(ns)
+    except UserError as e:
+        print(f"fl-llm: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fl-llm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""`Platform`: one company in the federation. Owns its data and its model copy; no Ray here.
+
+The driver constructs it with the run config and a platform id — a data *location*, never
+records. Everything the platform returns is either adapter tensors (its update) or aggregate
+numbers (counts, mean losses, AUC): no record and no per-example output leaves this class.
+The Ray backend makes it an actor; the local backend calls the very same class in-process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fl_llm.config import RunConfig, from_dict
+from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
+
+
+def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.random.Generator:
+    """The generator for one (seed, round, platform) draw; never the global RNG."""
+    return np.random.default_rng([seed, round_, platform, purpose])
+
+
+class Platform:
+    def __init__(self, config: dict, platform_id: int, num_threads: int | None = None):
+        import torch
+
+        from fl_llm.data import sources
+        from fl_llm.data.batching import answer_token_ids, encode
+        from fl_llm.data.tasks import TASKS
+        from fl_llm.model.adapters import apply_lora
+        from fl_llm.model.build import build_base
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg: RunConfig = from_dict(config)
+        self.id = platform_id
+        self.name = sources.platform_names(self.cfg)[platform_id]
+        self.task = TASKS[self.cfg.data.task]
+        want = self.cfg.client.device
+        self.device = torch.device(
+            "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+        )
+
+        # Data stays in this process from here on.
+        train_records, eval_records = sources.load_platform_data(self.cfg, platform_id)
+        base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed)
+        base.to(self.device)  # before wrapping: adapters are created on the base's device
+        self.model = apply_lora(base, self.cfg.model, self.cfg.seed)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.answer_ids = answer_token_ids(self.task, self.tokenizer)
+        max_len = self.cfg.model.max_length
+        self.train_set = encode(train_records, self.task, self.tokenizer, max_len)
+        self.eval_set = encode(eval_records, self.task, self.tokenizer, max_len)
+
+    def describe(self) -> dict:
+        """Aggregate facts the driver may know: sizes, label balance, adapter size."""
+        return {
+            "platform": self.id,
+            "name": self.name,
+            "num_train": len(self.train_set),
+            "num_eval": len(self.eval_set),
+            "train_positive_rate": float(self.train_set.labels.mean()),
+            "device": str(self.device),
+        }
+
+    def initial_adapter(self) -> AdapterState:
+        return get_adapter_state(self.model)
+
+    def train(self, global_state: AdapterState, round_: int) -> dict:
+        """Local training from the global adapter; returns the update (local - global)."""
+        from fl_llm.client.train import local_train
+
+        t0 = time.perf_counter()
+        set_adapter_state(self.model, global_state)
+        c = self.cfg.client
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's RNG
+            torch.manual_seed(int(platform_rng(self.cfg.seed, round_, self.id, 1).integers(2**31)))
+            metrics = local_train(
+                self.model,
+                self.train_set,
+                steps=c.local_steps,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                weight_decay=c.weight_decay,
+                max_grad_norm=c.max_grad_norm,
+                rng=platform_rng(self.cfg.seed, round_, self.id),
+                device=self.device,
+                pad_id=self.pad_id,
+            )
+        local = get_adapter_state(self.model)
+        update = {k: local[k] - global_state[k] for k in local}
+        metrics["train_seconds"] = time.perf_counter() - t0
+        return {
+            "update": update,
+            "num_examples": len(self.train_set),
+            "metrics": metrics,
+            "bytes": state_nbytes(update),
+        }
+
+    def evaluate(self, global_state: AdapterState) -> dict:
+        """Loss and task metrics of `global_state` on this platform's held-out split."""
+        from fl_llm.client.train import evaluate
+
+        t0 = time.perf_counter()
+        set_adapter_state(self.model, global_state)
+        out = evaluate(
+            self.model,
+            self.eval_set,
+            answer_ids=self.answer_ids,
+            batch_size=self.cfg.client.eval_batch_size,
+            device=self.device,
+            pad_id=self.pad_id,
+        )
+        probs = out["probs"]
+        scores = probs[:, 1] if probs.shape[1] == 2 else probs
+        result = {k: float(v) for k, v in self.task.metrics(self.eval_set.labels, scores).items()}
+        result["eval_loss"] = out["loss_sum"] / max(out["tokens"], 1)
+        result["num_eval"] = len(self.eval_set)
+        result["eval_seconds"] = time.perf_counter() - t0
+        return result

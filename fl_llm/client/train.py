@@ -1,0 +1,88 @@
+"""The local training loop and evaluation of one platform's model. Plain torch, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl_llm.data.batching import IGNORE, Encoded, collate
+
+
+def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`steps` batches walking through shuffled epochs of `n` examples (no repeats within one)."""
+    out, order, pos = [], rng.permutation(n), 0
+    for _ in range(steps):
+        take = []
+        while len(take) < min(batch_size, n):
+            if pos == n:
+                order, pos = rng.permutation(n), 0
+            k = min(batch_size - len(take), n - pos)
+            take.extend(order[pos : pos + k])
+            pos += k
+        out.append(np.asarray(take))
+    return out
+
+
+def _forward(model, batch: dict, device):
+    """Logits of the last `keep` positions only, and the matching targets, as float32."""
+    import torch
+
+    inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs, logits_to_keep=batch["keep"]).logits.float()
+    return logits, torch.from_numpy(batch["targets"]).to(device)
+
+
+def _answer_loss(logits, targets, reduction: str):
+    import torch
+
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction=reduction
+    )
+
+
+def local_train(
+    model, enc: Encoded, *, steps, batch_size, lr, weight_decay, max_grad_norm, rng, device, pad_id
+) -> dict:
+    """Train the trainable (adapter) parameters for `steps` AdamW steps; returns train metrics.
+
+    A fresh optimizer each round: optimizer state is not part of the federated model and would
+    go stale while the global adapter moves.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    losses = []
+    for idx in batch_indices(len(enc), batch_size, steps, rng):
+        logits, targets = _forward(model, collate(enc, idx, pad_id), device)
+        loss = _answer_loss(logits, targets, "mean")
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return {"train_loss": float(np.mean(losses)), "steps": len(losses)}
+
+
+def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, device, pad_id) -> dict:
+    """Answer-token loss and the probability of each answer at the end of the prompt.
+
+    Returns `loss_sum`, `tokens` and `probs` (examples x answers, normalised over the answers).
+    """
+    import torch
+
+    model.eval()
+    loss_sum, tokens, probs = 0.0, 0, []
+    with torch.inference_mode():
+        for start in range(0, len(enc), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(enc)))
+            batch = collate(enc, idx, pad_id)
+            logits, targets = _forward(model, batch, device)
+            loss_sum += float(_answer_loss(logits, targets, "sum"))
+            tokens += int((targets != IGNORE).sum())
+            rows = torch.arange(len(idx), device=logits.device)
+            pos = torch.from_numpy(batch["score_idx"]).to(logits.device)
+            answer_logits = logits[rows, pos][:, answer_ids]
+            probs.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
+    return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}

@@ -1,0 +1,87 @@
+"""Tokenize prompt + answer, pad on the left, and keep the loss to the answer tokens.
+
+Prompt and answer are tokenized separately and concatenated, so the answer's first token is
+always the verbalizer's own token (no merge across the boundary) and the score position — the last
+prompt token — is known exactly. Long prompts are cut from the left: the question at the end of
+the template matters more than the oldest history.
+
+Batches are padded on the left so that every row's answer sits at the end. The model then only
+has to project the last `keep` positions onto the vocabulary (`logits_to_keep`): for a short
+answer that is a few positions instead of the whole sequence, which on a large vocabulary is most
+of the memory and much of the time of a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fl_llm.data.tasks import Task
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """A split, tokenized once: one row per example."""
+
+    input_ids: list[np.ndarray]  # prompt + answer token ids
+    answer_len: np.ndarray  # answer tokens at the end of each row
+    labels: np.ndarray  # the task label of each row (for metrics)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def answer_token_ids(task: Task, tokenizer) -> list[int]:
+    """First token of each verbalizer answer: what the model is scored on."""
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in task.verbalizer]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"task {task.name!r}: answers {task.verbalizer} share a first token; pick distinct words")
+    return ids
+
+
+def encode(records: list[dict], task: Task, tokenizer, max_length: int) -> Encoded:
+    prompts = tokenizer([task.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([task.answer(r) for r in records], add_special_tokens=False)["input_ids"]
+    rows, alen = [], []
+    for p, a in zip(prompts, answers):
+        keep = max(1, max_length - len(a))
+        rows.append(np.asarray(p[-keep:] + a, dtype=np.int64))
+        alen.append(len(a))
+    labels = np.asarray([int(r[task.label_field]) for r in records], dtype=np.int64)
+    return Encoded(rows, np.asarray(alen, dtype=np.int64), labels)
+
+
+def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """Left-padded batch of rows `idx`.
+
+    Returns model inputs (input_ids, attention_mask, position_ids restarting at each row's first
+    real token), `keep` (how many final positions need logits), `targets` (keep-wide next-token
+    targets, IGNORE outside the answer) and `score_idx` (window index of the last prompt token).
+    """
+    rows = [enc.input_ids[i] for i in idx]
+    alen = enc.answer_len[idx]
+    width = max(len(r) for r in rows)
+    keep = int(alen.max()) + 1
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r) :] = r
+        mask[j, width - len(r) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    # Window position m predicts token width-keep+m+1; answer tokens are the last alen of each row.
+    nxt = np.concatenate([ids[:, width - keep + 1 :], np.full((len(rows), 1), pad_id)], axis=1)
+    m = np.arange(keep)[None, :]
+    is_answer = m >= (keep - 1 - alen[:, None])
+    is_answer &= m < keep - 1
+    targets = np.where(is_answer, nxt, IGNORE)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "keep": keep,
+        "targets": targets,
+        "score_idx": keep - 1 - alen,
+    }

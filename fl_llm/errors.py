@@ -1,0 +1,13 @@
+"""Errors a user can cause: bad config, missing paths, bad data, unreachable cluster.
+
+The CLI turns a `UserError` into one line on stderr and exit code 2; every other exception is a
+bug in fl_llm and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Something the user can fix: the message says what and where."""

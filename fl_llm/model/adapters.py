@@ -1,0 +1,92 @@
+"""LoRA adapters: config, state as numpy, and the standard PEFT files on disk.
+
+Only the adapter ever crosses a process boundary, as `dict[str, np.ndarray]` taken with peft's
+own `get_peft_model_state_dict` (keys as in a saved PEFT adapter). numpy rather than torch because
+Ray hands numpy arrays over zero-copy; they arrive read-only, so `set_adapter_state` copies.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fl_llm.config import ModelConfig
+
+AdapterState = dict[str, np.ndarray]
+
+
+def lora_config(model_cfg: ModelConfig):
+    from peft import LoraConfig
+
+    lora = model_cfg.lora
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model, model_cfg: ModelConfig, seed: int):
+    """Wrap `model` with LoRA; the initial A matrices come from `seed`, so all platforms agree."""
+    import torch
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora_config(model_cfg))
+
+
+def get_adapter_state(peft_model) -> AdapterState:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").float().numpy().copy() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def set_adapter_state(peft_model, state: AdapterState) -> None:
+    import torch
+    from peft import set_peft_model_state_dict
+
+    expected = set(get_adapter_state_keys(peft_model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter state does not match the model: missing {missing[:3]}, extra {extra[:3]}")
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    set_peft_model_state_dict(peft_model, tensors)
+
+
+def get_adapter_state_keys(peft_model) -> list[str]:
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(peft_model).keys())
+
+
+def state_nbytes(state: AdapterState) -> int:
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def save_adapter(state: AdapterState, model_cfg: ModelConfig, out_dir: Path, base_name: str) -> None:
+    """Write `state` as a standard PEFT adapter directory, atomically (temp dir + rename).
+
+    `PeftModel.from_pretrained(base, out_dir)` loads it with nothing of fl_llm installed.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    cfg = lora_config(model_cfg)
+    cfg.base_model_name_or_path = base_name
+    cfg.save_pretrained(tmp)
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+    old = out_dir.with_name(f".{out_dir.name}-old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

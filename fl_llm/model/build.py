@@ -1,0 +1,107 @@
+"""Base model and tokenizer: a built-in tiny Llama, a local directory, or a hub id.
+
+The built-in model ("tiny") is made in code from `model.tiny.*` with weights drawn from a
+generator seeded by the run seed, so every platform's process builds the identical base without
+downloading anything, and the driver can save the same weights to `base_model/` for users to load
+with plain transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fl_llm.config import ModelConfig
+from fl_llm.errors import UserError
+
+BUILTIN = "tiny"
+
+
+def is_builtin(model_cfg: ModelConfig) -> bool:
+    return model_cfg.name_or_path == BUILTIN
+
+
+def check_model_source(model_cfg: ModelConfig) -> None:
+    """Fail early, in the driver, if the model cannot be found; loads only its config."""
+    name = model_cfg.name_or_path
+    if is_builtin(model_cfg):
+        return
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise UserError(f"model.name_or_path: directory {name!r} does not exist")
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {name!r} has no config.json (not a Hugging Face model dir)")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        offline = " (this machine is offline: point model.name_or_path at a local directory)"
+        hint = offline if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"model.name_or_path: cannot load {name!r} from the hub{hint}: {e}") from None
+
+
+def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int], seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = model_cfg.tiny
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_positions,
+        tie_word_embeddings=True,
+        # 1/sqrt(width), not the 0.02 tuned for 4k-wide models: with tied embeddings that small,
+        # a narrow model cannot reach confident logits and its answer loss barely moves.
+        initializer_range=t.hidden_size**-0.5,
+        **special_ids,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def build_base(model_cfg: ModelConfig, seed: int):
+    """(model, tokenizer) with frozen base weights in `model.dtype`, on CPU."""
+    import torch
+
+    dtype = getattr(torch, model_cfg.dtype)
+    if is_builtin(model_cfg):
+        from fl_llm.model.tokenizer import load_builtin_tokenizer
+
+        tokenizer = load_builtin_tokenizer()
+        special = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+        model = tiny_llama(model_cfg, len(tokenizer), special, seed).to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        check_model_source(model_cfg)
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def save_base(model_cfg: ModelConfig, seed: int, out_dir: Path) -> None:
+    """Write the built-in base model and tokenizer so plain transformers can load them."""
+    from transformers.utils import logging as hf_logging
+
+    model, tokenizer = build_base(model_cfg, seed)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,70 @@
+"""What a person watching `fl-llm run` sees: a live status line and one line per round.
+
+On a terminal the status line (current phase, elapsed time) is redrawn in place on stderr; the
+per-round lines go to stdout, so `fl-llm run > log.txt` keeps just the log.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "  -  " if x is None or x != x else format(x, spec)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class Progress:
+    def __init__(self, enabled: bool = True, out=None, err=None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.live = enabled and self.err.isatty()
+        self.t0 = time.monotonic()
+        self._status = ""
+
+    def info(self, text: str) -> None:
+        self._clear()
+        print(text, file=self.out, flush=True)
+
+    def phase(self, text: str) -> None:
+        """Redraw the live status line (terminal only)."""
+        if not self.live:
+            return
+        line = f"  [{time.monotonic() - self.t0:6.1f}s] {text}"
+        self.err.write("\r" + line.ljust(len(self._status)))
+        self.err.flush()
+        self._status = line
+
+    def _clear(self) -> None:
+        if self.live and self._status:
+            self.err.write("\r" + " " * len(self._status) + "\r")
+            self.err.flush()
+            self._status = ""
+
+    def round_line(self, record: dict, total_rounds: int) -> None:
+        """`round  3/10  loss 1.602  auc 0.712 | fashion-mall 1.55/0.74 ... | 7.1 s`"""
+        plats = "  ".join(
+            f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get('auc'), '.2f')}"
+            for name, p in record["platforms"].items()
+        )
+        note = ""
+        if record.get("skipped"):
+            note = f"  [skipped: {record['skipped']}]"
+        elif record.get("late") or record.get("failed"):
+            note = f"  [late {len(record.get('late', []))}, failed {len(record.get('failed', []))}]"
+        self.info(
+            f"round {record['round']:>3}/{total_rounds}  loss {_fmt(record['eval_loss'])}  "
+            f"auc {_fmt(record['auc'])}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "
+            f"down {human_bytes(record['bytes_down'])}  {record['seconds']['round']:.1f} s{note}"
+        )
+
+    def close(self) -> None:
+        self._clear()

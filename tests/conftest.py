@@ -1,0 +1,35 @@
+"""Shared test helpers: small configs, and where the shared real data lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A federation small enough to train in seconds on one CPU core.
+SMALL = [
+    "data.synthetic.train_examples=[160,120,80]",
+    "data.synthetic.eval_examples=80",
+    "client.local_steps=12",
+    "client.lr=0.003",
+    "server.rounds=2",
+    "tracking.progress=false",
+]
+
+
+@pytest.fixture
+def small_cfg():
+    from fl_llm.config import load
+
+    def make(*extra: str):
+        return load(None, [*SMALL, *extra])
+
+    return make

@@ -1,0 +1,151 @@
+"""End to end: 3 platforms x 2 rounds on a local Ray instance (one instance for this module)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fl_llm.tracking import read_metrics
+from tests.conftest import REPO, SMALL
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_instance, tmp_path_factory):
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    cfg = load(None, SMALL)
+    run_dir = tmp_path_factory.mktemp("ray_run")
+    summary = run(cfg, run_dir)
+    return cfg, run_dir, summary
+
+
+def test_run_dir_has_everything(ray_run):
+    _, run_dir, summary = ray_run
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "platforms.json", "adapter", "base_model"):
+        assert (run_dir / name).exists(), name
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2 == summary["rounds"]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_metrics_have_the_promised_fields(ray_run):
+    cfg, run_dir, _ = ray_run
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("eval_loss", "auc", "bytes_up", "bytes_down", "seconds", "platforms"):
+            assert key in r
+        for phase in ("sample", "broadcast", "train", "aggregate", "evaluate", "save", "round"):
+            assert r["seconds"][phase] >= 0
+        assert len(r["platforms"]) == 3
+        for p in r["platforms"].values():
+            for key in ("train_loss", "eval_loss", "auc", "num_examples"):
+                assert isinstance(p[key], (int, float)), key
+    sizes = [p["num_examples"] for p in rows[0]["platforms"].values()]
+    assert sizes == [160, 120, 80]
+
+
+def test_eval_loss_falls(ray_run):
+    _, run_dir, summary = ray_run
+    rows = read_metrics(run_dir)
+    assert summary["initial"]["eval_loss"] > rows[0]["eval_loss"] > rows[-1]["eval_loss"]
+
+
+def test_only_the_adapter_crosses_the_wire(ray_run):
+    _, run_dir, summary = ray_run
+    from safetensors.numpy import load_file
+
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    size = sum(v.nbytes for v in adapter.values())
+    assert summary["adapter_bytes"] == size
+    for r in read_metrics(run_dir):
+        assert r["adapter_bytes"] == size
+        for p in r["platforms"].values():
+            assert p["bytes_up"] == size  # one update the size of the adapter, nothing else
+            assert p["bytes_down"] == size  # one new global adapter per round
+        assert r["bytes_up"] == 3 * size
+
+
+def test_saved_adapter_loads_with_peft_and_is_the_evaluated_model(ray_run):
+    """The global model saved is exactly the model that was evaluated (platform 0's AUC)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fl_llm.client.train import evaluate
+    from fl_llm.data.batching import answer_token_ids, encode
+    from fl_llm.data.sources import load_platform_data
+    from fl_llm.data.tasks import TASKS
+    from fl_llm.metrics import roc_auc
+
+    cfg, run_dir, _ = ray_run
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
+    tok = AutoTokenizer.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    task = TASKS[cfg.data.task]
+    _, held_out = load_platform_data(cfg, 0)
+    enc = encode(held_out, task, tok, cfg.model.max_length)
+    out = evaluate(
+        model, enc, answer_ids=answer_token_ids(task, tok), batch_size=64, device="cpu", pad_id=tok.pad_token_id
+    )
+    last = read_metrics(run_dir)[-1]["platforms"]["fashion-mall"]
+    assert roc_auc(enc.labels, out["probs"][:, 1]) == pytest.approx(last["auc"], abs=1e-9)
+    assert out["loss_sum"] / out["tokens"] == pytest.approx(last["eval_loss"], rel=1e-5)
+
+
+def test_local_backend_runs_the_same_platforms(tmp_path):
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    cfg = load(None, [*SMALL, "backend=local", "server.rounds=1"])
+    summary = run(cfg, tmp_path / "local")
+    rows = read_metrics(tmp_path / "local")
+    assert len(rows) == 1 and summary["backend"] == "local"
+    assert summary["initial"]["eval_loss"] > rows[0]["eval_loss"]
+
+
+def test_partial_cohort_and_sampling_is_seeded(ray_instance, tmp_path):
+    from fl_llm.config import load
+    from fl_llm.server.loop import run, sample_cohort
+
+    a = [sample_cohort(7, r, 5, 2) for r in range(1, 6)]
+    assert a == [sample_cohort(7, r, 5, 2) for r in range(1, 6)]
+    assert all(len(c) == 2 and len(set(c)) == 2 for c in a)
+    assert len({tuple(c) for c in a}) > 1
+    cfg = load(None, [*SMALL, "server.platforms_per_round=2", "server.rounds=1"])
+    run(cfg, tmp_path / "partial")
+    (row,) = read_metrics(tmp_path / "partial")
+    assert len(row["cohort"]) == 2
+    trained = [n for n, p in row["platforms"].items() if p["participated"]]
+    assert sorted(trained) == sorted(row["cohort"])
+    for name, p in row["platforms"].items():
+        assert p["bytes_up"] == (row["adapter_bytes"] if name in row["cohort"] else 0)
+        assert np.isfinite(p["auc"])  # every platform is evaluated, trained or not
+
+
+def test_cli_end_to_end(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_llm", "run", *SMALL, "backend=local", "server.rounds=1", f"output_dir={out}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round   1/1" in proc.stdout and "auc" in proc.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    help_ = subprocess.run([sys.executable, "-m", "fl_llm", "--help"], capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and "run" in help_.stdout

@@ -1,0 +1,201 @@
+"""Model pieces: tokenizer, adapter state round trip, PEFT files, batching alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fl_llm.config import load
+from fl_llm.data.batching import IGNORE, answer_token_ids, collate, encode
+from fl_llm.data.tasks import TASKS
+from fl_llm.model.adapters import apply_lora, get_adapter_state, save_adapter, set_adapter_state, state_nbytes
+from fl_llm.model.build import build_base
+from fl_llm.model.tokenizer import load_builtin_tokenizer
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load(None)
+
+
+def _model(cfg, seed=0):
+    base, tok = build_base(cfg.model, seed)
+    return apply_lora(base, cfg.model, seed), tok
+
+
+def _batch(tok):
+    ids = tok(
+        ["Customer liked: Kava coffee 4.5★. Answer: Yes", "这个手机很好用 Answer: No"],
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    )
+    return ids
+
+
+def test_tokenizer_is_offline_and_reads_chinese_and_english():
+    tok = load_builtin_tokenizer()
+    for text in [
+        "Will the customer like the candidate? Yes",
+        "这个手机很好用，物流也快！",
+        "mixed 混合 text 4.5★ $19.99",
+    ]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    # Chinese is not spelled out byte by byte: common characters are merged tokens
+    assert len(tok("这个手机很好用", add_special_tokens=False)["input_ids"]) <= 7
+    assert tok.pad_token_id is not None and tok.eos_token_id is not None
+
+
+def test_answers_are_single_distinct_tokens():
+    tok = load_builtin_tokenizer()
+    ids = answer_token_ids(TASKS["recommendation"], tok)
+    assert len(set(ids)) == 2
+    for word in TASKS["recommendation"].verbalizer:
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_tiny_model_is_identical_for_the_same_seed(cfg):
+    a, tok = _model(cfg, seed=3)
+    b, _ = _model(cfg, seed=3)
+    c, _ = _model(cfg, seed=4)
+    x = _batch(tok)
+    with torch.no_grad():
+        la, lb, lc = (m(**x).logits for m in (a, b, c))
+    assert torch.equal(la, lb)
+    assert not torch.equal(la, lc)
+
+
+def test_adapter_state_round_trip_reproduces_outputs_exactly(cfg):
+    src, tok = _model(cfg)
+    # move the adapter away from its (B = 0) initialisation so the check means something
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    state = get_adapter_state(src)
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in state.values())
+    assert all("lora_" in k for k in state)  # nothing of the base model is in the state
+    dst, _ = _model(cfg)
+    x = _batch(tok)
+    with torch.no_grad():
+        before = dst(**x).logits
+        set_adapter_state(dst, {k: v.copy() for k, v in state.items()})
+        out_src, out_dst = src(**x).logits, dst(**x).logits
+    assert not torch.equal(before, out_dst)
+    assert torch.equal(out_src, out_dst)
+    # read-only arrays (as Ray delivers them) are accepted
+    ro = {k: v.copy() for k, v in state.items()}
+    for v in ro.values():
+        v.flags.writeable = False
+    set_adapter_state(dst, ro)
+
+
+def test_adapter_state_must_match_the_model(cfg):
+    m, _ = _model(cfg)
+    state = get_adapter_state(m)
+    state.pop(next(iter(state)))
+    with pytest.raises(ValueError, match="missing"):
+        set_adapter_state(m, state)
+
+
+def test_saved_adapter_loads_with_plain_peft(cfg, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fl_llm.model.build import save_base
+
+    src, tok = _model(cfg)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)
+    state = get_adapter_state(src)
+    save_base(cfg.model, 0, tmp_path / "base_model")
+    save_adapter(state, cfg.model, tmp_path / "adapter", str(tmp_path / "base_model"))
+    save_adapter(state, cfg.model, tmp_path / "adapter", str(tmp_path / "base_model"))  # overwrite is clean
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base_model"), tmp_path / "adapter"
+    )
+    x = _batch(tok)
+    with torch.no_grad():
+        assert torch.allclose(loaded(**x).logits, src(**x).logits, atol=1e-6)
+    assert state_nbytes(state) == sum(v.numel() * 4 for n, v in src.named_parameters() if "lora_" in n)
+
+
+def test_collate_masks_the_prompt_and_aligns_targets_with_answers():
+    tok = load_builtin_tokenizer()
+    task = TASKS["recommendation"]
+    recs = [
+        {"liked": "Kava coffee 4.5★", "disliked": "none", "candidate": "Bean coffee 4.0★", "label": 1},
+        {
+            "liked": "Stride sneakers 3.9★, Nest furniture 4.4★, Aura skincare 4.1★",
+            "disliked": "Orbit phones 2.9★",
+            "candidate": "Novo laptops 3.3★",
+            "label": 0,
+        },
+    ]
+    enc = encode(recs, task, tok, max_length=256)
+    b = collate(enc, np.array([0, 1]), tok.pad_token_id)
+    no, yes = answer_token_ids(task, tok)  # verbalizer order: label 0, label 1
+    keep = b["keep"]
+    # only the answer token is a target, at the window position before the last
+    assert (b["targets"] != IGNORE).sum() == 2
+    assert b["targets"][0, b["score_idx"][0]] == yes and b["targets"][1, b["score_idx"][1]] == no
+    # left padding: each row's real tokens end at the last column; positions restart at 0
+    assert (b["attention_mask"][:, -1] == 1).all()
+    for row in range(2):
+        n_real = b["attention_mask"][row].sum()
+        assert list(b["position_ids"][row, -n_real:]) == list(range(n_real))
+        assert b["input_ids"][row, -1] == (yes if row == 0 else no)
+    assert keep == 2
+
+
+def test_left_truncation_keeps_the_question_and_answer():
+    tok = load_builtin_tokenizer()
+    task = TASKS["recommendation"]
+    rec = {
+        "liked": ", ".join(["Kava coffee 4.5★"] * 50),
+        "disliked": "none",
+        "candidate": "Bean coffee 4.0★",
+        "label": 1,
+    }
+    enc = encode([rec], task, tok, max_length=32)
+    ids = enc.input_ids[0]
+    assert len(ids) == 32
+    assert tok.decode(ids).endswith("Will the customer like the candidate? Answer: Yes")
+
+
+def test_padded_and_unpadded_scores_agree(cfg):
+    """Left padding with explicit positions must not change a row's prediction."""
+    from fl_llm.client.train import evaluate
+
+    model, tok = _model(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    task = TASKS["recommendation"]
+    recs = [
+        {"liked": "Kava coffee 4.5★", "disliked": "none", "candidate": "Bean coffee 4.0★", "label": 1},
+        {
+            "liked": "Stride sneakers 3.9★, Nest furniture 4.4★, Aura skincare 4.1★",
+            "disliked": "Orbit phones 2.9★",
+            "candidate": "Novo laptops 3.3★",
+            "label": 0,
+        },
+    ]
+    enc = encode(recs, task, tok, max_length=256)
+    ans = answer_token_ids(task, tok)
+    together = evaluate(model, enc, answer_ids=ans, batch_size=2, device="cpu", pad_id=tok.pad_token_id)
+    alone = evaluate(model, enc, answer_ids=ans, batch_size=1, device="cpu", pad_id=tok.pad_token_id)
+    np.testing.assert_allclose(together["probs"], alone["probs"], atol=1e-5)
+    assert together["tokens"] == 2
+    assert together["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-5)
