@@ -92,10 +92,10 @@ def cmd_run(ns) -> int:
     except RunFailed as e:
         print(f"fl-llm: run failed: {e}", file=sys.stderr)
         return 1
-    final = summary["final"]
+    final, initial, metric = summary["final"], summary["initial"], summary["metric"]
     progress.info(
-        f"done in {summary['wall_seconds']:.0f} s: eval loss {summary['initial']['eval_loss']:.3f} -> "
-        f"{final['eval_loss']:.3f}, auc {summary['initial']['auc']:.3f} -> {final['auc']:.3f}\n"
+        f"done in {summary['wall_seconds']:.0f} s: eval loss {initial['eval_loss']:.3f} -> "
+        f"{final['eval_loss']:.3f}, {metric} {initial.get(metric, float('nan')):.3f} -> {final.get(metric, float('nan')):.3f}\n"
         f"global adapter (PEFT format): {run_dir / 'adapter'}\nmetrics: {run_dir / 'metrics.jsonl'}"
     )
     return 0

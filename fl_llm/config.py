@@ -53,6 +53,9 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     name_or_path: str = opt("tiny", "'tiny' (built in code, no download), a local directory, or a hub id")
+    kind: Literal["causal_lm", "seq_cls"] = opt(
+        "causal_lm", "causal_lm: answer words scored by the LM; seq_cls: an encoder with a classification head"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights' dtype for the frozen base model")
     max_length: int = opt(256, "longest tokenized example; longer prompts are cut from the left", min=8)
     tiny: TinyModelConfig = section(TinyModelConfig, "shape of the built-in tiny model")
@@ -70,11 +73,38 @@ class SyntheticConfig:
 
 
 @dataclass
+class FilesConfig:
+    paths: list[str] = opt([], "data files (JSONL, JSON, CSV, .csv.gz, Parquet): one per platform, or one to split")
+    eval_paths: list[str] = opt([], "held-out files, matching `paths` (empty: hold out eval_fraction of each)")
+    eval_fraction: float = opt(0.2, "share of each platform's rows held out for evaluation", gt=0, max=0.9)
+    split_by: str | None = opt(None, "column whose values are the platforms (one file for everyone)")
+    split_values: list[str] = opt([], "which values of split_by become platforms, in order (empty: all, sorted)")
+    columns: dict[str, str] = opt({}, "template field -> file column, where the names differ")
+    label_column: str = opt("label", "column holding the label")
+    label_values: list[str] = opt([], "file values of each label in verbalizer order (empty: 0, 1, ...)")
+    max_rows: int | None = opt(None, "keep at most this many training rows per platform (first rows)", min=1)
+
+
+@dataclass
+class PartitionConfig:
+    method: Literal["natural", "iid", "dirichlet", "size_skew"] = opt(
+        "natural", "natural: the data's own platforms; iid / dirichlet / size_skew re-split the pooled rows"
+    )
+    alpha: float = opt(0.3, "Dirichlet concentration for dirichlet and size_skew (small = skewed)", gt=0)
+    by: str = opt("label", "dirichlet: skew the label, or this column's values")
+    min_size: int = opt(20, "fewest training rows any platform may get", min=1)
+
+
+@dataclass
 class DataConfig:
     task: str = opt("recommendation", "task name (see `fl-llm tasks`)")
-    source: Literal["synthetic"] = opt("synthetic", "where each platform's data comes from")
+    template: str | None = opt(None, "prompt template with {field} slots (null: the task's own)")
+    verbalizer: list[str] = opt([], "answer text per label, e.g. [' No', ' Yes'] (empty: the task's own)")
+    source: Literal["synthetic", "files"] = opt("synthetic", "where each platform's data comes from")
     num_platforms: int = opt(3, "number of platforms (companies) in the federation", min=1)
     synthetic: SyntheticConfig = section(SyntheticConfig, "the seeded synthetic e-commerce world")
+    files: FilesConfig = section(FilesConfig, "your own data files (data.source=files)")
+    partition: PartitionConfig = section(PartitionConfig, "how pooled rows are split into platforms")
 
 
 @dataclass
@@ -142,6 +172,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is dict:
+        return "a mapping"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
@@ -172,6 +204,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except UserError:
                 pass
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]
@@ -254,6 +291,25 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         )
     if any(s < 1 for s in sizes):
         raise UserError(f"config key 'data.synthetic.train_examples' must be >= 1 each, got {sizes}")
+    files = cfg.data.files
+    if cfg.data.source == "files":
+        if not files.paths:
+            raise UserError("config key 'data.files.paths' must list at least one file when data.source=files")
+        if files.eval_paths and len(files.eval_paths) != len(files.paths):
+            raise UserError(
+                f"config key 'data.files.eval_paths' must match data.files.paths one to one "
+                f"({len(files.paths)} files), got {len(files.eval_paths)}"
+            )
+        if cfg.data.partition.method == "natural" and not files.split_by and len(files.paths) != n:
+            raise UserError(
+                f"config key 'data.files.paths' lists {len(files.paths)} files but data.num_platforms is {n}; "
+                "give one file per platform, or set data.files.split_by or data.partition.method"
+            )
+        if files.split_values and len(files.split_values) != n:
+            raise UserError(
+                f"config key 'data.files.split_values' must hold data.num_platforms ({n}) values, "
+                f"got {len(files.split_values)}"
+            )
     if cfg.server.platforms_per_round > n:
         raise UserError(
             f"config key 'server.platforms_per_round' must be <= data.num_platforms ({n}), "
@@ -273,6 +329,15 @@ def _check_cross_fields(cfg: RunConfig) -> None:
 
     if cfg.data.task not in TASKS:
         raise UserError(f"config key 'data.task' must be one of {', '.join(TASKS)}, got {cfg.data.task!r}")
+    if cfg.data.verbalizer and len(set(cfg.data.verbalizer)) != len(cfg.data.verbalizer):
+        raise UserError(f"config key 'data.verbalizer' must hold distinct answers, got {cfg.data.verbalizer}")
+    if cfg.data.template is not None:
+        import string
+
+        try:
+            list(string.Formatter().parse(cfg.data.template))
+        except ValueError as e:
+            raise UserError(f"config key 'data.template' is not a valid template: {e}") from None
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"config key 'strategy.name' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy.name!r}")
 

@@ -29,7 +29,7 @@ def roc_auc(labels, scores) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def binary_metrics(labels, scores) -> dict[str, float]:
+def binary_metrics(labels, scores, groups=None) -> dict[str, float]:
     """AUC, accuracy at 0.5 and log loss of a yes-probability."""
     y = np.asarray(labels).astype(np.float64)
     p = np.clip(np.asarray(scores, dtype=np.float64), 1e-7, 1 - 1e-7)
@@ -38,3 +38,62 @@ def binary_metrics(labels, scores) -> dict[str, float]:
         "accuracy": float(((p >= 0.5) == (y == 1)).mean()),
         "log_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
     }
+
+
+def average_precision(labels, scores) -> float:
+    """PR-AUC as average precision: mean precision at each positive, ties broken pessimistically."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if not y.any():
+        return float("nan")
+    order = np.lexsort((y, -s))  # by score desc; among ties, negatives first (no optimistic ties)
+    hits = np.cumsum(y[order])
+    precision = hits / np.arange(1, len(y) + 1)
+    return float(precision[y[order]].mean())
+
+
+def recall_at_fpr(labels, scores, fpr: float) -> float:
+    """Share of positives caught when the threshold lets through at most `fpr` of negatives."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if not y.any() or y.all():
+        return float("nan")
+    neg = np.sort(s[~y])[::-1]
+    allowed = int(np.floor(fpr * len(neg)))  # negatives allowed above the threshold
+    threshold = neg[allowed] if allowed < len(neg) else -np.inf
+    return float((s[y] > threshold).mean())
+
+
+def macro_f1(labels, predictions, num_classes: int) -> float:
+    y, p = np.asarray(labels), np.asarray(predictions)
+    f1s = []
+    for c in range(num_classes):
+        tp = np.sum((p == c) & (y == c))
+        fp, fn = np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(f1s))
+
+
+def ranking_metrics(labels, scores, groups, ks=(1, 3)) -> dict[str, float]:
+    """HR@K and NDCG@K over candidate lists (`groups`), each list ranked by score.
+
+    Lists without a positive are skipped. Ties are broken pessimistically (positives last).
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    g = np.asarray(groups)
+    order = np.lexsort((y, -s, g))  # by group, then score desc, negatives first among ties
+    y, g = y[order], g[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    rank = np.arange(len(g)) - np.repeat(starts, np.diff(np.r_[starts, len(g)]))  # 0-based within list
+    out = {}
+    n_pos = np.add.reduceat(y.astype(int), starts)
+    valid = n_pos > 0
+    for k in ks:
+        top = y & (rank < k)
+        hits = np.add.reduceat(top.astype(int), starts)
+        dcg = np.add.reduceat(np.where(top, 1.0 / np.log2(rank + 2), 0.0), starts)
+        ideal = np.array([np.sum(1.0 / np.log2(np.arange(min(n, k)) + 2)) for n in n_pos])
+        out[f"hr@{k}"] = float((hits[valid] > 0).mean()) if valid.any() else float("nan")
+        out[f"ndcg@{k}"] = float((dcg[valid] / ideal[valid]).mean()) if valid.any() else float("nan")
+    return out

@@ -51,8 +51,9 @@ class Progress:
 
     def round_line(self, record: dict, total_rounds: int) -> None:
         """`round  3/10  loss 1.602  auc 0.712 | fashion-mall 1.55/0.74 ... | 7.1 s`"""
+        metric = record.get("metric", "auc")
         plats = "  ".join(
-            f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get('auc'), '.2f')}"
+            f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get(metric), '.2f')}"
             for name, p in record["platforms"].items()
         )
         note = ""
@@ -62,7 +63,7 @@ class Progress:
             note = f"  [late {len(record.get('late', []))}, failed {len(record.get('failed', []))}]"
         self.info(
             f"round {record['round']:>3}/{total_rounds}  loss {_fmt(record['eval_loss'])}  "
-            f"auc {_fmt(record['auc'])}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "
+            f"{metric} {_fmt(record.get(metric))}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "
             f"down {human_bytes(record['bytes_down'])}  {record['seconds']['round']:.1f} s{note}"
         )
 

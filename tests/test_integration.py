@@ -95,7 +95,7 @@ def test_saved_adapter_loads_with_peft_and_is_the_evaluated_model(ray_run):
     tok = AutoTokenizer.from_pretrained(run_dir / "base_model")
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     task = TASKS[cfg.data.task]
-    _, held_out = load_platform_data(cfg, 0)
+    held_out = load_platform_data(cfg, 0).eval
     enc = encode(held_out, task, tok, cfg.model.max_length)
     out = evaluate(
         model, enc, answer_ids=answer_token_ids(task, tok), batch_size=64, device="cpu", pad_id=tok.pad_token_id

@@ -27,7 +27,7 @@ class Platform:
 
         from fl_llm.data import sources
         from fl_llm.data.batching import answer_token_ids, encode
-        from fl_llm.data.tasks import TASKS
+        from fl_llm.errors import UserError
         from fl_llm.model.adapters import apply_lora
         from fl_llm.model.build import build_base
 
@@ -35,32 +35,47 @@ class Platform:
             torch.set_num_threads(num_threads)
         self.cfg: RunConfig = from_dict(config)
         self.id = platform_id
-        self.name = sources.platform_names(self.cfg)[platform_id]
-        self.task = TASKS[self.cfg.data.task]
+        self.user_error: str | None = None
+        self.task = sources.task_of(self.cfg)
         want = self.cfg.client.device
-        self.device = torch.device(
-            "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-        )
+        use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
 
-        # Data stays in this process from here on.
-        train_records, eval_records = sources.load_platform_data(self.cfg, platform_id)
-        base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed)
+        # Data stays in this process from here on. A problem with it is the user's to fix: keep
+        # the message for `describe`, so the driver can stop the run cleanly before it starts.
+        try:
+            data = sources.load_platform_data(self.cfg, platform_id)
+        except UserError as e:
+            self.user_error, self.name = str(e), f"platform-{platform_id}"
+            return
+        self.name = data.name
+        kind = self.cfg.model.kind
+        base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed, num_labels=len(self.task.verbalizer))
         base.to(self.device)  # before wrapping: adapters are created on the base's device
         self.model = apply_lora(base, self.cfg.model, self.cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
-        self.answer_ids = answer_token_ids(self.task, self.tokenizer)
+        self.answer_ids = answer_token_ids(self.task, self.tokenizer) if kind == "causal_lm" else []
         max_len = self.cfg.model.max_length
-        self.train_set = encode(train_records, self.task, self.tokenizer, max_len)
-        self.eval_set = encode(eval_records, self.task, self.tokenizer, max_len)
+        self.train_set = encode(data.train, self.task, self.tokenizer, max_len, kind)
+        self.eval_set = encode(data.eval, self.task, self.tokenizer, max_len, kind)
+        if len(self.train_set) == 0 or len(self.eval_set) == 0:
+            self.user_error = (
+                f"platform {self.name!r} has {len(self.train_set)} training and {len(self.eval_set)} "
+                "held-out rows; it needs both"
+            )
 
     def describe(self) -> dict:
-        """Aggregate facts the driver may know: sizes, label balance, adapter size."""
+        """Aggregate facts the driver may know: sizes and label balance. Never records."""
+        if self.user_error:
+            return {"platform": self.id, "name": self.name, "user_error": self.user_error}
+        counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
         return {
             "platform": self.id,
             "name": self.name,
             "num_train": len(self.train_set),
             "num_eval": len(self.eval_set),
-            "train_positive_rate": float(self.train_set.labels.mean()),
+            "label_counts": counts.tolist(),
+            "train_positive_rate": float(counts[-1] / max(counts.sum(), 1)),
             "device": str(self.device),
         }
 
@@ -116,7 +131,8 @@ class Platform:
         )
         probs = out["probs"]
         scores = probs[:, 1] if probs.shape[1] == 2 else probs
-        result = {k: float(v) for k, v in self.task.metrics(self.eval_set.labels, scores).items()}
+        metrics = self.task.metrics(self.eval_set.labels, scores, self.eval_set.groups)
+        result = {k: float(v) for k, v in metrics.items()}
         result["eval_loss"] = out["loss_sum"] / max(out["tokens"], 1)
         result["num_eval"] = len(self.eval_set)
         result["eval_seconds"] = time.perf_counter() - t0

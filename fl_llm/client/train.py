@@ -23,12 +23,16 @@ def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator)
 
 
 def _forward(model, batch: dict, device):
-    """Logits of the last `keep` positions only, and the matching targets, as float32."""
+    """(logits, targets) as float32: class logits for a classifier; for a causal LM the logits of
+    the last `keep` positions only."""
     import torch
 
+    targets = torch.from_numpy(batch["targets"]).to(device)
+    if "keep" not in batch:  # sequence classifier
+        inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask")}
+        return model(**inputs).logits.float(), targets
     inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, logits_to_keep=batch["keep"]).logits.float()
-    return logits, torch.from_numpy(batch["targets"]).to(device)
+    return model(**inputs, logits_to_keep=batch["keep"]).logits.float(), targets
 
 
 def _answer_loss(logits, targets, reduction: str):
@@ -81,8 +85,11 @@ def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, dev
             logits, targets = _forward(model, batch, device)
             loss_sum += float(_answer_loss(logits, targets, "sum"))
             tokens += int((targets != IGNORE).sum())
-            rows = torch.arange(len(idx), device=logits.device)
-            pos = torch.from_numpy(batch["score_idx"]).to(logits.device)
-            answer_logits = logits[rows, pos][:, answer_ids]
+            if "keep" in batch:
+                rows = torch.arange(len(idx), device=logits.device)
+                pos = torch.from_numpy(batch["score_idx"]).to(logits.device)
+                answer_logits = logits[rows, pos][:, answer_ids]
+            else:
+                answer_logits = logits
             probs.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}

@@ -26,9 +26,11 @@ IGNORE = -100
 class Encoded:
     """A split, tokenized once: one row per example."""
 
-    input_ids: list[np.ndarray]  # prompt + answer token ids
-    answer_len: np.ndarray  # answer tokens at the end of each row
-    labels: np.ndarray  # the task label of each row (for metrics)
+    input_ids: list[np.ndarray]  # prompt + answer token ids (causal LM) or the prompt (classifier)
+    answer_len: np.ndarray  # answer tokens at the end of each row (0 for a classifier)
+    labels: np.ndarray  # the task label of each row
+    groups: np.ndarray | None = None  # candidate-list id of each row, for ranking metrics
+    kind: str = "causal_lm"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,7 +44,25 @@ def answer_token_ids(task: Task, tokenizer) -> list[int]:
     return ids
 
 
-def encode(records: list[dict], task: Task, tokenizer, max_length: int) -> Encoded:
+def _groups(records: list[dict]) -> np.ndarray | None:
+    return np.asarray([r["group"] for r in records]) if records and "group" in records[0] else None
+
+
+def encode_classifier(records: list[dict], task: Task, tokenizer, max_length: int) -> Encoded:
+    """Prompt only, with the tokenizer's special tokens ([CLS] ... [SEP]); cut from the left."""
+    prompts = tokenizer([task.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
+    n_special = len(tokenizer.build_inputs_with_special_tokens([]))
+    rows = [
+        np.asarray(tokenizer.build_inputs_with_special_tokens(p[-(max_length - n_special) :]), dtype=np.int64)
+        for p in prompts
+    ]
+    labels = np.asarray([int(r[task.label_field]) for r in records], dtype=np.int64)
+    return Encoded(rows, np.zeros(len(rows), dtype=np.int64), labels, _groups(records), "seq_cls")
+
+
+def encode(records: list[dict], task: Task, tokenizer, max_length: int, kind: str = "causal_lm") -> Encoded:
+    if kind == "seq_cls":
+        return encode_classifier(records, task, tokenizer, max_length)
     prompts = tokenizer([task.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
     answers = tokenizer([task.answer(r) for r in records], add_special_tokens=False)["input_ids"]
     rows, alen = [], []
@@ -51,19 +71,26 @@ def encode(records: list[dict], task: Task, tokenizer, max_length: int) -> Encod
         rows.append(np.asarray(p[-keep:] + a, dtype=np.int64))
         alen.append(len(a))
     labels = np.asarray([int(r[task.label_field]) for r in records], dtype=np.int64)
-    return Encoded(rows, np.asarray(alen, dtype=np.int64), labels)
+    return Encoded(rows, np.asarray(alen, dtype=np.int64), labels, _groups(records))
 
 
 def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """Left-padded batch of rows `idx`.
+    """Left-padded batch of rows `idx` (right-padded, with class targets, for a classifier).
 
     Returns model inputs (input_ids, attention_mask, position_ids restarting at each row's first
     real token), `keep` (how many final positions need logits), `targets` (keep-wide next-token
     targets, IGNORE outside the answer) and `score_idx` (window index of the last prompt token).
     """
     rows = [enc.input_ids[i] for i in idx]
-    alen = enc.answer_len[idx]
     width = max(len(r) for r in rows)
+    if enc.kind == "seq_cls":
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = r
+            mask[j, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "targets": enc.labels[idx]}
+    alen = enc.answer_len[idx]
     keep = int(alen.max()) + 1
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)

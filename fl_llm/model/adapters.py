@@ -28,7 +28,8 @@ def lora_config(model_cfg: ModelConfig):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        # SEQ_CLS makes peft train and save the classification head with the adapters
+        task_type="SEQ_CLS" if model_cfg.kind == "seq_cls" else "CAUSAL_LM",
     )
 
 

@@ -44,9 +44,9 @@ def check_model_source(model_cfg: ModelConfig) -> None:
         raise UserError(f"model.name_or_path: cannot load {name!r} from the hub{hint}: {e}") from None
 
 
-def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int], seed: int):
+def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int], seed: int, num_labels: int):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     t = model_cfg.tiny
     config = LlamaConfig(
@@ -61,16 +61,22 @@ def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, i
         # 1/sqrt(width), not the 0.02 tuned for 4k-wide models: with tied embeddings that small,
         # a narrow model cannot reach confident logits and its answer loss barely moves.
         initializer_range=t.hidden_size**-0.5,
+        num_labels=num_labels,
         **special_ids,
     )
+    cls = LlamaForSequenceClassification if model_cfg.kind == "seq_cls" else LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = cls(config)
     return model
 
 
-def build_base(model_cfg: ModelConfig, seed: int):
-    """(model, tokenizer) with frozen base weights in `model.dtype`, on CPU."""
+def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
+    """(model, tokenizer) with frozen base weights in `model.dtype`, on CPU.
+
+    For `model.kind=seq_cls` the classification head (`num_labels` outputs) is new: it is drawn
+    from `seed` so that every platform starts from the same head.
+    """
     import torch
 
     dtype = getattr(torch, model_cfg.dtype)
@@ -83,25 +89,34 @@ def build_base(model_cfg: ModelConfig, seed: int):
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        model = tiny_llama(model_cfg, len(tokenizer), special, seed).to(dtype)
+        model = tiny_llama(model_cfg, len(tokenizer), special, seed, num_labels).to(dtype)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         check_model_source(model_cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if model_cfg.kind == "seq_cls":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    model_cfg.name_or_path, num_labels=num_labels, dtype=dtype
+                )
+                if model.config.pad_token_id is None:
+                    model.config.pad_token_id = tokenizer.pad_token_id
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
     model.requires_grad_(False)
     return model, tokenizer
 
 
-def save_base(model_cfg: ModelConfig, seed: int, out_dir: Path) -> None:
+def save_base(model_cfg: ModelConfig, seed: int, out_dir: Path, num_labels: int = 2) -> None:
     """Write the built-in base model and tokenizer so plain transformers can load them."""
     from transformers.utils import logging as hf_logging
 
-    model, tokenizer = build_base(model_cfg, seed)
+    model, tokenizer = build_base(model_cfg, seed, num_labels)
     hf_logging.disable_progress_bar()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm.config import RunConfig, to_dict
+from fl_llm.data.sources import task_of
+from fl_llm.errors import UserError
 from fl_llm.model.adapters import AdapterState, save_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, save_base
 from fl_llm.progress import Progress
@@ -70,18 +72,23 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> dict
     n = cfg.data.num_platforms
     everyone = list(range(n))
     strategy = STRATEGIES[cfg.strategy.name]
+    task = task_of(cfg)
+    primary = task.primary
     t_start = time.monotonic()
 
     # --- Setup: resolved config, base model for plain-transformers users, the platforms -------
     rd.save_config(to_dict(cfg))
     if is_builtin(cfg.model):
         progress.phase("saving the built-in base model")
-        save_base(cfg.model, cfg.seed, rd.base_model)
+        save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task.verbalizer))
     base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else cfg.model.name_or_path
     progress.phase(f"starting {n} platforms on the {cfg.backend} backend (each loads its own data)")
     backend = make_backend(cfg)
     try:
         info = _require_all(backend.call(everyone, "describe", timeout_s=SETUP_TIMEOUT_S), "start")
+        bad = [info[i]["user_error"] for i in everyone if info[i].get("user_error")]
+        if bad:
+            raise UserError(bad[0])
         names = {i: info[i]["name"] for i in everyone}
         write_json(rd.platforms, [info[i] for i in everyone])
         progress.info(_platform_table(info, getattr(backend, "resources", None)))
@@ -95,12 +102,10 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> dict
         downlink.send(everyone)
         initial = backend.call(everyone, "evaluate", handle, timeout_s=cfg.server.round_timeout_s).results
         downlink.take_round()  # the initial download is setup, not round 1's traffic
-        initial_metrics = {
-            "eval_loss": weighted(initial, "eval_loss", "num_eval"),
-            "auc": weighted(initial, "auc", "num_eval"),
-        }
+        initial_metrics = global_metrics(initial)
         progress.info(
-            f"round   0/{cfg.server.rounds}  loss {initial_metrics['eval_loss']:.3f}  auc {initial_metrics['auc']:.3f}  (before training)"
+            f"round   0/{cfg.server.rounds}  loss {initial_metrics['eval_loss']:.3f}  "
+            f"{primary} {initial_metrics.get(primary, float('nan')):.3f}  (before training)"
         )
         history = []
 
@@ -150,7 +155,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> dict
 
             # 6. Log the round and save the global adapter ---------------------------------------
             t = time.monotonic()
-            record = _round_record(rnd, cfg, names, cohort, trained, evals, downlink.take_round(), skipped)
+            record = _round_record(rnd, primary, names, cohort, trained, evals, downlink.take_round(), skipped)
             save_adapter(global_state, cfg.model, rd.adapter, base_name)
             secs["save"] = time.monotonic() - t
             secs["round"] = time.monotonic() - t_round
@@ -164,7 +169,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> dict
         backend.shutdown()
         progress.close()
 
-    summary = _summary(cfg, rd, history, initial_metrics, info, downlink.size, time.monotonic() - t_start)
+    summary = _summary(cfg, primary, rd, history, initial_metrics, info, downlink.size, time.monotonic() - t_start)
     write_json(rd.summary, summary)
     return summary
 
@@ -183,7 +188,13 @@ def _failure_message(rnd: int, trained: Collected, names: dict, need: int) -> st
     return "\n".join(lines)
 
 
-def _round_record(rnd, cfg, names, cohort, trained: Collected, evals: Collected, sent: dict, skipped) -> dict:
+def global_metrics(evals: dict[int, dict]) -> dict[str, float]:
+    """Every evaluation metric averaged over platforms, weighted by held-out size."""
+    keys = sorted({k for e in evals.values() for k in e} - {"num_eval", "eval_seconds"})
+    return {k: weighted(evals, k, "num_eval") for k in keys}
+
+
+def _round_record(rnd, primary, names, cohort, trained: Collected, evals: Collected, sent: dict, skipped) -> dict:
     platforms = {}
     for i, name in names.items():
         p: dict = {"participated": i in trained.results}
@@ -204,9 +215,8 @@ def _round_record(rnd, cfg, names, cohort, trained: Collected, evals: Collected,
     }
     record = {
         "round": rnd,
-        "eval_loss": weighted(ev, "eval_loss", "num_eval"),
-        "auc": weighted(ev, "auc", "num_eval"),
-        "accuracy": weighted(ev, "accuracy", "num_eval"),
+        **global_metrics(ev),
+        "metric": primary,
         "train_loss": weighted(train_losses, "train_loss", "n"),
         "platforms": platforms,
         "cohort": [names[i] for i in cohort],
@@ -221,9 +231,23 @@ def _round_record(rnd, cfg, names, cohort, trained: Collected, evals: Collected,
     return record
 
 
-def _summary(cfg, rd, history, initial, info, adapter_bytes, wall) -> dict:
+def _summary(cfg, primary, rd, history, initial, info, adapter_bytes, wall) -> dict:
     last = history[-1] if history else {}
-    best = max(history, key=lambda r: r["auc"] if r["auc"] == r["auc"] else -1, default={})
+    best = max(history, key=lambda r: r.get(primary) if r.get(primary) == r.get(primary) else -1, default={})
+    skip = {
+        "round",
+        "platforms",
+        "cohort",
+        "late",
+        "failed",
+        "eval_failed",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+        "adapter_bytes",
+        "metric",
+        "skipped",
+    }
     return {
         "name": cfg.name,
         "run_dir": str(rd.path),
@@ -232,12 +256,13 @@ def _summary(cfg, rd, history, initial, info, adapter_bytes, wall) -> dict:
         "backend": cfg.backend,
         "rounds": len(history),
         "initial": initial,
-        "final": {k: last.get(k) for k in ("eval_loss", "auc", "accuracy", "train_loss")},
+        "metric": primary,
+        "final": {k: v for k, v in last.items() if k not in skip},
         "final_platforms": {
-            name: {k: p.get(k) for k in ("eval_loss", "auc", "accuracy")}
+            name: {k: v for k, v in p.items() if k in last or k == "eval_loss"}
             for name, p in last.get("platforms", {}).items()
         },
-        "best_round": {"round": best.get("round"), "auc": best.get("auc")},
+        "best_round": {"round": best.get("round"), primary: best.get(primary)},
         "adapter_bytes": adapter_bytes,
         "bytes_up_total": int(sum(r["bytes_up"] for r in history)),
         "bytes_down_total": int(sum(r["bytes_down"] for r in history)),
