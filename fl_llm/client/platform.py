@@ -18,7 +18,7 @@ from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_s
 
 def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.random.Generator:
     """The generator for one (seed, round, platform) draw; never the global RNG."""
-    return np.random.default_rng([seed, round_, platform, purpose])
+    return np.random.default_rng([seed, round_, platform % 2**32, purpose])  # POOLED is -1
 
 
 class Platform:

@@ -50,12 +50,11 @@ def _groups(records: list[dict]) -> np.ndarray | None:
 
 def encode_classifier(records: list[dict], task: Task, tokenizer, max_length: int) -> Encoded:
     """Prompt only, with the tokenizer's special tokens ([CLS] ... [SEP]); cut from the left."""
-    prompts = tokenizer([task.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
-    n_special = len(tokenizer.build_inputs_with_special_tokens([]))
-    rows = [
-        np.asarray(tokenizer.build_inputs_with_special_tokens(p[-(max_length - n_special) :]), dtype=np.int64)
-        for p in prompts
-    ]
+    tokenizer.truncation_side = "left"
+    prompts = tokenizer(
+        [task.prompt(r) for r in records], add_special_tokens=True, truncation=True, max_length=max_length
+    )["input_ids"]
+    rows = [np.asarray(p, dtype=np.int64) for p in prompts]
     labels = np.asarray([int(r[task.label_field]) for r in records], dtype=np.int64)
     return Encoded(rows, np.zeros(len(rows), dtype=np.int64), labels, _groups(records), "seq_cls")
 

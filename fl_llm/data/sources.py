@@ -36,8 +36,14 @@ def task_of(cfg: RunConfig) -> Task:
     return resolve_task(cfg.data.task, cfg.data.template, cfg.data.verbalizer or None)
 
 
+POOLED = -1  # every platform's data in one place: the centralized upper bound of `fl-llm compare`
+
+
 def load_platform_data(cfg: RunConfig, platform: int) -> PlatformData:
-    """The train and held-out records of one platform."""
+    """The train and held-out records of one platform (all of them pooled for `POOLED`)."""
+    if platform == POOLED:
+        parts = [load_platform_data(cfg, p) for p in range(cfg.data.num_platforms)]
+        return PlatformData("pooled", [r for d in parts for r in d.train], [r for d in parts for r in d.eval])
     if cfg.data.source == "synthetic":
         return _synthetic(cfg, platform)
     return _files(cfg, platform)
@@ -202,8 +208,15 @@ def _to_records(rows: list[dict], cfg: RunConfig, task: Task, path: str, extra: 
         for field, col in needed.items():
             value = row.get(col)
             if value is None or (isinstance(value, float) and value != value):
-                raise UserError(f"data file {path!r}, row {i}, column {col!r}: value is missing")
+                if f.drop_missing:
+                    break
+                raise UserError(
+                    f"data file {path!r}, row {i}, column {col!r}: value is missing "
+                    "(fix the file, or set data.files.drop_missing=true to skip such rows)"
+                )
             rec[field] = value
+        if len(rec) < len(needed):
+            continue
         raw = rec["label"]
         if label_of:
             label = label_of.get(str(raw).strip())

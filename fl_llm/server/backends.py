@@ -30,7 +30,13 @@ class Collected:
     late: list[int] = field(default_factory=list)
 
 
-class LocalBackend:
+class _Backend:
+    def call(self, ids, method: str, *args, timeout_s: float) -> Collected:
+        """`method(*args)` on each platform in `ids`."""
+        return self.call_each({i: args for i in ids}, method, timeout_s=timeout_s)
+
+
+class LocalBackend(_Backend):
     """Every platform in this process, one after another: for debugging without Ray."""
 
     name = "local"
@@ -41,10 +47,11 @@ class LocalBackend:
     def put(self, obj):
         return obj
 
-    def call(self, ids, method: str, *args, timeout_s: float) -> Collected:
+    def call_each(self, args_by_id: dict[int, tuple], method: str, *, timeout_s: float) -> Collected:
+        """`method(*args_by_id[i])` on each platform i."""
         out = Collected()
         deadline = time.monotonic() + timeout_s
-        for i in ids:
+        for i, args in args_by_id.items():
             try:
                 result = getattr(self.platforms[i], method)(*args)
             except Exception:
@@ -60,7 +67,7 @@ class LocalBackend:
         self.platforms = []
 
 
-class RayBackend:
+class RayBackend(_Backend):
     """One long-lived Ray actor per platform; the base model stays resident in each."""
 
     name = "ray"
@@ -94,9 +101,10 @@ class RayBackend:
     def put(self, obj):
         return self._ray.put(obj)
 
-    def call(self, ids, method: str, *args, timeout_s: float) -> Collected:
+    def call_each(self, args_by_id: dict[int, tuple], method: str, *, timeout_s: float) -> Collected:
+        """`method(*args_by_id[i])` on each platform i, all at once, collected until the deadline."""
         ray = self._ray
-        refs = {getattr(self.actors[i], method).remote(*args): i for i in ids}
+        refs = {getattr(self.actors[i], method).remote(*args): i for i, args in args_by_id.items()}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         out = Collected(late=sorted(refs[r] for r in pending))
         for ref in ready:

@@ -18,7 +18,7 @@ from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import AdapterState, save_adapter, state_nbytes
-from fl_llm.model.build import is_builtin, save_base
+from fl_llm.model.build import is_builtin, resolve_name, save_base
 from fl_llm.progress import Progress
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.strategies import STRATEGIES
@@ -81,7 +81,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> dict
     if is_builtin(cfg.model):
         progress.phase("saving the built-in base model")
         save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task.verbalizer))
-    base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else cfg.model.name_or_path
+    base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
     progress.phase(f"starting {n} platforms on the {cfg.backend} backend (each loads its own data)")
     backend = make_backend(cfg)
     try:

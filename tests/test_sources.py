@@ -1,0 +1,161 @@
+"""Bring-your-own data: formats, column mapping, splits, and errors that name file, row, column."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from fl_llm.config import load
+from fl_llm.data.sources import load_platform_data
+from fl_llm.errors import UserError
+from tests.conftest import SHARED_DATA
+
+REVIEW = ["data.task=review", "data.template='Review of {item}: {review}. Positive? Answer:'"]
+
+
+def _rows(n, shop="a"):
+    return [
+        {"item": f"thing {i}", "text": f"{'great' if i % 2 else 'bad'} {i}", "y": i % 2, "shop": shop} for i in range(n)
+    ]
+
+
+def _write_csv(path, rows, gz=False):
+    header = ",".join(rows[0])
+    body = "\n".join(",".join(str(v) for v in r.values()) for r in rows)
+    data = header + "\n" + body + "\n"
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+
+
+def _cfg(tmp_path, paths, *extra):
+    return load(
+        None,
+        [
+            *REVIEW,
+            "data.source=files",
+            f"data.files.paths={json.dumps([str(p) for p in paths])}",
+            "data.files.columns={review: text}",
+            "data.files.label_column=y",
+            *extra,
+        ],
+    )
+
+
+def test_one_file_per_platform_in_every_format(tmp_path):
+    import pandas as pd
+
+    rows = _rows(40)
+    _write_csv(tmp_path / "a.csv", rows)
+    _write_csv(tmp_path / "b.csv.gz", rows, gz=True)
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps(rows), encoding="utf-8")
+    pd.DataFrame(rows).to_parquet(tmp_path / "e.parquet")
+    paths = [tmp_path / n for n in ("a.csv", "b.csv.gz", "c.jsonl", "d.json", "e.parquet")]
+    cfg = _cfg(tmp_path, paths, "data.num_platforms=5")
+    for i, name in enumerate(["a", "b", "c", "d", "e"]):
+        data = load_platform_data(cfg, i)
+        assert data.name == name
+        assert len(data.train) == 32 and len(data.eval) == 8
+        r = data.train[0]
+        assert set(r) >= {"item", "review", "label"} and r["label"] in (0, 1)
+
+
+def test_one_file_split_by_a_column(tmp_path):
+    _write_csv(tmp_path / "all.csv", _rows(30, "north") + _rows(20, "south") + _rows(10, "east"))
+    cfg = _cfg(
+        tmp_path,
+        [tmp_path / "all.csv"],
+        "data.num_platforms=2",
+        "data.files.split_by=shop",
+        "data.files.split_values=[south, north]",
+        "data.files.eval_fraction=0.5",
+    )
+    south, north = load_platform_data(cfg, 0), load_platform_data(cfg, 1)
+    assert (south.name, north.name) == ("south", "north")
+    assert len(south.train) + len(south.eval) == 20 and len(north.train) + len(north.eval) == 30
+    bad = _cfg(tmp_path, [tmp_path / "all.csv"], "data.num_platforms=2", "data.files.split_by=shop")
+    with pytest.raises(UserError, match="3 values"):
+        load_platform_data(bad, 0)
+
+
+def test_label_values_map_text_labels(tmp_path):
+    rows = [{"item": "x", "text": "t", "y": "Yes." if i % 2 else "No."} for i in range(10)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = _cfg(tmp_path, [tmp_path / "a.jsonl"], "data.num_platforms=1", "data.files.label_values=['No.', 'Yes.']")
+    data = load_platform_data(cfg, 0)
+    assert sorted({r["label"] for r in data.train + data.eval}) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        (lambda p: None, ["missing.csv", "does not exist"]),
+        (lambda p: (p / "missing.csv").write_text(""), ["missing.csv", "empty"]),
+        (
+            lambda p: (p / "missing.csv").write_text("item,text,y\nA,good,1\nB,bad,0,extra\n"),
+            ["missing.csv", "row 2", "fields"],
+        ),
+        (
+            lambda p: (p / "missing.csv").write_text("item,words,y\nA,good,1\n"),
+            ["missing.csv", "'text'", "{review}", "item, words, y"],
+        ),
+        (
+            lambda p: (p / "missing.csv").write_text("item,text,y\nA,good,1\nB,,0\n"),
+            ["missing.csv", "row 2", "'text'", "missing"],
+        ),
+        (
+            lambda p: (p / "missing.csv").write_text("item,text,y\nA,good,1\nB,bad,maybe\n"),
+            ["missing.csv", "row 2", "'y'", "maybe"],
+        ),
+        (
+            lambda p: (p / "missing.csv").write_bytes(b"item,text,y\nA,good,1\nB,\xff\xfe bad,0\n"),
+            ["missing.csv", "UTF-8"],
+        ),
+    ],
+    ids=["missing", "empty", "ragged-row", "missing-column", "missing-value", "bad-label", "not-utf8"],
+)
+def test_bad_files_name_file_row_and_column(tmp_path, setup, words):
+    setup(tmp_path)
+    cfg = _cfg(tmp_path, [tmp_path / "missing.csv"], "data.num_platforms=1")
+    with pytest.raises(UserError) as e:
+        load_platform_data(cfg, 0)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_bad_jsonl_line_is_located(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"item": "x", "text": "t", "y": 1}\n{"item": "y", "text": \n')
+    cfg = _cfg(tmp_path, [tmp_path / "a.jsonl"], "data.num_platforms=1")
+    with pytest.raises(UserError, match=r"a.jsonl.*row 2"):
+        load_platform_data(cfg, 0)
+
+
+def test_files_config_is_checked_at_load(tmp_path):
+    with pytest.raises(UserError, match="data.files.paths"):
+        load(None, ["data.source=files"])
+    with pytest.raises(UserError, match="one file per platform"):
+        load(None, ["data.source=files", "data.files.paths=[a.csv, b.csv]", "data.num_platforms=3"])
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+def test_real_data_configs_load_their_platforms():
+    from tests.conftest import REPO
+
+    for name, platforms in [
+        ("tallrec_movie_book.yaml", 2),
+        ("reviews_10_categories.yaml", 10),
+        ("credit_default_risk.yaml", 3),
+    ]:
+        cfg = load(REPO / "configs" / name)
+        assert cfg.data.num_platforms == platforms
+        data = load_platform_data(cfg, 0)
+        assert len(data.train) > 0 and len(data.eval) > 0
+        from fl_llm.data.sources import task_of
+
+        prompt = task_of(cfg).prompt(data.train[0])
+        assert "{" not in prompt

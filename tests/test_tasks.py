@@ -1,0 +1,135 @@
+"""Tasks, metrics and the synthetic world: formatting, scores against scikit-learn, signal."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+from fl_llm.config import load
+from fl_llm.data import synthetic
+from fl_llm.data.sources import load_platform_data
+from fl_llm.data.tasks import TASKS, resolve_task
+from fl_llm.metrics import average_precision, macro_f1, ranking_metrics, recall_at_fpr, roc_auc
+
+
+@pytest.fixture(scope="module")
+def world():
+    return synthetic.make_world(0, 3)
+
+
+def test_auc_and_average_precision_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = np.round(rng.normal(y * 0.7, 1.0), 1)  # rounded: many ties
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    s_unique = rng.normal(y * 0.7, 1.0)
+    assert average_precision(y, s_unique) == pytest.approx(average_precision_score(y, s_unique), abs=1e-12)
+    assert np.isnan(roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_macro_f1_matches_sklearn():
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    assert macro_f1(y, p, 3) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
+
+
+def test_recall_at_fpr_by_hand():
+    # 100 negatives scored 0..99, positives at 99.5, 98.5 and 50.5. At 1% FPR the threshold sits
+    # at the 2nd-highest negative (98): only scores above it count.
+    neg = np.arange(100.0)
+    pos = np.array([99.5, 98.5, 50.5])
+    y = np.r_[np.zeros(100), np.ones(3)]
+    assert recall_at_fpr(y, np.r_[neg, pos], 0.01) == pytest.approx(2 / 3)
+
+
+def test_hit_rate_and_ndcg_by_hand():
+    # list 0: positive ranked 1st; list 1: positive ranked 3rd; list 2: no positive (skipped)
+    labels = [1, 0, 0, 0, 0, 1, 0, 0]
+    scores = [0.9, 0.1, 0.5, 0.9, 0.8, 0.1, 0.3, 0.2]
+    groups = [0, 0, 1, 1, 1, 1, 2, 2]
+    m = ranking_metrics(labels, scores, groups, ks=(1, 3))
+    # list 1 ranks 0.9, 0.8, 0.5 above the positive's 0.1: rank 4 -> outside top 3
+    assert m["hr@1"] == 0.5 and m["hr@3"] == 0.5
+    assert m["ndcg@3"] == pytest.approx(0.5)
+    m = ranking_metrics([0, 1, 0], [0.9, 0.5, 0.1], [0, 0, 0], ks=(3,))
+    assert m["ndcg@3"] == pytest.approx(1 / np.log2(3))
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_formats_its_synthetic_records(task):
+    cfg = load(None, [f"data.task={task}", "data.synthetic.train_examples=[50]", "data.synthetic.eval_examples=20"])
+    data = load_platform_data(cfg, 1)
+    t = TASKS[task]
+    assert len(data.train) >= 50 and len(data.eval) >= 20
+    for r in data.train[:5]:
+        prompt = t.prompt(r)
+        assert "{" not in prompt and prompt.endswith("Answer:")
+        assert t.answer(r) in t.verbalizer
+    labels = {r["label"] for r in data.train}
+    assert labels == {0, 1}
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_reports_its_primary_metric(task):
+    t = TASKS[task]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    groups = np.repeat(np.arange(40), 5)
+    out = t.metrics(y, rng.random(200), groups)
+    assert t.primary in out and 0 <= out[t.primary] <= 1
+
+
+def test_template_and_verbalizer_can_be_replaced():
+    t = resolve_task("review", "Text: {review} Good?", [" bad", " good"])
+    assert t.prompt({"review": "nice", "label": 1}) == "Text: nice Good?"
+    assert t.answer({"label": 1}) == " good"
+    with pytest.raises(Exception, match="data.verbalizer"):
+        load(None, ["data.verbalizer=[' a', ' a']"])
+
+
+def test_recommendation_lists_have_one_liked_item(world):
+    rows = synthetic.recommendation_records(world, 0, 100, liked=3, disliked=2, split="eval")
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r["label"])
+    assert all(len(v) == synthetic.LIST_SIZE and sum(v) == 1 for v in by_group.values())
+    assert len({r["liked"] for r in rows}) == len(by_group)  # one history per list
+
+
+def test_world_is_seeded_and_platforms_differ(world):
+    a = synthetic.ctr_records(world, 0, 50, split="train")
+    assert a == synthetic.ctr_records(synthetic.make_world(0, 3), 0, 50, split="train")
+    assert a != synthetic.ctr_records(world, 1, 50, split="train")
+    assert a != synthetic.ctr_records(world, 0, 50, split="eval")
+    assert not np.allclose(world.platform_mix[0], world.platform_mix[1])
+
+
+def test_a_million_events_in_well_under_a_minute(world):
+    t0 = time.perf_counter()
+    ev = synthetic.simulate_events(world, 0, 1_000_000)
+    elapsed = time.perf_counter() - t0
+    assert len(ev["user"]) == 1_000_000 and elapsed < 20
+    counts = np.bincount(ev["event"], minlength=4)
+    assert counts[0] > counts[1] > counts[2] > counts[3] > 0  # the funnel narrows
+    assert set(np.unique(ev["rating"][ev["event"] == 3])) <= {1, 2, 3, 4, 5}
+    assert (ev["rating"][ev["event"] != 3] == 0).all()
+
+
+def _feature_auc(rows, feature):
+    return roc_auc([r["label"] for r in rows], [feature(r) for r in rows])
+
+
+def test_signal_is_learnable_from_what_the_prompt_shows(world):
+    """A one-feature rule read off the prompt text beats chance on every task."""
+    rec = synthetic.recommendation_records(world, 0, 1000, liked=3, disliked=2, split="train")
+    assert _feature_auc(rec, lambda r: float(r["candidate"].split()[-1][:-1])) > 0.65  # star rating
+    ctr = synthetic.ctr_records(world, 0, 2000, split="train")
+    assert _feature_auc(ctr, lambda r: r["ad"].split()[1] in r["context"]) > 0.55  # ad matches the page
+    fraud = synthetic.fraud_records(world, 0, 2000, split="train")
+    assert _feature_auc(fraud, lambda r: int(r["transaction"].split(", ")[-1].split()[0])) > 0.65  # burst
+    rev = synthetic.review_records(world, 0, 2000, split="train")
+    good = ("great", "excellent", "love", "perfectly", "fast", "worth", "good")
+    assert _feature_auc(rev, lambda r: sum(w in r["review"] for w in good)) > 0.7
