@@ -13,6 +13,16 @@ from fl_llm.model.adapters import apply_lora, get_adapter_state, save_adapter, s
 from fl_llm.model.build import build_base
 from fl_llm.model.tokenizer import load_builtin_tokenizer
 
+TWO_RECORDS = [
+    {"liked": "Kava coffee 4.5★", "disliked": "none", "candidate": "Bean coffee 4.0★", "label": 1},
+    {
+        "liked": "Stride sneakers 3.9★, Nest furniture 4.4★, Aura skincare 4.1★",
+        "disliked": "Orbit phones 2.9★",
+        "candidate": "Novo laptops 3.3★",
+        "label": 0,
+    },
+]
+
 
 @pytest.fixture(scope="module")
 def cfg():
@@ -133,15 +143,7 @@ def test_saved_adapter_loads_with_plain_peft(cfg, tmp_path):
 def test_collate_masks_the_prompt_and_aligns_targets_with_answers():
     tok = load_builtin_tokenizer()
     task = TASKS["recommendation"]
-    recs = [
-        {"liked": "Kava coffee 4.5★", "disliked": "none", "candidate": "Bean coffee 4.0★", "label": 1},
-        {
-            "liked": "Stride sneakers 3.9★, Nest furniture 4.4★, Aura skincare 4.1★",
-            "disliked": "Orbit phones 2.9★",
-            "candidate": "Novo laptops 3.3★",
-            "label": 0,
-        },
-    ]
+    recs = TWO_RECORDS
     enc = encode(recs, task, tok, max_length=256)
     b = collate(enc, np.array([0, 1]), tok.pad_token_id)
     no, yes = answer_token_ids(task, tok)  # verbalizer order: label 0, label 1
@@ -183,15 +185,7 @@ def test_padded_and_unpadded_scores_agree(cfg):
             if "lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     task = TASKS["recommendation"]
-    recs = [
-        {"liked": "Kava coffee 4.5★", "disliked": "none", "candidate": "Bean coffee 4.0★", "label": 1},
-        {
-            "liked": "Stride sneakers 3.9★, Nest furniture 4.4★, Aura skincare 4.1★",
-            "disliked": "Orbit phones 2.9★",
-            "candidate": "Novo laptops 3.3★",
-            "label": 0,
-        },
-    ]
+    recs = TWO_RECORDS
     enc = encode(recs, task, tok, max_length=256)
     ans = answer_token_ids(task, tok)
     together = evaluate(model, enc, answer_ids=ans, batch_size=2, device="cpu", pad_id=tok.pad_token_id)
