@@ -112,7 +112,10 @@ class DataConfig:
 class ClientConfig:
     local_steps: int = opt(20, "optimizer steps each platform takes per round", min=1)
     batch_size: int = opt(16, "examples per local step", min=1)
-    lr: float = opt(5e-3, "AdamW learning rate on the platform", gt=0)
+    lr: float = opt(2e-3, "AdamW learning rate on the platform", gt=0)
+    lr_schedule: Literal["constant", "cosine"] = opt(
+        "cosine", "learning rate over the rounds: constant, or cosine decay from lr to lr/10 at the last round"
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", min=0)
     eval_batch_size: int = opt(64, "examples per evaluation forward pass", min=1)

@@ -193,3 +193,13 @@ def test_padded_and_unpadded_scores_agree(cfg):
     np.testing.assert_allclose(together["probs"], alone["probs"], atol=1e-5)
     assert together["tokens"] == 2
     assert together["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-5)
+
+
+def test_cosine_lr_schedule_decays_from_lr_to_a_tenth():
+    from fl_llm.client.train import scheduled_lr
+
+    lrs = [scheduled_lr(2e-3, "cosine", r, 5) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4)
+    assert lrs[2] == pytest.approx(2e-3 * 0.55)  # half way: 0.1 + 0.9 * 0.5
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert scheduled_lr(2e-3, "constant", 4, 5) == 2e-3 == scheduled_lr(2e-3, "cosine", 1, 1)

@@ -84,7 +84,7 @@ class Platform:
 
     def train(self, global_state: AdapterState, round_: int) -> dict:
         """Local training from the global adapter; returns the update (local - global)."""
-        from fl_llm.client.train import local_train
+        from fl_llm.client.train import local_train, scheduled_lr
 
         t0 = time.perf_counter()
         set_adapter_state(self.model, global_state)
@@ -98,7 +98,7 @@ class Platform:
                 self.train_set,
                 steps=c.local_steps,
                 batch_size=c.batch_size,
-                lr=c.lr,
+                lr=scheduled_lr(c.lr, c.lr_schedule, round_, self.cfg.server.rounds),
                 weight_decay=c.weight_decay,
                 max_grad_norm=c.max_grad_norm,
                 rng=platform_rng(self.cfg.seed, round_, self.id),

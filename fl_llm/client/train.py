@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fl_llm.data.batching import IGNORE, Encoded, collate
+
+
+def scheduled_lr(lr: float, schedule: str, round_: int, rounds: int) -> float:
+    """The learning rate of round `round_` (1-based) of `rounds`: constant, or cosine from lr down
+    to lr/10 (Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts), a function of the round
+    only, so every platform and a resumed run agree."""
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    progress = (min(max(round_, 1), rounds) - 1) / (rounds - 1)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
