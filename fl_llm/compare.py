@@ -5,9 +5,12 @@
 - centralized: one adapter trained on every platform's data pooled — impossible in reality
   (the data may not leave its platform), measured only as the upper bound.
 
-Same budget: every mode runs `server.rounds` rounds; a platform takes `client.local_steps` steps
-per round in local-only and federated, the pooled trainer `num_platforms x local_steps`. Every
-mode is evaluated, each round, on every platform's own held-out split. Writes
+Same budget: every mode runs `server.rounds` rounds of `client.local_steps` optimizer steps, with
+the same learning-rate schedule. A platform's step takes `client.batch_size` examples; the pooled
+trainer's step takes `num_platforms x batch_size` drawn from everyone's data — the examples all
+platforms see in a federated round, as one data-parallel trainer on the same machines would. So
+centralized differs from federated only in where the data sits. Every mode is evaluated, each
+round, on every platform's own held-out split. Writes
 `comparison.json` and `comparison.png` in the output dir; the federated run's own run dir is
 `<output dir>/federated`.
 """
@@ -63,7 +66,7 @@ def compare(cfg: RunConfig, out_dir: Path, progress: Progress | None = None) -> 
         names = {i: info[i]["name"] for i in ids}
         init = backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S).results[0]
         pooled_cfg = to_dict(dataclasses.replace(cfg, backend="local"))
-        pooled_cfg["client"]["local_steps"] = cfg.client.local_steps * n
+        pooled_cfg["client"]["batch_size"] = cfg.client.batch_size * n
         pooled = Platform(pooled_cfg, POOLED)
         local = {i: init for i in ids}
         central = init
