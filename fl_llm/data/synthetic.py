@@ -241,11 +241,19 @@ def simulate_events(world: World, platform: int, n_events: int, seed_offset: int
     return {"user": user[keep], "item": item[keep], "event": event[keep], "hour": hour[keep], "rating": rating[keep]}
 
 
+def _top_interests(world: World, taste: np.ndarray, k: int) -> list[str]:
+    """Each customer's `k` favourite categories, as a profile shows them ("phones and laptops"):
+    the part of their hidden taste a platform knows from past behaviour."""
+    top = np.argsort(-(taste @ world.category_taste.T), axis=1)[:, :k]
+    return [" and ".join(CATEGORIES[c][0] for c in row) for row in top]
+
+
 def ctr_records(world: World, platform: int, n: int, *, split: str) -> list[dict]:
     """Ad impressions: who saw which ad where and when; `label` 1 when clicked.
 
-    Clicks follow the customer's taste for the ad's category, the discount, whether the ad
-    matches the page being browsed, the ad slot and the hour.
+    Clicks follow the customer's taste for the ad's category (the profile shows their two
+    favourite categories), the discount, whether the ad matches the page being browsed, the ad
+    slot and the hour.
     """
     rng = _split_rng(world, platform, split, 3)
     cust = _customers(world, platform, n, rng)
@@ -265,9 +273,10 @@ def ctr_records(world: World, platform: int, n: int, *, split: str) -> list[dict
     )
     click = rng.random(n) < 1 / (1 + np.exp(-logit))
     names = world.item_text(ad[:, 0])
+    interests = _top_interests(world, cust["taste"], 2)
     return [
         {
-            "user": f"{AGE_BANDS[cust['age'][i]]}, {DEVICES[cust['device'][i]]}",
+            "user": f"{AGE_BANDS[cust['age'][i]]}, {DEVICES[cust['device'][i]]}, into {interests[i]}",
             "context": f"browsing {CATEGORIES[browsing[i]][0]} at {hour[i]:02d}h, slot {slot[i]}",
             "ad": f"{names[i]} ${world.item_price[ad[i, 0]]:.0f}" + (f", {discount[i]}% off" if discount[i] else ""),
             "category": CATEGORIES[world.item_category[ad[i, 0]]][0],

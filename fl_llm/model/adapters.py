@@ -35,10 +35,14 @@ def lora_config(model_cfg: ModelConfig):
 
 def apply_lora(model, model_cfg: ModelConfig, seed: int):
     """Wrap `model` with LoRA; the initial A matrices come from `seed`, so all platforms agree."""
+    import warnings
+
     import torch
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         return get_peft_model(model, lora_config(model_cfg))
 
