@@ -110,6 +110,8 @@ def cmd_compare(ns) -> int:
 
     path, overrides = _split_config_args(ns.args)
     cfg = config_mod.load(path, overrides)
+    if ns.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     check_model_source(cfg.model)
     if not cfg.output_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -117,10 +119,12 @@ def cmd_compare(ns) -> int:
     out = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
     progress.info(
-        f"fl_llm compare '{cfg.name}': local-only vs federated vs centralized, task {cfg.data.task}\nout: {out}"
+        f"fl_llm compare '{cfg.name}': local-only vs federated vs centralized, task {cfg.data.task}"
+        + (f", seeds {cfg.seed}..{cfg.seed + ns.seeds - 1}" if ns.seeds > 1 else "")
+        + f"\nout: {out}"
     )
     try:
-        compare(cfg, out, progress)
+        compare(cfg, out, progress, seeds=ns.seeds)
     except UserError:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -180,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="local-only vs federated vs centralized, same budget",
         description="Run the config three ways with the same budget — each platform alone (local-only), "
         "federated, and centralized on pooled data (an upper bound, for measurement only) — print a table "
-        "per platform and write comparison.json and comparison.png in the output dir.",
+        "per platform and write comparison.json and comparison.png in the output dir. With --seeds N the "
+        "whole comparison is repeated for seeds seed..seed+N-1 and reported as mean ± standard deviation.",
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat over N seeds (default 1)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")

@@ -13,6 +13,10 @@ centralized differs from federated only in where the data sits. Every mode is ev
 round, on every platform's own held-out split. Writes
 `comparison.json` and `comparison.png` in the output dir; the federated run's own run dir is
 `<output dir>/federated`.
+
+Federated results move with the seed (the data, the split, the initial adapter), so one run
+can mislead: `seeds=N` repeats the whole comparison for seeds seed..seed+N-1 (each in
+`<output dir>/seed-<s>/`) and reports the mean and standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -42,8 +46,28 @@ def _weighted_average(per_platform: dict[str, dict], sizes: dict[str, int], metr
     return sum(v * w for v, w in pairs) / total if total else float("nan")
 
 
-def compare(cfg: RunConfig, out_dir: Path, progress: Progress | None = None) -> dict:
+def compare(cfg: RunConfig, out_dir: Path, progress: Progress | None = None, seeds: int = 1) -> dict:
+    """Local-only vs federated vs centralized; over `seeds` seeds (mean and std) when > 1."""
     progress = progress or Progress(enabled=False)
+    if seeds <= 1:
+        return _compare_one(cfg, Path(out_dir), progress)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    try:
+        for s in range(cfg.seed, cfg.seed + seeds):
+            progress.info(f"==== seed {s} ({s - cfg.seed + 1} of {seeds}) ====")
+            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), out_dir / f"seed-{s}", progress))
+    finally:
+        progress.close()
+    result = over_seeds(runs)
+    write_json(out_dir / "comparison.json", result)
+    _plot(result, out_dir / "comparison.png")
+    progress.info(format_table(result))
+    return result
+
+
+def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = task_of(cfg).primary
@@ -112,19 +136,61 @@ def _result(cfg: RunConfig, metric: str, per_round: dict) -> dict:
             "per_round": [_weighted_average(r, sizes_of(r), metric) for r in per_round[mode]],
         }
     lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
-    gap = hi - lo
     return {
         "task": cfg.data.task,
         "metric": metric,
         "rounds": cfg.server.rounds,
+        "seeds": [cfg.seed],
         "partition": dataclasses.asdict(cfg.data.partition),
         "modes": modes,
         "federated_minus_local": fed - lo,
-        "gap_closed": (fed - lo) / gap if gap > 0 else float("nan"),
+        "gap_closed": _gap_closed(lo, fed, hi),
+    }
+
+
+def _gap_closed(local: float, federated: float, centralized: float) -> float:
+    """Share of the local-only -> centralized gap that federation closes (nan without a gap)."""
+    gap = centralized - local
+    return (federated - local) / gap if gap > 0 else float("nan")
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each mode's averaged metrics and curve; the gap
+    closed is taken between the means (a ratio of noisy differences is itself too noisy)."""
+    import numpy as np
+
+    metric = runs[0]["metric"]
+    modes = {}
+    for mode in MODES:
+        keys = sorted(set.intersection(*(set(r["modes"][mode]["average"]) for r in runs)))
+        vals = {k: np.array([r["modes"][mode]["average"][k] for r in runs], dtype=float) for k in keys}
+        curves = np.array([r["modes"][mode]["per_round"] for r in runs], dtype=float)
+        modes[mode] = {
+            "average": {k: float(np.nanmean(v)) for k, v in vals.items()},
+            "std": {k: float(np.nanstd(v, ddof=1)) for k, v in vals.items()},
+            "per_round": np.nanmean(curves, axis=0).tolist(),
+            "per_round_std": np.nanstd(curves, axis=0, ddof=1).tolist(),
+        }
+    lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
+    diffs = [r["federated_minus_local"] for r in runs]
+    return {
+        "task": runs[0]["task"],
+        "metric": metric,
+        "rounds": runs[0]["rounds"],
+        "seeds": [r["seeds"][0] for r in runs],
+        "partition": runs[0]["partition"],
+        "modes": modes,
+        "federated_minus_local": fed - lo,
+        "federated_minus_local_std": float(np.std(diffs, ddof=1)),
+        "federated_wins": int(sum(d > 0 for d in diffs)),
+        "gap_closed": _gap_closed(lo, fed, hi),
+        "per_seed": runs,
     }
 
 
 def format_table(result: dict) -> str:
+    if len(result["seeds"]) > 1:
+        return _format_seeds_table(result)
     metric = result["metric"]
     modes = result["modes"]
     names = list(modes["federated"]["platforms"])
@@ -144,6 +210,31 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _format_seeds_table(result: dict) -> str:
+    metric, runs = result["metric"], result["per_seed"]
+    lines = [
+        f"{'seed':<8}  {'local-only':>10}  {'federated':>10}  {'centralized':>11}  {'gap closed':>10}   ({metric})"
+    ]
+    for r in runs:
+        vals = [r["modes"][m]["average"][metric] for m in MODES]
+        closed = r["gap_closed"]
+        lines.append(
+            f"{r['seeds'][0]:<8}  "
+            + "  ".join(f"{v:>{w}.4f}" for v, w in zip(vals, (10, 10, 11)))
+            + (f"  {100 * closed:>9.0f}%" if closed == closed else f"  {'-':>10}")
+        )
+    m = result["modes"]
+    cells = [f"{m[k]['average'][metric]:.4f}±{m[k]['std'][metric]:.3f}" for k in MODES]
+    lines.append(f"{'mean±sd':<8}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, (10, 10, 11))))
+    closed = result["gap_closed"]
+    lines.append(
+        f"federated - local-only: {result['federated_minus_local']:+.4f} ± {result['federated_minus_local_std']:.4f} "
+        f"(better in {result['federated_wins']} of {len(runs)} seeds)"
+        + (f"; closes {100 * closed:.0f}% of the mean gap to centralized" if closed == closed else "")
+    )
+    return "\n".join(lines)
+
+
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -154,10 +245,18 @@ def _plot(result: dict, path: Path) -> None:
     labels = {"local": "local-only", "federated": "federated", "centralized": "centralized (upper bound)"}
     for mode in MODES:
         ys = result["modes"][mode]["per_round"]
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=labels[mode])
+        xs = range(1, len(ys) + 1)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=labels[mode])
+        sd = result["modes"][mode].get("per_round_std")
+        if sd:  # mean over seeds: shade one standard deviation
+            lo = [y - d for y, d in zip(ys, sd)]
+            hi = [y + d for y, d in zip(ys, sd)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
     ax.set_ylabel(f"{result['metric']} (held-out, averaged over platforms)")
-    ax.set_title(f"{result['task']}: local-only vs federated vs centralized")
+    seeds = result["seeds"]
+    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    ax.set_title(f"{result['task']}: local-only vs federated vs centralized{over}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -178,6 +178,42 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert "local-only" in table and "centralized" in table and "average" in table
 
 
+def test_compare_over_seeds_reports_mean_and_spread(tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_llm",
+            "compare",
+            *SMALL,
+            "backend=local",
+            "server.rounds=1",
+            "data.num_platforms=2",
+            "data.synthetic.train_examples=[80,60]",
+            "data.synthetic.eval_examples=40",
+            "seed=3",
+            f"output_dir={out}",
+            "--seeds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["seeds"] == [3, 4]
+    assert [r["seeds"] for r in result["per_seed"]] == [[3], [4]]
+    assert (out / "seed-3" / "comparison.json").exists() and (out / "seed-4" / "federated" / "adapter").is_dir()
+    for mode in ("local", "federated", "centralized"):
+        per_seed = [r["modes"][mode]["average"]["auc"] for r in result["per_seed"]]
+        assert result["modes"][mode]["average"]["auc"] == pytest.approx(np.mean(per_seed))
+        assert result["modes"][mode]["std"]["auc"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert "mean±sd" in proc.stdout and (out / "comparison.png").stat().st_size > 1000
+
+
 def test_tiny_sequence_classifier_trains_its_head(tmp_path):
     from fl_llm.config import load
     from fl_llm.server.loop import run
