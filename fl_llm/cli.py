@@ -3,6 +3,7 @@
     fl-llm run                                  # the default job: 3 platforms, tiny model, local Ray
     fl-llm run configs/default.yaml server.rounds=3 client.lr=1e-3
     fl-llm run backend=local                    # same platforms in this process, for debugging
+    fl-llm run --resume runs/default-20261125-101500   # continue a stopped run from its checkpoint
     fl-llm compare [CONFIG] [KEY=VALUE ...]     # local-only vs federated vs centralized
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
@@ -69,26 +70,67 @@ def _resolve_run_dir(cfg, overwrite: bool) -> Path:
     return path
 
 
+# What may change when a run is resumed: how long it goes on and where/how it runs — never what
+# it computes (model, data, seeds, strategy), or the continuation would not be the same run.
+RESUME_CHANGEABLE = (
+    "server.rounds",
+    "server.round_timeout_s",
+    "backend",
+    "ray.",
+    "tracking.",
+    "checkpoint.",
+    "faults.",
+)
+
+
+def _resume_config(run_dir: str, args: list[str]):
+    from fl_llm import checkpoint
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"--resume {run_dir!r}: no such run directory")
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir!r}: not a run directory (it has no config.yaml)")
+    if args and "=" not in args[0]:
+        raise UserError("--resume continues with the run's own config.yaml; give only KEY=VALUE overrides")
+    for text in args:
+        key = text.split("=", 1)[0].strip()
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_CHANGEABLE):
+            raise UserError(
+                f"override {text!r}: '{key}' cannot change when resuming (only {', '.join(RESUME_CHANGEABLE)})"
+            )
+    if checkpoint.latest(path / "checkpoints") is None:
+        raise UserError(f"--resume {run_dir!r}: no checkpoint there (checkpoint.every was 0, or no round finished)")
+    return config_mod.load(path / "config.yaml", args), path
+
+
 def cmd_run(ns) -> int:
     from fl_llm.model.build import check_model_source
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed, run
 
-    path, overrides = _split_config_args(ns.args)
-    cfg = config_mod.load(path, overrides)
+    if ns.resume:
+        if ns.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: pick one")
+        cfg, run_dir = _resume_config(ns.resume, ns.args)
+    else:
+        path, overrides = _split_config_args(ns.args)
+        cfg = config_mod.load(path, overrides)
     check_model_source(cfg.model)
-    run_dir = _resolve_run_dir(cfg, ns.overwrite)
+    if not ns.resume:
+        run_dir = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
     progress.info(
         f"fl_llm run '{cfg.name}': {cfg.data.num_platforms} platforms, {cfg.server.rounds} rounds, "
         f"task {cfg.data.task}, strategy {cfg.strategy.name}, model {cfg.model.name_or_path}, "
-        f"backend {cfg.backend}\nrun dir: {run_dir}"
+        f"backend {cfg.backend}\nrun dir: {run_dir}" + (" (resuming)" if ns.resume else "")
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        summary = run(cfg, run_dir, progress)
+        summary = run(cfg, run_dir, progress, resume=bool(ns.resume))
     except UserError:
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written for a user's mistake
+        if not ns.resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written for a user's mistake
         raise
     except RunFailed as e:
         print(f"fl-llm: run failed: {e}", file=sys.stderr)
@@ -178,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its newest checkpoint, with its own config.yaml "
+        "(overrides may only extend it: server.rounds, timeouts, ray.*, tracking.*, ...)",
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
         "compare",

@@ -126,8 +126,18 @@ class ClientConfig:
 class ServerConfig:
     rounds: int = opt(20, "federated rounds", min=1)
     platforms_per_round: int = opt(0, "platforms sampled per round (0 = all)", min=0)
-    min_platforms: int = opt(1, "fewest updates that make a round; fewer leave the model unchanged", min=1)
+    min_platforms: int = opt(1, "fewest valid updates that make a round (see too_few)", min=1)
+    too_few: Literal["retry", "stop"] = opt(
+        "retry", "fewer than min_platforms valid updates: retry the round (round_retries times, then stop) or stop"
+    )
+    round_retries: int = opt(2, "extra attempts at a round that got too few updates", min=0)
     round_timeout_s: float = opt(600.0, "updates not in by then are left out of the round", gt=0)
+    max_failures: int = opt(
+        3, "a platform that fails (crash, error, late, rejected update) this many rounds in a row is excluded", min=1
+    )
+    max_update_norm: float | None = opt(
+        None, "reject an update whose L2 norm is larger (null = no bound; NaN/Inf and shapes are always checked)", gt=0
+    )
 
 
 @dataclass
@@ -149,6 +159,50 @@ class RayConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = opt(1, "write a full-state checkpoint every this many rounds (0 = never)", min=0)
+    keep: int = opt(2, "how many of the newest checkpoints to keep", min=1)
+
+
+@dataclass
+class KillFault:
+    platform: int = opt(0, "platform index", min=0)
+    round: int = opt(1, "round in which its actor process exits mid-training", min=1)
+
+
+@dataclass
+class ErrorFault:
+    platform: int = opt(0, "platform index", min=0)
+    round: int = opt(1, "round in which its training raises an exception", min=1)
+
+
+@dataclass
+class DelayFault:
+    platform: int = opt(0, "platform index", min=0)
+    seconds: float = opt(1.0, "how long it sleeps before training", min=0)
+    rounds: list[int] = opt([], "rounds in which it sleeps (empty = every round)")
+
+
+@dataclass
+class CorruptFault:
+    platform: int = opt(0, "platform index", min=0)
+    round: int = opt(1, "round in which its update is corrupted", min=1)
+    kind: Literal["nan", "inf", "shape", "keys", "scale"] = opt(
+        "nan", "nan / inf values, a wrong shape, a wrong key set, or the update scaled x1000"
+    )
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection, for rehearsing failures: never set in production."""
+
+    kill: list[KillFault] = opt([], "[{platform, round}]: the platform's actor process exits mid-training")
+    error: list[ErrorFault] = opt([], "[{platform, round}]: the platform's training raises an exception")
+    delay: list[DelayFault] = opt([], "[{platform, seconds, rounds}]: the platform sleeps before training")
+    corrupt: list[CorruptFault] = opt([], "[{platform, round, kind}]: the platform sends a corrupted update")
+
+
+@dataclass
 class TrackingConfig:
     progress: bool = opt(True, "live progress display on a terminal")
 
@@ -165,6 +219,8 @@ class RunConfig:
     server: ServerConfig = section(ServerConfig, "the round loop")
     strategy: StrategyConfig = section(StrategyConfig, "aggregation")
     ray: RayConfig = section(RayConfig, "the Ray cluster")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "full-state checkpoints for --resume")
+    faults: FaultsConfig = section(FaultsConfig, "fault injection for testing (never in production)")
     tracking: TrackingConfig = section(TrackingConfig, "logging")
 
 
@@ -182,6 +238,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
@@ -216,6 +274,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(item_tp):
+            return [_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(items)]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(items)]
     if tp is bool:
         if isinstance(value, bool):
@@ -246,7 +306,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _check_rules(value: Any, meta: dict, key: str) -> None:
     values = value if isinstance(value, list) else [value]
     for v in values:
-        if v is None or isinstance(v, str):
+        if v is None or isinstance(v, str) or dataclasses.is_dataclass(v):
             continue
         if "min" in meta and v < meta["min"]:
             raise UserError(f"config key '{key}' must be >= {meta['min']}, got {v!r}")
@@ -325,6 +385,14 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             f"config key 'server.min_platforms' must be <= the platforms per round ({cohort}), "
             f"got {cfg.server.min_platforms}"
         )
+    faults = cfg.faults
+    for kind in ("kill", "error", "delay", "corrupt"):
+        for j, fault in enumerate(getattr(faults, kind)):
+            if fault.platform >= n:
+                raise UserError(
+                    f"config key 'faults.{kind}[{j}].platform' must be a platform index below "
+                    f"data.num_platforms ({n}), got {fault.platform}"
+                )
     if not cfg.model.lora.target_modules:
         raise UserError("config key 'model.lora.target_modules' must name at least one module")
     # Registries are imported lazily: they import torch-free modules only.

@@ -34,6 +34,12 @@ class Progress:
         self._clear()
         print(text, file=self.out, flush=True)
 
+    def warn(self, text: str) -> None:
+        """Something the operator must not miss: in the log (stdout) and on the terminal."""
+        self.info(f"WARNING: {text}")
+        if self.err.isatty() and not self.out.isatty():
+            print(f"fl-llm: WARNING: {text}", file=self.err, flush=True)
+
     def phase(self, text: str) -> None:
         """Redraw the live status line (terminal only)."""
         if not self.live:

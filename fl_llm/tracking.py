@@ -51,6 +51,7 @@ class RunDir:
         self.platforms = self.path / "platforms.json"
         self.adapter = self.path / "adapter"
         self.base_model = self.path / "base_model"
+        self.checkpoints = self.path / "checkpoints"
 
     def save_config(self, cfg_dict: dict) -> None:
         write_atomic(self.config, yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True))
@@ -61,7 +62,23 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
+    def truncate_metrics(self, last_round: int) -> list[dict]:
+        """Keep only rounds up to `last_round` (a resumed run redoes the later ones); returns them."""
+        rows = read_metrics(self.path) if self.metrics.exists() else []
+        kept = [r for r in rows if r["round"] <= last_round]
+        write_atomic(self.metrics, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        return kept
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """Every logged round; a last line cut short (the writer was killed mid-line) is ignored."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for k, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k < len(lines) - 1:
+                raise
+    return rows

@@ -120,8 +120,9 @@ def test_partial_cohort_and_sampling_is_seeded(ray_instance, tmp_path):
     from fl_llm.config import load
     from fl_llm.server.loop import run, sample_cohort
 
-    a = [sample_cohort(7, r, 5, 2) for r in range(1, 6)]
-    assert a == [sample_cohort(7, r, 5, 2) for r in range(1, 6)]
+    a = [sample_cohort(7, r, list(range(5)), 2) for r in range(1, 6)]
+    assert a == [sample_cohort(7, r, list(range(5)), 2) for r in range(1, 6)]
+    assert all(set(sample_cohort(7, r, [0, 2, 4], 2)) <= {0, 2, 4} for r in range(1, 6))
     assert all(len(c) == 2 and len(set(c)) == 2 for c in a)
     assert len({tuple(c) for c in a}) > 1
     cfg = load(None, [*SMALL, "server.platforms_per_round=2", "server.rounds=1"])

@@ -8,10 +8,12 @@ The Ray backend makes it an actor; the local backend calls the very same class i
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
+from fl_llm import faults
 from fl_llm.config import RunConfig, from_dict
 from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
 
@@ -22,7 +24,10 @@ def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.
 
 
 class Platform:
-    def __init__(self, config: dict, platform_id: int, num_threads: int | None = None):
+    """One platform. `hard_exit`: an injected kill really ends the process (a Ray actor); in the
+    driver's own process (the local backend) it raises `InjectedKill` instead."""
+
+    def __init__(self, config: dict, platform_id: int, num_threads: int | None = None, hard_exit: bool = False):
         import torch
 
         from fl_llm.data import sources
@@ -35,6 +40,10 @@ class Platform:
             torch.set_num_threads(num_threads)
         self.cfg: RunConfig = from_dict(config)
         self.id = platform_id
+        self.hard_exit = hard_exit
+        # State this platform keeps between rounds (e.g. a strategy's control variates): saved in
+        # the driver's checkpoints through export_state / import_state.
+        self.persistent: dict = {}
         self.user_error: str | None = None
         self.task = sources.task_of(self.cfg)
         want = self.cfg.client.device
@@ -82,11 +91,24 @@ class Platform:
     def initial_adapter(self) -> AdapterState:
         return get_adapter_state(self.model)
 
-    def train(self, global_state: AdapterState, round_: int) -> dict:
-        """Local training from the global adapter; returns the update (local - global)."""
-        from fl_llm.client.train import local_train, scheduled_lr
+    def export_state(self) -> dict:
+        return self.persistent
+
+    def import_state(self, state: dict) -> None:
+        self.persistent = {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+    def train(self, global_state: AdapterState, round_: int, attempt: int = 0, budget_s: float | None = None) -> dict:
+        """Local training from the global adapter; returns the update (local - global).
+
+        `budget_s`: the round's deadline as seen from here. Past it the driver has already left
+        this platform out of the round, so training stops at once (`RoundDeadline`) and the
+        platform is free for the next round's model instead of finishing stale work.
+        """
+        from fl_llm.client.train import RoundDeadline, local_train, scheduled_lr
 
         t0 = time.perf_counter()
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        self._before_training(round_, attempt, deadline, RoundDeadline)
         set_adapter_state(self.model, global_state)
         c = self.cfg.client
         import torch
@@ -104,9 +126,14 @@ class Platform:
                 rng=platform_rng(self.cfg.seed, round_, self.id),
                 device=self.device,
                 pad_id=self.pad_id,
+                deadline=deadline,
+                on_step=self._fault_hook(round_, attempt),
             )
         local = get_adapter_state(self.model)
         update = {k: local[k] - global_state[k] for k in local}
+        kind = faults.corruption(self.cfg.faults, self.id, round_)
+        if kind:
+            update = faults.corrupt(update, kind)
         metrics["train_seconds"] = time.perf_counter() - t0
         return {
             "update": update,
@@ -114,6 +141,33 @@ class Platform:
             "metrics": metrics,
             "bytes": state_nbytes(update),
         }
+
+    def _before_training(self, round_: int, attempt: int, deadline: float | None, late_error) -> None:
+        """An injected delay: sleep like a slow machine, but not past the round's deadline."""
+        delay = faults.delay_seconds(self.cfg.faults, self.id, round_)
+        if delay <= 0:
+            return
+        wake = time.monotonic() + delay
+        while (now := time.monotonic()) < wake:
+            if deadline is not None and now > deadline:
+                raise late_error(f"round {round_}: past the deadline while delayed")
+            time.sleep(min(0.05, wake - now))
+
+    def _fault_hook(self, round_: int, attempt: int):
+        """Called after the first local step: where injected kills and errors strike mid-training."""
+        kill = faults.should_kill(self.cfg.faults, self.id, round_, attempt)
+        error = faults.should_error(self.cfg.faults, self.id, round_, attempt)
+        if not (kill or error):
+            return None
+
+        def hook(step: int) -> None:
+            if kill:
+                if self.hard_exit:
+                    os._exit(faults.KILL_EXIT_CODE)  # no cleanup, no exception: like a lost node
+                raise faults.InjectedKill(f"platform {self.id}: injected kill in round {round_}")
+            raise faults.InjectedError(f"platform {self.id}: injected error in round {round_}")
+
+        return hook
 
     def evaluate(self, global_state: AdapterState) -> dict:
         """Loss and task metrics of `global_state` on this platform's held-out split."""

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
 from fl_llm.data.batching import IGNORE, Encoded, collate
+
+
+class RoundDeadline(TimeoutError):
+    """Training passed the round's deadline: the driver has moved on without this update."""
 
 
 def scheduled_lr(lr: float, schedule: str, round_: int, rounds: int) -> float:
@@ -56,12 +61,25 @@ def _answer_loss(logits, targets, reduction: str):
 
 
 def local_train(
-    model, enc: Encoded, *, steps, batch_size, lr, weight_decay, max_grad_norm, rng, device, pad_id
+    model,
+    enc: Encoded,
+    *,
+    steps,
+    batch_size,
+    lr,
+    weight_decay,
+    max_grad_norm,
+    rng,
+    device,
+    pad_id,
+    deadline: float | None = None,
+    on_step=None,
 ) -> dict:
     """Train the trainable (adapter) parameters for `steps` AdamW steps; returns train metrics.
 
     A fresh optimizer each round: optimizer state is not part of the federated model and would
-    go stale while the global adapter moves.
+    go stale while the global adapter moves. Past `deadline` (time.monotonic) it raises
+    `RoundDeadline`; `on_step(step)` runs after each step (fault injection hooks in there).
     """
     import torch
 
@@ -69,7 +87,9 @@ def local_train(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     losses = []
-    for idx in batch_indices(len(enc), batch_size, steps, rng):
+    for step, idx in enumerate(batch_indices(len(enc), batch_size, steps, rng)):
+        if deadline is not None and time.monotonic() > deadline:
+            raise RoundDeadline(f"stopped after {step} of {steps} steps: past the round's deadline")
         logits, targets = _forward(model, collate(enc, idx, pad_id), device)
         loss = _answer_loss(logits, targets, "mean")
         loss.backward()
@@ -78,6 +98,8 @@ def local_train(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step)
     return {"train_loss": float(np.mean(losses)), "steps": len(losses)}
 
 

@@ -1,18 +1,21 @@
 """Where platforms run: Ray actors (`RayBackend`) or in this process (`LocalBackend`).
 
 This is the only module that imports Ray. Both backends run the same `Platform` class and offer
-the same three calls to the round loop:
+the same calls to the round loop:
 
 - `put(state)`     -> a handle to the global adapter, stored once (Ray's object store);
-- `call(ids, method, *args, timeout_s)` -> `Collected`: answers, errors and late platforms;
+- `call(ids, method, *args, timeout_s)` -> `Collected`: answers, errors, late and dead platforms;
+- `restart(i)`     -> a fresh platform i in place of a dead one (it reloads its own data);
 - `shutdown()`.
 """
 
 from __future__ import annotations
 
 import math
+import socket
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +29,9 @@ class Collected:
     """What came back from one call on several platforms before the deadline."""
 
     results: dict[int, Any] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-    late: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)  # every platform that did not answer, and why
+    late: list[int] = field(default_factory=list)  # no answer by the deadline (no error either)
+    dead: list[int] = field(default_factory=list)  # its process is gone: restart it before the next call
 
 
 class _Backend:
@@ -41,19 +45,29 @@ class LocalBackend(_Backend):
 
     name = "local"
 
-    def __init__(self, cfg: RunConfig):
-        self.platforms = [Platform(to_dict(cfg), i) for i in range(cfg.data.num_platforms)]
+    def __init__(self, cfg: RunConfig, run_id: str = "run"):
+        self.config = to_dict(cfg)
+        self.platforms = [Platform(self.config, i) for i in range(cfg.data.num_platforms)]
 
     def put(self, obj):
         return obj
 
     def call_each(self, args_by_id: dict[int, tuple], method: str, *, timeout_s: float) -> Collected:
-        """`method(*args_by_id[i])` on each platform i."""
+        """`method(*args_by_id[i])` on each platform i, one after another."""
+        from fl_llm.client.train import RoundDeadline
+        from fl_llm.faults import InjectedKill
+
         out = Collected()
         deadline = time.monotonic() + timeout_s
         for i, args in args_by_id.items():
             try:
                 result = getattr(self.platforms[i], method)(*args)
+            except RoundDeadline:
+                out.late.append(i)
+                continue
+            except InjectedKill as e:  # stands for the process exit a Ray actor would really make
+                out.errors[i], out.dead = f"platform process died: {e}", [*out.dead, i]
+                continue
             except Exception:
                 out.errors[i] = traceback.format_exc(limit=-3).strip()
                 continue
@@ -62,6 +76,9 @@ class LocalBackend(_Backend):
             else:
                 out.results[i] = result
         return out
+
+    def restart(self, i: int) -> None:
+        self.platforms[i] = Platform(self.config, i)
 
     def shutdown(self) -> None:
         self.platforms = []
@@ -72,13 +89,14 @@ class RayBackend(_Backend):
 
     name = "ray"
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, run_id: str = "run"):
         import ray
 
         self._ray = ray
         self._started_here = False
         address = cfg.ray.address
         if not ray.is_initialized():
+            check_address(address)
             try:
                 ray.init(
                     address=address,
@@ -93,26 +111,55 @@ class RayBackend(_Backend):
             self._started_here = True
         n = cfg.data.num_platforms
         cpus, gpus = placement(cfg, ray.cluster_resources())
-        remote = ray.remote(Platform).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=1)
-        threads = max(1, int(cpus))
-        self.actors = [remote.remote(to_dict(cfg), i, threads) for i in range(n)]
+        self._remote = ray.remote(Platform)
+        self._options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1, "max_restarts": 0}
+        # Unique per backend: several runs (a test module, `fl-llm compare`) may share one Ray instance.
+        self._config, self._threads = to_dict(cfg), max(1, int(cpus))
+        self.run_id = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        self.generation = [0] * n
+        self.actors = [self._start(i) for i in range(n)]
         self.resources = {"cpus_per_platform": cpus, "gpus_per_platform": gpus}
+
+    def actor_name(self, i: int) -> str:
+        """Named, so `ray list actors` (and a test rehearsing a crash) can find platform i."""
+        return f"fl_llm:{self.run_id}:platform-{i}:{self.generation[i]}"
+
+    def _start(self, i: int):
+        options = {**self._options, "name": self.actor_name(i)}
+        return self._remote.options(**options).remote(self._config, i, self._threads, True)
 
     def put(self, obj):
         return self._ray.put(obj)
 
     def call_each(self, args_by_id: dict[int, tuple], method: str, *, timeout_s: float) -> Collected:
         """`method(*args_by_id[i])` on each platform i, all at once, collected until the deadline."""
+        from fl_llm.client.train import RoundDeadline
+
         ray = self._ray
         refs = {getattr(self.actors[i], method).remote(*args): i for i, args in args_by_id.items()}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         out = Collected(late=sorted(refs[r] for r in pending))
         for ref in ready:
+            i = refs[ref]
             try:
-                out.results[refs[ref]] = ray.get(ref)
+                out.results[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:  # the process is gone (exit, OOM, lost node, ray.kill)
+                out.errors[i] = f"platform process died: {_first_line(e)}"
+                out.dead.append(i)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e, RoundDeadline) or isinstance(getattr(e, "cause", None), RoundDeadline):
+                    out.late.append(i)  # it gave up at the deadline: late, not broken
+                else:
+                    out.errors[i] = str(e).strip()
             except ray.exceptions.RayError as e:
-                out.errors[refs[ref]] = str(e).strip()
+                out.errors[i] = str(e).strip()
         return out
+
+    def restart(self, i: int) -> None:
+        """Replace platform i's actor (dead, or stuck) with a new one; it reloads its own data."""
+        self._ray.kill(self.actors[i], no_restart=True)
+        self.generation[i] += 1
+        self.actors[i] = self._start(i)
 
     def shutdown(self) -> None:
         for a in getattr(self, "actors", []):
@@ -146,5 +193,28 @@ def placement(cfg: RunConfig, resources: dict) -> tuple[float, float]:
     return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4
 
 
-def make_backend(cfg: RunConfig):
-    return RayBackend(cfg) if cfg.backend == "ray" else LocalBackend(cfg)
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when `ray.address` names a host:port that does not answer."""
+    if address in (None, "", "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"ray.address {address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"ray.address {address!r}: nothing answers there ({e.strerror or e}); is the Ray head running "
+            "(`ray start --head`) and the port reachable?"
+        ) from None
+
+
+def make_backend(cfg: RunConfig, run_id: str = "run"):
+    return RayBackend(cfg, run_id) if cfg.backend == "ray" else LocalBackend(cfg, run_id)

@@ -1,0 +1,64 @@
+"""Fault injection: rehearse failures black-box, from the config (`faults.*`). Never for production.
+
+    faults:
+      kill:    [{platform: 1, round: 3}]              # its actor process exits mid-training
+      error:   [{platform: 1, round: 4}]              # its training raises an exception
+      delay:   [{platform: 2, seconds: 30, rounds: [5]}]  # it sleeps before training (a straggler)
+      corrupt: [{platform: 0, round: 2, kind: nan}]   # nan | inf | shape | keys | scale
+
+Kills and errors fire on a round's first attempt only, so a retried round can succeed; a delay
+is a slow machine and applies to every attempt. The platform calls these functions; the driver
+knows nothing of them and sees only what a real failure would show it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl_llm.config import FaultsConfig
+
+KILL_EXIT_CODE = 17  # what an injected kill makes the actor process exit with
+
+
+class InjectedError(RuntimeError):
+    """An exception thrown on purpose inside training (`faults.error`)."""
+
+
+class InjectedKill(RuntimeError):
+    """Stands for a process exit where the platform must not really exit (the local backend)."""
+
+
+def should_kill(faults: FaultsConfig, platform: int, round_: int, attempt: int) -> bool:
+    return attempt == 0 and any(f.platform == platform and f.round == round_ for f in faults.kill)
+
+
+def should_error(faults: FaultsConfig, platform: int, round_: int, attempt: int) -> bool:
+    return attempt == 0 and any(f.platform == platform and f.round == round_ for f in faults.error)
+
+
+def delay_seconds(faults: FaultsConfig, platform: int, round_: int) -> float:
+    return sum(f.seconds for f in faults.delay if f.platform == platform and (not f.rounds or round_ in f.rounds))
+
+
+def corruption(faults: FaultsConfig, platform: int, round_: int) -> str | None:
+    kinds = [f.kind for f in faults.corrupt if f.platform == platform and f.round == round_]
+    return kinds[0] if kinds else None
+
+
+def corrupt(update: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """A copy of `update` damaged the way a buggy or malicious platform might damage it."""
+    out = {k: np.array(v, copy=True) for k, v in update.items()}
+    first = sorted(out)[0]
+    if kind == "nan":
+        out[first].reshape(-1)[0] = np.nan
+    elif kind == "inf":
+        out[first].reshape(-1)[0] = np.inf
+    elif kind == "shape":
+        out[first] = np.zeros(out[first].shape[:-1] + (out[first].shape[-1] + 1,), dtype=out[first].dtype)
+    elif kind == "keys":
+        out["not_a_parameter.weight"] = out.pop(first)
+    elif kind == "scale":
+        out = {k: v * np.float32(1000.0) for k, v in out.items()}
+    else:
+        raise ValueError(f"unknown corruption {kind!r}")
+    return out

@@ -1,0 +1,85 @@
+"""What the driver lets into the global model, and how long it puts up with a failing platform.
+
+Two plain policies, testable without a cluster:
+
+- `check_update`: an update must have exactly the global adapter's keys, shapes and dtype, finite
+  values, and (optionally) an L2 norm within `server.max_update_norm`. A rejected update is
+  logged with its reason and never reaches the aggregation.
+- `Failures`: a platform fails a round when it was asked to train and no valid update came back
+  (its process died, it raised, it was late, its update was rejected). `server.max_failures`
+  failures in a row exclude it from the rest of the run; one good round resets the count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def update_norm(update: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values())))
+
+
+def check_update(update, reference: dict[str, np.ndarray], max_norm: float | None = None) -> str | None:
+    """None if `update` may be aggregated into `reference`'s model, else the reason it may not."""
+    if not isinstance(update, dict):
+        return f"update is a {type(update).__name__}, not a mapping of tensors"
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"wrong keys: missing {missing[:3]}, unexpected {extra[:3]}"
+    for k, ref in reference.items():
+        v = update[k]
+        if not isinstance(v, np.ndarray):
+            return f"{k}: a {type(v).__name__}, not an array"
+        if v.shape != ref.shape:
+            return f"{k}: shape {v.shape}, expected {ref.shape}"
+        if v.dtype != ref.dtype:
+            return f"{k}: dtype {v.dtype}, expected {ref.dtype}"
+        if not np.isfinite(v).all():
+            return f"{k}: {int(np.size(v) - np.isfinite(v).sum())} NaN/Inf values"
+    if max_norm is not None:
+        norm = update_norm(update)
+        if norm > max_norm:
+            return f"norm {norm:.4g} exceeds server.max_update_norm {max_norm:g}"
+    return None
+
+
+@dataclass
+class Failures:
+    """Consecutive failures per platform, and who has been excluded (with the last cause)."""
+
+    max_in_a_row: int
+    in_a_row: dict[int, int] = field(default_factory=dict)
+    excluded: dict[int, str] = field(default_factory=dict)
+
+    def record(self, asked: list[int], succeeded: set[int], causes: dict[int, str]) -> dict[int, str]:
+        """Count this round's outcome for every platform asked to train; returns the newly excluded."""
+        newly = {}
+        for i in asked:
+            if i in succeeded:
+                self.in_a_row[i] = 0
+                continue
+            self.in_a_row[i] = self.in_a_row.get(i, 0) + 1
+            if self.in_a_row[i] >= self.max_in_a_row and i not in self.excluded:
+                newly[i] = self.excluded[i] = (
+                    f"failed {self.in_a_row[i]} rounds in a row; last: {causes.get(i, 'no update')}"
+                )
+        return newly
+
+    def active(self, everyone: list[int]) -> list[int]:
+        return [i for i in everyone if i not in self.excluded]
+
+    def state(self) -> dict:
+        return {
+            "in_a_row": {str(k): v for k, v in self.in_a_row.items()},
+            "excluded": {str(k): v for k, v in self.excluded.items()},
+        }
+
+    @classmethod
+    def from_state(cls, max_in_a_row: int, state: dict) -> Failures:
+        return cls(
+            max_in_a_row,
+            {int(k): int(v) for k, v in state["in_a_row"].items()},
+            {int(k): v for k, v in state["excluded"].items()},
+        )
