@@ -175,7 +175,7 @@ def read_table(path: str | Path) -> list[dict]:
     fmt = _format(path)
     kwargs = {"delimiter": "\t"} if fmt == "csv" and ".tsv" in path.name else {}
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parser errors are reported below, once
     try:
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
     except Exception as e:  # datasets wraps parser errors in several exception types

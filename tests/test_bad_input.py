@@ -1,0 +1,139 @@
+"""Every mistake a user can make gets exit code 2, one line naming what is wrong, no traceback,
+and no run directory left behind."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+
+from fl_llm.cli import main
+
+FILES = ["backend=local", "data.task=review", "data.source=files", "data.num_platforms=2"]
+
+
+def _csv(path, rows, header="item,review,label"):
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _good_rows(n=30):
+    return [f"thing {i},{'great' if i % 2 else 'bad'},{i % 2}" for i in range(n)]
+
+
+def _files(tmp, a, b=None):
+    b = b or _csv(tmp / "b.csv", _good_rows())
+    return [*FILES, f"data.files.paths=[{a}, {b}]"]
+
+
+# (id, setup(tmp) -> argv after the command, words the message must contain)
+CASES = [
+    ("unknown key", lambda t: ["run", "server.roundz=3"], "unknown config key 'server.roundz'"),
+    ("unknown section", lambda t: ["run", "sever.rounds=3"], "unknown config key 'sever'"),
+    ("wrong type", lambda t: ["run", "server.rounds=many"], "'server.rounds' must be an integer"),
+    ("out of range", lambda t: ["run", "server.rounds=0"], "'server.rounds' must be >= 1"),
+    ("negative lr", lambda t: ["run", "client.lr=-0.1"], "'client.lr' must be > 0"),
+    ("bad choice", lambda t: ["run", "backend=spark"], "'backend' must be 'ray' | 'local'"),
+    ("bad yaml value", lambda t: ["run", "server.rounds=[1"], "not valid YAML"),
+    ("missing config file", lambda t: ["run", str(t / "nope.yaml")], "does not exist"),
+    (
+        "broken config file",
+        lambda t: ["run", str(_write(t / "c.yaml", "server: [rounds: 3"))],
+        "is not valid YAML",
+    ),
+    ("config not a mapping", lambda t: ["run", str(_write(t / "c.yaml", "- 1\n- 2\n"))], "must hold a mapping"),
+    ("unknown task", lambda t: ["run", "data.task=weather"], "'data.task' must be one of"),
+    ("unknown strategy", lambda t: ["run", "strategy.name=fedmagic"], "'strategy.name' must be one of"),
+    ("min above cohort", lambda t: ["run", "server.min_platforms=5"], "'server.min_platforms' must be <="),
+    ("fault on no platform", lambda t: ["run", "faults.kill=[{platform: 9, round: 1}]"], "faults.kill[0].platform"),
+    ("model dir missing", lambda t: ["run", f"model.name_or_path={t}/no-model"], "does not exist"),
+    ("model dir not a model", lambda t: ["run", f"model.name_or_path={t}"], "no config.json"),
+    ("data file missing", lambda t: ["run", *_files(t, t / "gone.csv")], "gone.csv' does not exist"),
+    ("data file empty", lambda t: ["run", *_files(t, _write(t / "a.csv", ""))], "is empty"),
+    (
+        "unreadable row",
+        lambda t: ["run", *_files(t, _csv(t / "a.csv", [*_good_rows(5), 'x,"unterminated,1,2,3']))],
+        "a.csv",
+    ),
+    (
+        "missing column",
+        lambda t: ["run", *_files(t, _csv(t / "a.csv", _good_rows(), header="item,text,label"))],
+        "no column 'review'",
+    ),
+    (
+        "label out of range",
+        lambda t: ["run", *_files(t, _csv(t / "a.csv", [*_good_rows(5), "x,fine,7"]))],
+        "row 6, column 'label': label 7 is not one of",
+    ),
+    (
+        "not gzip",
+        lambda t: ["run", *_files(t, _write(t / "a.csv.gz", "item,review,label\n"))],
+        "a.csv.gz",
+    ),
+    (
+        "impossible partition",
+        lambda t: ["run", "backend=local", "data.partition.method=dirichlet", "data.partition.min_size=100000"],
+        "data.partition",
+    ),
+    ("ray address silent", lambda t: ["run", "ray.address=127.0.0.1:1"], "nothing answers there"),
+    ("ray address malformed", lambda t: ["run", "ray.address=headnode"], "expected 'auto', 'host:port'"),
+    ("output dir exists", lambda t: ["run", f"output_dir={_write(t / 'taken' / 'x', 'x').parent}"], "already exists"),
+    ("resume nothing", lambda t: ["run", "--resume", str(t / "no-run")], "no such run directory"),
+    (
+        "resume without checkpoint",
+        lambda t: ["run", "--resume", str(_write(t / "r" / "config.yaml", "name: x\n").parent)],
+        "no checkpoint",
+    ),
+    ("resume changes the model", lambda t: ["run", "--resume", str(_run_dir(t)), "client.lr=0.1"], "cannot change"),
+    ("compare seeds", lambda t: ["compare", "--seeds", "0"], "--seeds must be >= 1"),
+]
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _run_dir(tmp):
+    from fl_llm import checkpoint
+
+    run = _write(tmp / "run" / "config.yaml", "name: x\n").parent
+    checkpoint.save(run / "checkpoints", 1, {"round": 1})
+    return run
+
+
+def test_there_are_at_least_twenty_kinds():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("setup, words", [(s, w) for _, s, w in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(setup, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default run dir would land here, where we can see it
+    argv = setup(tmp_path)
+    out_dir = tmp_path / "out"
+    if argv[0] == "run" and "--resume" not in argv and not any(a.startswith("output_dir=") for a in argv):
+        argv = [*argv, f"output_dir={out_dir}"]
+    argv = [*argv, "tracking.progress=false"] if "--resume" not in argv and argv[0] == "run" else argv
+    code = main(argv)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, (argv, captured.out[-2000:], err[-2000:])
+    assert "Traceback" not in captured.err + captured.out
+    assert len(err.splitlines()) == 1 and err.startswith("fl-llm: error: "), err
+    assert words in err, err
+    assert not out_dir.exists(), "a run dir was left behind"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gzip_helper_is_real(tmp_path):
+    """The 'not gzip' case above is only meaningful if a real .csv.gz of the same rows loads."""
+    from fl_llm.config import load
+    from fl_llm.data.sources import load_platform_data
+
+    p = tmp_path / "a.csv.gz"
+    with gzip.open(p, "wt", encoding="utf-8") as f:
+        f.write("item,review,label\n" + "".join(r + "\n" for r in _good_rows()))
+    b = _csv(tmp_path / "b.csv", _good_rows())
+    cfg = load(None, [*FILES, f"data.files.paths=[{p}, {b}]", "data.template='{item}: {review}'"])
+    assert len(load_platform_data(cfg, 0).train) == 24
