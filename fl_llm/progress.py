@@ -22,6 +22,21 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def incident_lines(record: dict) -> list[str]:
+    """One line per thing that went wrong in a round, for the operator watching the log."""
+    lines = []
+    for a in record.get("attempts", []):
+        lines.append(f"attempt {a['attempt'] + 1} had too few valid updates and was redone")
+    for name, err in record.get("failed", {}).items():
+        last = [x for x in str(err).strip().splitlines() if x.strip()]
+        lines.append(f"{name}: failed: {last[-1][:200] if last else 'error'}")
+    lines += [f"{name}: late, left out of this round" for name in record.get("late", [])]
+    lines += [f"{name}: {why}" for name, why in record.get("rejected", {}).items()]
+    lines += [f"{name}: restarted (new process)" for name in record.get("restarted", [])]
+    lines += [f"{name}: evaluation failed: {str(e)[:200]}" for name, e in record.get("eval_failed", {}).items()]
+    return lines
+
+
 class Progress:
     def __init__(self, enabled: bool = True, out=None, err=None):
         self.out = out or sys.stdout
@@ -72,6 +87,8 @@ class Progress:
             f"{metric} {_fmt(record.get(metric))}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "
             f"down {human_bytes(record['bytes_down'])}  {record['seconds']['round']:.1f} s{note}"
         )
+        for line in incident_lines(record):
+            self.info(f"          ! {line}")
 
     def close(self) -> None:
         self._clear()

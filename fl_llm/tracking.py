@@ -62,12 +62,9 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def truncate_metrics(self, last_round: int) -> list[dict]:
-        """Keep only rounds up to `last_round` (a resumed run redoes the later ones); returns them."""
-        rows = read_metrics(self.path) if self.metrics.exists() else []
-        kept = [r for r in rows if r["round"] <= last_round]
-        write_atomic(self.metrics, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        return kept
+    def rewrite_metrics(self, rows: list[dict]) -> None:
+        """Replace metrics.jsonl with `rows` (a resumed run: the checkpoint's history)."""
+        write_atomic(self.metrics, "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -88,8 +88,9 @@ class Federation:
     platform_state: dict[int, dict] = field(default_factory=dict)
     elapsed_s: float = 0.0  # wall time spent in earlier processes of this run (before a resume)
 
-    def to_checkpoint(self, elapsed_s: float) -> dict:
+    def to_checkpoint(self, elapsed_s: float, history: list[dict]) -> dict:
         return {
+            "history": history,  # metrics.jsonl up to this round: a resume rewrites the file from it
             "round": self.round,
             "global_state": self.global_state,
             "strategy_state": self.strategy_state,
@@ -164,7 +165,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         if resume_from is not None:
             ckpt_round, state = checkpoint.load(resume_from)
             fed = Federation.from_checkpoint(state, cfg.server.max_failures)
-            history = rd.truncate_metrics(fed.round)  # rounds after the checkpoint are redone
+            history = state["history"]
+            rd.rewrite_metrics(history)  # rounds logged after the checkpoint are redone
             for i, st in fed.platform_state.items():
                 if st:
                     _require_all(backend.call([i], "import_state", st, timeout_s=SETUP_TIMEOUT_S), "restore")
@@ -249,16 +251,18 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             )
             save_adapter(fed.global_state, cfg.model, rd.adapter, base_name)
             fed.round = rnd
-            if cfg.checkpoint.every and (rnd % cfg.checkpoint.every == 0 or rnd == cfg.server.rounds):
+            due = cfg.checkpoint.every and (rnd % cfg.checkpoint.every == 0 or rnd == cfg.server.rounds)
+            if due:
                 fed.platform_state = _collect_platform_state(backend, in_run, fed.platform_state)
-                elapsed = fed.elapsed_s + time.monotonic() - t_start
-                checkpoint.save(rd.checkpoints, rnd, fed.to_checkpoint(elapsed), keep=cfg.checkpoint.keep)
             secs["save"] = time.monotonic() - t
             secs["round"] = time.monotonic() - t_round
             record["adapter_bytes"] = fed.downlink.size
             record["seconds"] = {k: round(v, 4) for k, v in secs.items()}
-            rd.log_round(record)
             history.append(record)
+            if due:  # before the metrics line: a crash in between is redone from the checkpoint
+                elapsed = fed.elapsed_s + time.monotonic() - t_start
+                checkpoint.save(rd.checkpoints, rnd, fed.to_checkpoint(elapsed, history), keep=cfg.checkpoint.keep)
+            rd.log_round(record)
             progress.round_line(record, cfg.server.rounds)
     except RunFailed as e:
         if fed is not None:
