@@ -30,13 +30,19 @@ from fl_llm.data.sources import POOLED, task_of
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
 from fl_llm.server.loop import SETUP_TIMEOUT_S, run
+from fl_llm.strategies.lora import update_to_global_rank
 from fl_llm.tracking import read_metrics, write_json
 
 MODES = ("local", "federated", "centralized")
 
 
-def _apply(state: dict, update: dict) -> dict:
-    return {k: state[k] + update[k] for k in state}
+def _apply(cfg: RunConfig, platform: int, state: dict, update: dict) -> dict:
+    """state + a platform's update (at its LoRA rank, on the tensors its strategy sends)."""
+    lora = cfg.model.lora
+    ranks = lora.ranks or [lora.r] * cfg.data.num_platforms
+    rank = ranks[platform] if platform >= 0 else max(ranks)
+    update = update_to_global_rank(update, state, rank, lora.alpha, max(ranks))
+    return {k: state[k] + update[k] if k in update else state[k] for k in state}
 
 
 def _weighted_average(per_platform: dict[str, dict], sizes: dict[str, int], metric: str) -> float:
@@ -97,11 +103,11 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
             trained = backend.call_each({i: (local[i], rnd) for i in ids}, "train", timeout_s=timeout).results
-            local = {i: _apply(local[i], trained[i]["update"]) if i in trained else local[i] for i in ids}
+            local = {i: _apply(cfg, i, local[i], trained[i]["update"]) if i in trained else local[i] for i in ids}
             ev = backend.call_each({i: (local[i],) for i in ids}, "evaluate", timeout_s=timeout).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
-            central = _apply(central, pooled.train(central, rnd)["update"])
+            central = _apply(cfg, POOLED, central, pooled.train(central, rnd)["update"])
             ev = backend.call(ids, "evaluate", backend.put(central), timeout_s=timeout).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
             line = "  ".join(

@@ -48,6 +48,7 @@ class LoraSettings:
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module names (or ['all-linear']) that get adapters",
     )
+    ranks: list[int] = opt([], "LoRA rank per platform (empty = r everywhere); the global adapter has the largest rank")
 
 
 @dataclass
@@ -116,6 +117,7 @@ class ClientConfig:
     lr_schedule: Literal["constant", "cosine"] = opt(
         "cosine", "learning rate over the rounds: constant, or cosine decay from lr to lr/10 at the last round"
     )
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "local optimizer (SCAFFOLD needs sgd)")
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", min=0)
     eval_batch_size: int = opt(64, "examples per evaluation forward pass", min=1)
@@ -143,7 +145,21 @@ class ServerConfig:
 @dataclass
 class StrategyConfig:
     name: str = opt("fedavg", "aggregation strategy (see `fl-llm strategies`)")
-    server_lr: float = opt(1.0, "server learning rate: x <- x + server_lr * weighted mean update", gt=0)
+    server_lr: float | None = opt(
+        None, "server learning rate η (null = the strategy's default: 1 FedAvg-like, 0.1 adagrad, 0.01 adam/yogi)", gt=0
+    )
+    momentum: float = opt(0.9, "fedavgm: server momentum β", min=0, max=1)
+    beta1: float = opt(0.9, "fedadagrad / fedadam / fedyogi: first-moment decay β₁", min=0, max=1)
+    beta2: float = opt(0.99, "fedadam / fedyogi: second-moment decay β₂", min=0, max=1)
+    tau: float = opt(1e-3, "fedadagrad / fedadam / fedyogi: adaptivity τ", gt=0)
+    mu: float = opt(0.01, "fedprox: proximal weight μ (0 = FedAvg)", min=0)
+    robust: Literal["none", "norm_bound", "median", "trimmed_mean", "krum"] = opt(
+        "none", "how updates are combined before the server step: weighted mean, or a robust rule"
+    )
+    clip_norm: float = opt(1.0, "norm_bound: largest L2 norm an update keeps", gt=0)
+    trim_fraction: float = opt(0.1, "trimmed_mean: fraction dropped at each end per coordinate", min=0, max=0.49)
+    krum_byzantine: int = opt(1, "krum: number f of bad updates to tolerate (needs cohort > 2f + 2)", min=0)
+    krum_select: int = opt(0, "krum: m updates averaged (1 = Krum, 0 = cohort - f: Multi-Krum)", min=0)
 
 
 @dataclass
@@ -165,15 +181,9 @@ class CheckpointConfig:
 
 
 @dataclass
-class KillFault:
+class PlatformRound:
     platform: int = opt(0, "platform index", min=0)
-    round: int = opt(1, "round in which its actor process exits mid-training", min=1)
-
-
-@dataclass
-class ErrorFault:
-    platform: int = opt(0, "platform index", min=0)
-    round: int = opt(1, "round in which its training raises an exception", min=1)
+    round: int = opt(1, "round in which the fault strikes (mid-training)", min=1)
 
 
 @dataclass
@@ -186,20 +196,24 @@ class DelayFault:
 @dataclass
 class CorruptFault:
     platform: int = opt(0, "platform index", min=0)
-    round: int = opt(1, "round in which its update is corrupted", min=1)
-    kind: Literal["nan", "inf", "shape", "keys", "scale"] = opt(
-        "nan", "nan / inf values, a wrong shape, a wrong key set, or the update scaled x1000"
+    rounds: list[int] = opt([], "rounds in which its update is corrupted (empty = every round)")
+    kind: Literal["nan", "inf", "shape", "keys", "scale", "noise"] = opt(
+        "nan",
+        "nan / inf values, a wrong shape, a wrong key set, the update times factor, or noise of factor x its norm",
     )
+    factor: float = opt(100.0, "scale and noise: how much larger than the honest update", gt=0)
 
 
 @dataclass
 class FaultsConfig:
     """Fault injection, for rehearsing failures: never set in production."""
 
-    kill: list[KillFault] = opt([], "[{platform, round}]: the platform's actor process exits mid-training")
-    error: list[ErrorFault] = opt([], "[{platform, round}]: the platform's training raises an exception")
+    kill: list[PlatformRound] = opt([], "[{platform, round}]: the platform's actor process exits mid-training")
+    error: list[PlatformRound] = opt([], "[{platform, round}]: the platform's training raises an exception")
     delay: list[DelayFault] = opt([], "[{platform, seconds, rounds}]: the platform sleeps before training")
-    corrupt: list[CorruptFault] = opt([], "[{platform, round, kind}]: the platform sends a corrupted update")
+    corrupt: list[CorruptFault] = opt(
+        [], "[{platform, rounds, kind, factor}]: the platform sends a corrupted (or malicious) update"
+    )
 
 
 @dataclass
@@ -412,6 +426,44 @@ def _check_cross_fields(cfg: RunConfig) -> None:
             raise UserError(f"config key 'data.template' is not a valid template: {e}") from None
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"config key 'strategy.name' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy.name!r}")
+    _check_strategy(cfg, STRATEGIES[cfg.strategy.name], cohort)
+
+
+def _check_strategy(cfg: RunConfig, strategy, cohort: int) -> None:
+    st, n = cfg.strategy, cfg.data.num_platforms
+    if strategy.robust and st.robust not in ("none", strategy.robust):
+        raise UserError(
+            f"config key 'strategy.robust' is {st.robust!r} but strategy.name={strategy.name} already is the "
+            f"{strategy.robust} rule; use strategy.name=fedavg strategy.robust={st.robust}"
+        )
+    if strategy.lora in ("fedex", "flora"):
+        if st.robust != "none":
+            raise UserError(
+                f"config key 'strategy.robust' must be none with strategy.name={strategy.name}: it is exact only "
+                "for the plain weighted mean of the factors"
+            )
+        if st.server_lr not in (None, 1.0):
+            raise UserError(
+                f"config key 'strategy.server_lr' must be null or 1 with strategy.name={strategy.name}: its "
+                "merge into the base weights is exact only for the plain average"
+            )
+    if strategy.client == "scaffold" and cfg.model.lora.ranks and len(set(cfg.model.lora.ranks)) > 1:
+        raise UserError("strategy.name=scaffold needs one LoRA rank for all platforms (model.lora.ranks)")
+    if strategy.client == "scaffold" and cfg.client.optimizer != "sgd":
+        raise UserError(
+            "config key 'client.optimizer' must be sgd with strategy.name=scaffold: its control variates "
+            "(option II) assume plain SGD local steps; set client.optimizer=sgd (and a larger client.lr)"
+        )
+    if strategy.rule(st.robust) == "krum" and cohort <= 2 * st.krum_byzantine + 2:
+        raise UserError(
+            f"strategy krum with strategy.krum_byzantine={st.krum_byzantine} needs more than "
+            f"{2 * st.krum_byzantine + 2} platforms per round, the cohort has {cohort}"
+        )
+    ranks = cfg.model.lora.ranks
+    if ranks and (len(ranks) != n or min(ranks) < 1):
+        raise UserError(
+            f"config key 'model.lora.ranks' must hold data.num_platforms ({n}) ranks >= 1, or be empty; got {ranks}"
+        )
 
 
 def from_dict(data: dict) -> RunConfig:

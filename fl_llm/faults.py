@@ -4,7 +4,7 @@
       kill:    [{platform: 1, round: 3}]              # its actor process exits mid-training
       error:   [{platform: 1, round: 4}]              # its training raises an exception
       delay:   [{platform: 2, seconds: 30, rounds: [5]}]  # it sleeps before training (a straggler)
-      corrupt: [{platform: 0, round: 2, kind: nan}]   # nan | inf | shape | keys | scale
+      corrupt: [{platform: 0, rounds: [2], kind: nan}]  # nan | inf | shape | keys | scale | noise
 
 Kills and errors fire on a round's first attempt only, so a retried round can succeed; a delay
 is a slow machine and applies to every attempt. The platform calls these functions; the driver
@@ -40,13 +40,18 @@ def delay_seconds(faults: FaultsConfig, platform: int, round_: int) -> float:
     return sum(f.seconds for f in faults.delay if f.platform == platform and (not f.rounds or round_ in f.rounds))
 
 
-def corruption(faults: FaultsConfig, platform: int, round_: int) -> str | None:
-    kinds = [f.kind for f in faults.corrupt if f.platform == platform and f.round == round_]
-    return kinds[0] if kinds else None
+def corruption(faults: FaultsConfig, platform: int, round_: int):
+    """The corruption to apply this round (kind and factor), or None."""
+    for f in faults.corrupt:
+        if f.platform == platform and (not f.rounds or round_ in f.rounds):
+            return f
+    return None
 
 
-def corrupt(update: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
-    """A copy of `update` damaged the way a buggy or malicious platform might damage it."""
+def corrupt(update: dict[str, np.ndarray], kind: str, factor: float = 100.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """A copy of `update` damaged the way a buggy or malicious platform might damage it:
+    `scale` multiplies it by `factor`; `noise` replaces it by Gaussian noise `factor` times its
+    norm (a model-poisoning platform); the others break its form."""
     out = {k: np.array(v, copy=True) for k, v in update.items()}
     first = sorted(out)[0]
     if kind == "nan":
@@ -58,7 +63,13 @@ def corrupt(update: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
     elif kind == "keys":
         out["not_a_parameter.weight"] = out.pop(first)
     elif kind == "scale":
-        out = {k: v * np.float32(1000.0) for k, v in out.items()}
+        out = {k: v * np.float32(factor) for k, v in out.items()}
+    elif kind == "noise":
+        rng = np.random.default_rng([seed, 0xBAD])
+        norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in out.values())))
+        size = sum(v.size for v in out.values())
+        sd = factor * norm / np.sqrt(max(size, 1))
+        out = {k: rng.normal(0.0, sd, size=v.shape).astype(v.dtype) for k, v in sorted(out.items())}
     else:
         raise ValueError(f"unknown corruption {kind!r}")
     return out

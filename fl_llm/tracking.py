@@ -6,9 +6,11 @@ flushed line per round, so a reader (a notebook, `tail -f`) never sees half a ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,26 @@ def write_atomic(path: Path, text: str) -> None:
         f.write(text)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; run dirs are meant to be shared and read
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path):
+    """Write a directory whole or not at all: yields a temporary sibling to fill, then swaps it
+    in for `out_dir` (a reader sees the old directory or the new one, never a mix)."""
+    out_dir = Path(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.with_name(f".{out_dir.name}-old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -33,7 +33,7 @@ def test_every_corruption_is_rejected_with_its_reason(kind, words):
 
 
 def test_norm_bound_and_wrong_types_are_rejected():
-    big = faults.corrupt(_update(0.1), "scale")
+    big = faults.corrupt(_update(0.1), "scale", factor=1000)
     assert update_norm(big) == pytest.approx(1000 * update_norm(_update(0.1)), rel=1e-5)
     assert "max_update_norm" in check_update(big, REF, max_norm=10.0)
     assert check_update(big, REF) is None  # no bound configured: only shape and finiteness count
@@ -69,7 +69,7 @@ def test_fault_schedule_reads_the_config():
             "faults.kill=[{platform: 1, round: 3}]",
             "faults.error=[{platform: 2, round: 1}]",
             "faults.delay=[{platform: 0, seconds: 2.5, rounds: [2, 4]}, {platform: 1, seconds: 1}]",
-            "faults.corrupt=[{platform: 2, round: 5, kind: shape}]",
+            "faults.corrupt=[{platform: 2, rounds: [5], kind: shape}, {platform: 1, kind: scale, factor: 100}]",
         ],
     ).faults
     assert faults.should_kill(cfg, 1, 3, attempt=0) and not faults.should_kill(cfg, 1, 3, attempt=1)
@@ -77,7 +77,15 @@ def test_fault_schedule_reads_the_config():
     assert faults.should_error(cfg, 2, 1, 0) and not faults.should_error(cfg, 2, 2, 0)
     assert faults.delay_seconds(cfg, 0, 2) == 2.5 and faults.delay_seconds(cfg, 0, 3) == 0
     assert faults.delay_seconds(cfg, 1, 7) == 1  # no rounds listed: every round
-    assert faults.corruption(cfg, 2, 5) == "shape" and faults.corruption(cfg, 2, 4) is None
+    assert faults.corruption(cfg, 2, 5).kind == "shape" and faults.corruption(cfg, 2, 4) is None
+    every = faults.corruption(cfg, 1, 9)  # no rounds listed: every round
+    assert every.kind == "scale" and every.factor == 100
+
+
+def test_noise_poisoning_is_finite_and_much_larger():
+    bad = faults.corrupt(_update(0.1), "noise", factor=100, seed=3)
+    assert check_update(bad, REF) is None  # well-formed: only a robust rule can tell
+    assert update_norm(bad) == pytest.approx(100 * update_norm(_update(0.1)), rel=0.5)
 
 
 def test_checkpoint_round_trips_nested_state_exactly(tmp_path):

@@ -106,8 +106,8 @@ def test_corrupted_updates_are_rejected_before_aggregation(ray_instance, tmp_pat
         tmp_path / "r",
         "server.rounds=2",
         "server.max_update_norm=100",
-        "faults.corrupt=[{platform: 0, round: 1, kind: nan}, {platform: 1, round: 1, kind: scale}, "
-        "{platform: 2, round: 2, kind: shape}]",
+        "faults.corrupt=[{platform: 0, rounds: [1], kind: nan}, {platform: 1, rounds: [1], kind: scale, factor: 1000}, "
+        "{platform: 2, rounds: [2], kind: shape}]",
     )
     first, second = rows[0]["rejected"], rows[1]["rejected"]
     assert sorted(first) == NAMES[:2] and list(second) == [NAMES[2]]

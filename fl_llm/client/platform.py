@@ -8,6 +8,7 @@ The Ray backend makes it an actor; the local backend calls the very same class i
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -16,6 +17,7 @@ import numpy as np
 from fl_llm import faults
 from fl_llm.config import RunConfig, from_dict
 from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
+from fl_llm.strategies import STRATEGIES
 
 
 def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.random.Generator:
@@ -61,7 +63,18 @@ class Platform:
         kind = self.cfg.model.kind
         base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed, num_labels=len(self.task.verbalizer))
         base.to(self.device)  # before wrapping: adapters are created on the base's device
-        self.model = apply_lora(base, self.cfg.model, self.cfg.seed)
+        # What the strategy asks of a platform: its LoRA rank, frozen A (FFA), own B (FedSA),
+        # which tensors it sends, merges into its base weights (FedEx, FLoRA).
+        self.strategy = STRATEGIES[self.cfg.strategy.name]
+        lora = self.cfg.model.lora
+        self.global_rank = max(lora.ranks) if lora.ranks else lora.r
+        self.rank = lora.ranks[platform_id] if lora.ranks and platform_id >= 0 else self.global_rank
+        self.model = apply_lora(base, self.cfg.model, self.cfg.seed, rank=self.rank)
+        if self.strategy.lora == "ffa":
+            for name, param in self.model.named_parameters():
+                if ".lora_A." in name:
+                    param.requires_grad_(False)
+        self.base_version = 0  # how many of the driver's base merges this process has applied
         self.pad_id = self.tokenizer.pad_token_id
         self.answer_ids = answer_token_ids(self.task, self.tokenizer) if kind == "causal_lm" else []
         max_len = self.cfg.model.max_length
@@ -89,28 +102,85 @@ class Platform:
         }
 
     def initial_adapter(self) -> AdapterState:
-        return get_adapter_state(self.model)
+        """The round-0 global adapter: this model's own init (the same on every platform: same
+        seed), or — when ranks differ — a fresh init at the largest rank, so no component starts
+        dead."""
+        from fl_llm.strategies.flora import fresh_lora
+        from fl_llm.strategies.lora import from_rank
+
+        state = get_adapter_state(self.model)
+        if self.rank == self.global_rank:
+            return state
+        return fresh_lora(from_rank(state, self.rank, self.cfg.model.lora.alpha, self.global_rank), self.cfg.seed, 0)
 
     def export_state(self) -> dict:
         return self.persistent
 
     def import_state(self, state: dict) -> None:
-        self.persistent = {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+        self.persistent = copy.deepcopy(state)
 
-    def train(self, global_state: AdapterState, round_: int, attempt: int = 0, budget_s: float | None = None) -> dict:
-        """Local training from the global adapter; returns the update (local - global).
+    # --- the global model as this platform sees it -------------------------------------------
+
+    def _apply_base_merges(self, base: dict | None) -> None:
+        """Fold the driver's base merges (FedEx residuals, FLoRA stacks) it has not applied yet
+        into the frozen weights: W₀ += s·B·A per layer, in order, each exactly once."""
+        if not base:
+            return
+        import torch
+
+        start, merges = int(base["start"]), base["merges"]
+        if start > self.base_version:
+            raise RuntimeError(f"platform {self.id}: base merges from {start}, but it has applied {self.base_version}")
+        scale = self.cfg.model.lora.alpha / self.global_rank
+        with torch.no_grad():
+            for merge in merges[self.base_version - start :]:
+                for layer, (b, a) in merge.items():
+                    weight = self.model.get_submodule(layer).base_layer.weight
+                    delta = torch.from_numpy(np.asarray(b, np.float32) @ np.asarray(a, np.float32)) * scale
+                    weight.add_(delta.to(weight.device, weight.dtype))
+                self.base_version += 1
+
+    def _load_global(self, global_state: AdapterState, base: dict | None) -> AdapterState:
+        """Set the model to the global adapter (at this platform's rank; FedSA: with its own B).
+        Returns the adapter it starts from, in this platform's shapes."""
+        from fl_llm.strategies.lora import is_b, to_rank
+
+        self._apply_base_merges(base)
+        state = to_rank(global_state, self.rank, self.cfg.model.lora.alpha, self.global_rank)
+        if self.strategy.lora == "fedsa":
+            own = self.persistent.get("B")
+            state = {k: own[k] if own is not None and is_b(k) else v for k, v in state.items()}
+        set_adapter_state(self.model, state)
+        return state
+
+    def train(
+        self,
+        global_state: AdapterState,
+        round_: int,
+        attempt: int = 0,
+        budget_s: float | None = None,
+        control: AdapterState | None = None,
+        base: dict | None = None,
+    ) -> dict:
+        """Local training from the global adapter; returns the update (local - global) on the
+        tensors this strategy sends, in this platform's LoRA rank.
 
         `budget_s`: the round's deadline as seen from here. Past it the driver has already left
         this platform out of the round, so training stops at once (`RoundDeadline`) and the
         platform is free for the next round's model instead of finishing stale work.
+        `control`: SCAFFOLD's server control variate c. `base`: base merges to apply first.
         """
         from fl_llm.client.train import RoundDeadline, local_train, scheduled_lr
 
         t0 = time.perf_counter()
         deadline = None if budget_s is None else time.monotonic() + budget_s
         self._before_training(round_, attempt, deadline, RoundDeadline)
-        set_adapter_state(self.model, global_state)
+        start = self._load_global(global_state, base)
         c = self.cfg.client
+        lr = scheduled_lr(c.lr, c.lr_schedule, round_, self.cfg.server.rounds)
+        scaffold = self.strategy.client == "scaffold"
+        if scaffold:
+            c_i = self.persistent.get("c") or {k: np.zeros_like(v) for k, v in start.items()}
         import torch
 
         with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's RNG
@@ -120,7 +190,8 @@ class Platform:
                 self.train_set,
                 steps=c.local_steps,
                 batch_size=c.batch_size,
-                lr=scheduled_lr(c.lr, c.lr_schedule, round_, self.cfg.server.rounds),
+                lr=lr,
+                optimizer=c.optimizer,
                 weight_decay=c.weight_decay,
                 max_grad_norm=c.max_grad_norm,
                 rng=platform_rng(self.cfg.seed, round_, self.id),
@@ -128,19 +199,27 @@ class Platform:
                 pad_id=self.pad_id,
                 deadline=deadline,
                 on_step=self._fault_hook(round_, attempt),
+                prox_mu=self.cfg.strategy.mu if self.strategy.client == "prox" else 0.0,
+                correction={k: control[k] - c_i[k] for k in c_i} if scaffold and control is not None else None,
             )
         local = get_adapter_state(self.model)
-        update = {k: local[k] - global_state[k] for k in local}
-        kind = faults.corruption(self.cfg.faults, self.id, round_)
-        if kind:
-            update = faults.corrupt(update, kind)
+        update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
+        result = {"num_examples": len(self.train_set), "metrics": metrics}
+        if self.strategy.lora == "fedsa":  # B stays here: the personal part of the model
+            self.persistent["B"] = {k: v for k, v in local.items() if ".lora_B." in k}
+        if scaffold:
+            from fl_llm.strategies.scaffold import client_control_update
+
+            zero = {k: np.zeros_like(v) for k, v in c_i.items()}
+            self.persistent["c"], delta_c = client_control_update(c_i, control or zero, update, c.local_steps, lr)
+            result["extra"] = {"c": delta_c}
+        bad = faults.corruption(self.cfg.faults, self.id, round_)
+        if bad:
+            update = faults.corrupt(update, bad.kind, bad.factor, seed=self.cfg.seed * 100_003 + round_)
         metrics["train_seconds"] = time.perf_counter() - t0
-        return {
-            "update": update,
-            "num_examples": len(self.train_set),
-            "metrics": metrics,
-            "bytes": state_nbytes(update),
-        }
+        result["update"] = update
+        result["bytes"] = state_nbytes(update) + sum(state_nbytes(v) for v in result.get("extra", {}).values())
+        return result
 
     def _before_training(self, round_: int, attempt: int, deadline: float | None, late_error) -> None:
         """An injected delay: sleep like a slow machine, but not past the round's deadline."""
@@ -169,12 +248,25 @@ class Platform:
 
         return hook
 
-    def evaluate(self, global_state: AdapterState) -> dict:
-        """Loss and task metrics of `global_state` on this platform's held-out split."""
+    def save_personal(self, root: str, base_name: str) -> str:
+        """FedSA: write this platform's own model (shared A, its own B) as a PEFT adapter under
+        root/<name>/, from this process — the B never leaves the platform. Returns the path."""
+        from pathlib import Path
+
+        from fl_llm.model.adapters import save_adapter
+
+        path = Path(root) / self.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(get_adapter_state(self.model), self.cfg.model, path, base_name, rank=self.rank)
+        return str(path)
+
+    def evaluate(self, global_state: AdapterState, base: dict | None = None) -> dict:
+        """Loss and task metrics of `global_state` on this platform's held-out split (after the
+        base merges in `base`; FedSA: with this platform's own B)."""
         from fl_llm.client.train import evaluate
 
         t0 = time.perf_counter()
-        set_adapter_state(self.model, global_state)
+        self._load_global(global_state, base)
         out = evaluate(
             self.model,
             self.eval_set,

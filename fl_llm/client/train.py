@@ -72,19 +72,35 @@ def local_train(
     rng,
     device,
     pad_id,
+    optimizer: str = "adamw",
     deadline: float | None = None,
     on_step=None,
+    prox_mu: float = 0.0,
+    correction: dict | None = None,
 ) -> dict:
-    """Train the trainable (adapter) parameters for `steps` AdamW steps; returns train metrics.
+    """Train the trainable (adapter) parameters for `steps` optimizer steps; returns train metrics.
 
     A fresh optimizer each round: optimizer state is not part of the federated model and would
     go stale while the global adapter moves. Past `deadline` (time.monotonic) it raises
     `RoundDeadline`; `on_step(step)` runs after each step (fault injection hooks in there).
+    `prox_mu`: FedProx's (μ/2)‖w − x‖² toward the starting point x. `correction`: SCAFFOLD's
+    c − cᵢ per adapter key, added to every gradient.
     """
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    from fl_llm.model.adapters import state_key
+    from fl_llm.strategies.fedprox import proximal_term
+
+    named = [(state_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    anchors = [p.detach().clone() for p in params] if prox_mu else None
+    fix = None
+    if correction is not None:
+        fix = [torch.from_numpy(np.asarray(correction[k], np.float32)).to(p.device, p.dtype) for k, p in named]
     model.train()
     losses = []
     for step, idx in enumerate(batch_indices(len(enc), batch_size, steps, rng)):
@@ -92,7 +108,11 @@ def local_train(
             raise RoundDeadline(f"stopped after {step} of {steps} steps: past the round's deadline")
         logits, targets = _forward(model, collate(enc, idx, pad_id), device)
         loss = _answer_loss(logits, targets, "mean")
-        loss.backward()
+        objective = loss + proximal_term(params, anchors, prox_mu) if prox_mu else loss
+        objective.backward()
+        if fix is not None:  # SCAFFOLD: y ← y − η(g − cᵢ + c)
+            for p, f in zip(params, fix):
+                p.grad.add_(f)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()

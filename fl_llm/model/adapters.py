@@ -7,8 +7,6 @@ Ray hands numpy arrays over zero-copy; they arrive read-only, so `set_adapter_st
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +16,14 @@ from fl_llm.config import ModelConfig
 AdapterState = dict[str, np.ndarray]
 
 
-def lora_config(model_cfg: ModelConfig):
+def lora_config(model_cfg: ModelConfig, rank: int | None = None):
+    """peft's LoraConfig; `rank` overrides model.lora.r (a platform with its own rank)."""
     from peft import LoraConfig
 
     lora = model_cfg.lora
     targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     return LoraConfig(
-        r=lora.r,
+        r=rank or lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
@@ -33,7 +32,7 @@ def lora_config(model_cfg: ModelConfig):
     )
 
 
-def apply_lora(model, model_cfg: ModelConfig, seed: int):
+def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None):
     """Wrap `model` with LoRA; the initial A matrices come from `seed`, so all platforms agree."""
     import warnings
 
@@ -44,7 +43,13 @@ def apply_lora(model, model_cfg: ModelConfig, seed: int):
         # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
-        return get_peft_model(model, lora_config(model_cfg))
+        return get_peft_model(model, lora_config(model_cfg, rank))
+
+
+def state_key(param_name: str) -> str:
+    """The adapter-state key of a trainable parameter (peft drops the adapter name and the
+    modules_to_save wrapper in saved adapters)."""
+    return param_name.replace(".modules_to_save", "").replace(".default", "")
 
 
 def get_adapter_state(peft_model) -> AdapterState:
@@ -75,23 +80,19 @@ def state_nbytes(state: AdapterState) -> int:
     return int(sum(v.nbytes for v in state.values()))
 
 
-def save_adapter(state: AdapterState, model_cfg: ModelConfig, out_dir: Path, base_name: str) -> None:
+def save_adapter(
+    state: AdapterState, model_cfg: ModelConfig, out_dir: Path, base_name: str, rank: int | None = None
+) -> None:
     """Write `state` as a standard PEFT adapter directory, atomically (temp dir + rename).
 
     `PeftModel.from_pretrained(base, out_dir)` loads it with nothing of fl_llm installed.
     """
     from safetensors.numpy import save_file
 
-    out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    cfg = lora_config(model_cfg)
+    from fl_llm.tracking import atomic_dir
+
+    cfg = lora_config(model_cfg, rank)
     cfg.base_model_name_or_path = base_name
-    cfg.save_pretrained(tmp)
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-    old = out_dir.with_name(f".{out_dir.name}-old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out_dir) as tmp:
+        cfg.save_pretrained(tmp)
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))

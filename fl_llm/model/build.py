@@ -126,11 +126,24 @@ def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
     return model, tokenizer
 
 
-def save_base(model_cfg: ModelConfig, seed: int, out_dir: Path, num_labels: int = 2) -> None:
-    """Write the built-in base model and tokenizer so plain transformers can load them."""
+def save_base(
+    model_cfg: ModelConfig, seed: int, out_dir: Path, num_labels: int = 2, deltas: dict | None = None
+) -> None:
+    """Write the built-in base model and tokenizer so plain transformers can load them, with
+    `deltas` ({parameter name: array}, what FedEx/FLoRA merged into the frozen weights) added.
+    Written to a temporary directory and renamed into place."""
+    import torch
     from transformers.utils import logging as hf_logging
 
+    from fl_llm.tracking import atomic_dir
+
     model, tokenizer = build_base(model_cfg, seed, num_labels)
+    if deltas:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                params[name].add_(torch.from_numpy(delta).to(params[name].dtype))
     hf_logging.disable_progress_bar()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

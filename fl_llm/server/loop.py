@@ -31,8 +31,21 @@ from fl_llm.model.adapters import AdapterState, save_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, resolve_name, save_base
 from fl_llm.progress import Progress
 from fl_llm.server.backends import Collected, make_backend
+from fl_llm.server.base_merges import BaseMerges
 from fl_llm.server.guard import Failures, check_update
-from fl_llm.strategies import STRATEGIES
+from fl_llm.server.records import (
+    attempt_record,
+    causes_line,
+    excluded_message,
+    global_metrics,
+    platform_table,
+    round_record,
+    run_summary,
+    too_few_message,
+)
+from fl_llm.strategies import STRATEGIES, Strategy
+from fl_llm.strategies.lora import to_rank, update_to_global_rank
+from fl_llm.strategies.step import aggregate_round
 from fl_llm.tracking import RunDir, write_json
 
 SETUP_TIMEOUT_S = 1800.0  # loading a large base model on every platform can take a while
@@ -74,6 +87,11 @@ class Downlink:
         """A restarted platform holds nothing: it downloads the current version again."""
         self.held.pop(i, None)
 
+    def add(self, i: int, nbytes: int) -> None:
+        """Other bytes sent to platform i this round (base merges, SCAFFOLD's control variate)."""
+        if nbytes:
+            self.sent[i] = self.sent.get(i, 0) + nbytes
+
 
 @dataclass
 class Federation:
@@ -85,6 +103,7 @@ class Federation:
     downlink: Downlink
     failures: Failures
     initial: dict
+    merges: BaseMerges
     platform_state: dict[int, dict] = field(default_factory=dict)
     elapsed_s: float = 0.0  # wall time spent in earlier processes of this run (before a resume)
 
@@ -101,12 +120,13 @@ class Federation:
             },
             "failures": self.failures.state(),
             "initial": self.initial,
+            "merges": self.merges.state(),
             "platform_state": {str(k): v for k, v in self.platform_state.items()},
             "elapsed_s": elapsed_s,
         }
 
     @classmethod
-    def from_checkpoint(cls, state: dict, max_failures: int) -> Federation:
+    def from_checkpoint(cls, state: dict, max_failures: int, merge_scale: float) -> Federation:
         d = state["downlink"]
         return cls(
             round=int(state["round"]),
@@ -115,15 +135,10 @@ class Federation:
             downlink=Downlink(int(d["size"]), int(d["version"]), {int(k): int(v) for k, v in d["held"].items()}),
             failures=Failures.from_state(max_failures, state["failures"]),
             initial=state["initial"],
+            merges=BaseMerges.from_state(merge_scale, state["merges"]),
             platform_state={int(k): v for k, v in state["platform_state"].items()},
             elapsed_s=float(state["elapsed_s"]),
         )
-
-
-def weighted(values: dict[int, dict], key: str, weight_key: str) -> float:
-    pairs = [(v[key], v[weight_key]) for v in values.values() if v.get(key) is not None and v[key] == v[key]]
-    total = sum(w for _, w in pairs)
-    return float(sum(x * w for x, w in pairs) / total) if total else float("nan")
 
 
 def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume: bool = False) -> dict:
@@ -133,6 +148,10 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     n = cfg.data.num_platforms
     everyone = list(range(n))
     strategy = STRATEGIES[cfg.strategy.name]
+    lora = cfg.model.lora
+    ranks = lora.ranks or [lora.r] * n  # each platform's LoRA rank; the global adapter has the largest
+    global_rank = max(ranks)
+    merge_scale = lora.alpha / global_rank
     primary = task_of(cfg).primary
     timeout = cfg.server.round_timeout_s
     t_start = time.monotonic()
@@ -161,20 +180,22 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             raise UserError(bad[0])
         names = {i: info[i]["name"] for i in everyone}
         write_json(rd.platforms, [info[i] for i in everyone])
-        progress.info(_platform_table(info, getattr(backend, "resources", None)))
+        progress.info(platform_table(info, getattr(backend, "resources", None)))
         if resume_from is not None:
             ckpt_round, state = checkpoint.load(resume_from)
-            fed = Federation.from_checkpoint(state, cfg.server.max_failures)
+            fed = Federation.from_checkpoint(state, cfg.server.max_failures, merge_scale)
             history = state["history"]
             rd.rewrite_metrics(history)  # rounds logged after the checkpoint are redone
             for i, st in fed.platform_state.items():
                 if st:
                     _require_all(backend.call([i], "import_state", st, timeout_s=SETUP_TIMEOUT_S), "restore")
-            fed.downlink.held.clear()  # the new platform processes hold no adapter yet
+            fed.downlink.held.clear()  # the new platform processes hold no adapter yet,
+            fed.merges.applied.clear()  # and a pristine base
             progress.info(f"resuming after round {fed.round} from {resume_from}")
         else:
-            fed = _start_fresh(cfg, backend, everyone, progress, primary)
+            fed = _start_fresh(cfg, backend, everyone, progress, primary, merge_scale)
         handle = backend.put(fed.global_state)
+        control = _control_handle(backend, strategy, fed)
 
         for rnd in range(fed.round + 1, cfg.server.rounds + 1):
             secs: dict[str, float] = {k: 0.0 for k in ("sample", "broadcast", "train", "validate")}
@@ -186,70 +207,96 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 t = time.monotonic()
                 active = fed.failures.active(everyone)
                 if len(active) < cfg.server.min_platforms:
-                    raise RunFailed(_excluded_message(rnd, fed.failures, names, cfg.server.min_platforms))
+                    raise RunFailed(excluded_message(rnd, fed.failures, names, cfg.server.min_platforms))
                 cohort = sample_cohort(cfg.seed, rnd, active, cfg.server.platforms_per_round)
                 secs["sample"] += time.monotonic() - t
 
                 # 2. Broadcast the global adapter: stored once, every platform reads the same copy
+                #    (plus what each lacks of the base merges, and SCAFFOLD's control variate) ---
                 t = time.monotonic()
                 fed.downlink.send(cohort)
+                args = {i: (handle, rnd, attempt, timeout, control, fed.merges.payload(i)) for i in cohort}
+                for i in cohort:
+                    fed.downlink.add(i, fed.merges.payload_bytes(i) + (fed.downlink.size if control else 0))
                 secs["broadcast"] += time.monotonic() - t
 
                 # 3. Local training on each sampled platform, collected until the deadline -------
                 progress.phase(f"round {rnd}: {len(cohort)} platforms training")
                 t = time.monotonic()
-                trained = backend.call(cohort, "train", handle, rnd, attempt, timeout, timeout_s=timeout)
+                trained = backend.call_each(args, "train", timeout_s=timeout)
+                fed.merges.confirm(trained.results)
                 secs["train"] += time.monotonic() - t
 
                 # 4. Validate: only well-formed, finite, bounded updates go on; restart the dead -
                 t = time.monotonic()
-                accepted, rejected = _validate(trained, fed.global_state, cfg.server.max_update_norm)
+                accepted, rejected = _validate(trained, fed.global_state, ranks, strategy, cfg)
                 restarted += _restart(backend, trained.dead, fed)
                 secs["validate"] += time.monotonic() - t
                 if len(accepted) >= cfg.server.min_platforms:
                     break
-                attempts.append(_attempt_record(attempt, names, trained, rejected))
+                attempts.append(attempt_record(attempt, names, trained, rejected))
                 progress.info(
                     f"round {rnd}: {len(accepted)} valid updates, {cfg.server.min_platforms} needed "
-                    f"(server.min_platforms); attempt {attempt + 1} failed: {_causes_line(trained, rejected, names)}"
+                    f"(server.min_platforms); attempt {attempt + 1} failed: {causes_line(trained, rejected, names)}"
                 )
             else:
-                raise RunFailed(_too_few_message(rnd, attempts, cfg))
+                raise RunFailed(too_few_message(rnd, attempts, cfg))
             causes = {**trained.errors, **{i: "late" for i in trained.late}, **rejected}
             newly_excluded = fed.failures.record(cohort, set(accepted), causes)
             for i, why in newly_excluded.items():
                 progress.warn(f"platform {names[i]} is EXCLUDED from the rest of the run: {why}")
 
-            # 5. Aggregate: the strategy's step on the valid updates ----------------------------
+            # 5. Aggregate: the strategy's step on the valid updates (in the global rank) -------
             t = time.monotonic()
-            updates = [trained.results[i]["update"] for i in accepted]
-            weights = [trained.results[i]["num_examples"] for i in accepted]
-            fed.global_state, fed.strategy_state = strategy.step(
-                fed.global_state, updates, weights, fed.strategy_state, server_lr=cfg.strategy.server_lr
+            updates = [
+                update_to_global_rank(trained.results[i]["update"], fed.global_state, ranks[i], lora.alpha, global_rank)
+                for i in accepted
+            ]
+            result = aggregate_round(
+                strategy,
+                cfg.strategy,
+                fed.global_state,
+                updates,
+                [trained.results[i]["num_examples"] for i in accepted],
+                fed.strategy_state,
+                seed=cfg.seed,
+                round_=rnd,
+                num_platforms=n,
+                extras=[trained.results[i].get("extra", {}) for i in accepted],
             )
+            fed.global_state, fed.strategy_state = result.global_state, result.state
+            if result.merge:
+                fed.merges.add(result.merge)
             handle = backend.put(fed.global_state)
+            control = _control_handle(backend, strategy, fed)
             fed.downlink.version += 1
             secs["aggregate"] = time.monotonic() - t
 
-            # 6. Evaluate the global adapter on every platform still in the federation ----------
+            # 6. Evaluate the global model on every platform still in the federation ------------
             in_run = fed.failures.active(everyone)
             progress.phase(f"round {rnd}: evaluating on {len(in_run)} platforms")
             t = time.monotonic()
             fed.downlink.send(in_run)
-            evals = backend.call(in_run, "evaluate", handle, timeout_s=timeout)
+            for i in in_run:
+                fed.downlink.add(i, fed.merges.payload_bytes(i))
+            evals = backend.call_each(
+                {i: (handle, fed.merges.payload(i)) for i in in_run}, "evaluate", timeout_s=timeout
+            )
+            fed.merges.confirm(evals.results)
             restarted += _restart(backend, evals.dead, fed)
             secs["evaluate"] = time.monotonic() - t
 
-            # 7. Log the round, save the global adapter, checkpoint the whole state --------------
+            # 7. Log the round, save the evaluated model, checkpoint the whole state -------------
             t = time.monotonic()
-            record = _round_record(rnd, primary, names, cohort, trained, accepted, rejected, evals, fed.downlink)
+            record = round_record(rnd, primary, names, cohort, trained, accepted, rejected, evals, fed.downlink)
             record.update(
                 restarted=[names[i] for i in restarted],
                 excluded={names[i]: why for i, why in newly_excluded.items()},
                 active=[names[i] for i in fed.failures.active(everyone)],
                 attempts=attempts,
             )
-            save_adapter(fed.global_state, cfg.model, rd.adapter, base_name)
+            record.update(_strategy_metrics(result.metrics, accepted, names))
+            _save_models(cfg, rd, fed, strategy, backend, in_run, base_name, global_rank, bool(result.merge))
             fed.round = rnd
             due = cfg.checkpoint.every and (rnd % cfg.checkpoint.every == 0 or rnd == cfg.server.rounds)
             if due:
@@ -266,7 +313,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             progress.round_line(record, cfg.server.rounds)
     except RunFailed as e:
         if fed is not None:
-            summary = _summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
+            summary = run_summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
             write_json(rd.summary, {**summary, "status": "failed", "error": str(e)})
         raise
     finally:
@@ -274,12 +321,14 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         backend.shutdown()
         progress.close()
 
-    summary = _summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
+    summary = run_summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
     write_json(rd.summary, summary)
     return summary
 
 
-def _start_fresh(cfg: RunConfig, backend, everyone: list[int], progress: Progress, primary: str) -> Federation:
+def _start_fresh(
+    cfg: RunConfig, backend, everyone: list[int], progress: Progress, primary: str, merge_scale: float
+) -> Federation:
     """Round 0: the initial adapter (identical on every platform: same seed), evaluated."""
     global_state: AdapterState = _require_all(
         backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S), "initialise"
@@ -291,6 +340,7 @@ def _start_fresh(cfg: RunConfig, backend, everyone: list[int], progress: Progres
         downlink=Downlink(size=state_nbytes(global_state)),
         failures=Failures(cfg.server.max_failures),
         initial={},
+        merges=BaseMerges(merge_scale),
     )
     progress.phase("evaluating the initial adapter")
     fed.downlink.send(everyone)
@@ -304,11 +354,21 @@ def _start_fresh(cfg: RunConfig, backend, everyone: list[int], progress: Progres
     return fed
 
 
-def _validate(trained: Collected, reference: AdapterState, max_norm: float | None) -> tuple[list[int], dict[int, str]]:
-    """(platforms whose update may be aggregated, {platform: why its update was rejected})."""
+def _validate(
+    trained: Collected, global_state: AdapterState, ranks: list[int], strategy: Strategy, cfg: RunConfig
+) -> tuple[list[int], dict[int, str]]:
+    """(platforms whose update may be aggregated, {platform: why its update was rejected}).
+
+    Each update must match the global adapter as that platform holds it: its LoRA rank, and only
+    the tensors the strategy has it send (FFA: no A; FedSA: no B)."""
     accepted, rejected = [], {}
+    sent = strategy.upload_keys(global_state)
     for i in sorted(trained.results):
-        why = check_update(trained.results[i].get("update"), reference, max_norm)
+        own = to_rank(global_state, ranks[i], cfg.model.lora.alpha, max(ranks))
+        why = check_update(trained.results[i].get("update"), {k: own[k] for k in sent}, cfg.server.max_update_norm)
+        if why is None and strategy.client == "scaffold":
+            why = check_update(trained.results[i].get("extra", {}).get("c"), own)
+            why = why and f"control variate: {why}"
         if why is None:
             accepted.append(i)
         else:
@@ -316,11 +376,48 @@ def _validate(trained: Collected, reference: AdapterState, max_norm: float | Non
     return accepted, rejected
 
 
+def _control_handle(backend, strategy: Strategy, fed: Federation):
+    """SCAFFOLD's server control variate c, stored once for every platform (None otherwise)."""
+    if strategy.client != "scaffold":
+        return None
+    c = fed.strategy_state.get("c") or {k: np.zeros_like(v) for k, v in fed.global_state.items()}
+    return backend.put(c)
+
+
+def _strategy_metrics(metrics: dict, accepted: list[int], names: dict) -> dict:
+    out = {k: v for k, v in metrics.items() if k != "krum_kept"}
+    if "krum_kept" in metrics:
+        out["krum_kept"] = [names[accepted[j]] for j in metrics["krum_kept"]]
+    return out
+
+
+def _save_models(cfg, rd: RunDir, fed: Federation, strategy: Strategy, backend, in_run, base_name, rank, merged):
+    """Save exactly what was evaluated: the global adapter (standard PEFT) — or, for FedSA, each
+    platform's own adapter, written by the platform — and, once merges exist, the base weights
+    with them folded in (built-in model: base_model/; otherwise base_delta.safetensors)."""
+    if strategy.lora == "fedsa":
+        backend.call(in_run, "save_personal", str(rd.path / "personal"), base_name, timeout_s=SETUP_TIMEOUT_S)
+    else:
+        save_adapter(fed.global_state, cfg.model, rd.adapter, base_name, rank=rank)
+    if not merged:
+        return
+    deltas = fed.merges.base_weight_deltas()
+    if is_builtin(cfg.model):
+        save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task_of(cfg).verbalizer), deltas=deltas)
+    else:
+        from safetensors.numpy import save_file
+
+        tmp = rd.path / ".base_delta.safetensors.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in deltas.items()}, str(tmp))
+        tmp.replace(rd.path / "base_delta.safetensors")
+
+
 def _restart(backend, dead: list[int], fed: Federation) -> list[int]:
     """Start a new process for each dead platform; it rejoins with the state it last checkpointed."""
     for i in dead:
         backend.restart(i)
         fed.downlink.forget(i)
+        fed.merges.forget(i)
         if fed.platform_state.get(i):
             backend.call([i], "import_state", fed.platform_state[i], timeout_s=SETUP_TIMEOUT_S)
     return list(dead)
@@ -337,149 +434,3 @@ def _require_all(collected: Collected, what: str) -> dict:
         parts += [f"platform {i}: no answer in time" for i in collected.late]
         raise RunFailed(f"platforms failed to {what}:\n" + "\n".join(parts))
     return collected.results
-
-
-def _causes_line(trained: Collected, rejected: dict[int, str], names: dict) -> str:
-    causes = {**{i: e.splitlines()[0][:160] for i, e in trained.errors.items()}, **rejected}
-    causes |= {i: "late" for i in trained.late}
-    return "; ".join(f"{names[i]}: {c}" for i, c in sorted(causes.items())) or "none"
-
-
-def _attempt_record(attempt: int, names: dict, trained: Collected, rejected: dict[int, str]) -> dict:
-    return {
-        "attempt": attempt,
-        "arrived": [names[i] for i in sorted(trained.results)],
-        "failed": {names[i]: e for i, e in trained.errors.items()},
-        "late": [names[i] for i in trained.late],
-        "rejected": {names[i]: r for i, r in rejected.items()},
-    }
-
-
-def _too_few_message(rnd: int, attempts: list[dict], cfg: RunConfig) -> str:
-    lines = [
-        f"round {rnd}: fewer than server.min_platforms ({cfg.server.min_platforms}) valid updates in "
-        f"{len(attempts)} attempt(s); the global model is unchanged since round {rnd - 1} "
-        "(resume from the last checkpoint with `fl-llm run --resume RUN_DIR`)"
-    ]
-    last = attempts[-1]
-    lines += [f"  {name}: {err.strip().splitlines()[-1]}" for name, err in last["failed"].items()]
-    lines += [f"  {name}: late (server.round_timeout_s)" for name in last["late"]]
-    lines += [f"  {name}: {why}" for name, why in last["rejected"].items()]
-    return "\n".join(lines)
-
-
-def _excluded_message(rnd: int, failures: Failures, names: dict, need: int) -> str:
-    lines = [f"round {rnd}: fewer than server.min_platforms ({need}) platforms are left in the federation"]
-    lines += [f"  {names[i]}: excluded, {why}" for i, why in sorted(failures.excluded.items())]
-    return "\n".join(lines)
-
-
-def global_metrics(evals: dict[int, dict]) -> dict[str, float]:
-    """Every evaluation metric averaged over platforms, weighted by held-out size."""
-    keys = sorted({k for e in evals.values() for k in e} - {"num_eval", "eval_seconds"})
-    return {k: weighted(evals, k, "num_eval") for k in keys}
-
-
-def _round_record(rnd, primary, names, cohort, trained: Collected, accepted, rejected, evals: Collected, downlink):
-    sent = downlink.take_round()
-    platforms = {}
-    for i, name in names.items():
-        p: dict = {"participated": i in accepted}
-        if i in trained.results and i in accepted:
-            r = trained.results[i]
-            p.update(r["metrics"])
-            p["num_examples"] = r["num_examples"]
-            p["bytes_up"] = r["bytes"]
-        else:
-            p["bytes_up"] = trained.results[i]["bytes"] if i in trained.results else 0
-        p["bytes_down"] = sent.get(i, 0)
-        p.update(evals.results.get(i, {}))
-        platforms[name] = p
-    train_losses = {
-        i: {"train_loss": trained.results[i]["metrics"]["train_loss"], "n": trained.results[i]["num_examples"]}
-        for i in accepted
-    }
-    return {
-        "round": rnd,
-        **global_metrics(evals.results),
-        "metric": primary,
-        "train_loss": weighted(train_losses, "train_loss", "n"),
-        "platforms": platforms,
-        "cohort": [names[i] for i in cohort],
-        "late": [names[i] for i in trained.late],
-        "failed": {names[i]: e for i, e in trained.errors.items()},
-        "rejected": {names[i]: why for i, why in rejected.items()},
-        "eval_failed": {names[i]: e for i, e in evals.errors.items()} | {names[i]: "late" for i in evals.late},
-        "bytes_up": int(sum(p["bytes_up"] for p in platforms.values())),
-        "bytes_down": int(sum(sent.values())),
-    }
-
-
-_NOT_METRICS = {
-    "round",
-    "platforms",
-    "cohort",
-    "late",
-    "failed",
-    "rejected",
-    "eval_failed",
-    "bytes_up",
-    "bytes_down",
-    "seconds",
-    "adapter_bytes",
-    "metric",
-    "restarted",
-    "excluded",
-    "active",
-    "attempts",
-}
-
-
-def _summary(cfg, primary, rd, history, fed: Federation, info, wall) -> dict:
-    last = history[-1] if history else {}
-    best = max(history, key=lambda r: r.get(primary) if r.get(primary) == r.get(primary) else -1, default={})
-    names = {i: p["name"] for i, p in info.items()}
-    return {
-        "name": cfg.name,
-        "status": "completed",
-        "run_dir": str(rd.path),
-        "task": cfg.data.task,
-        "strategy": cfg.strategy.name,
-        "backend": cfg.backend,
-        "rounds": len(history),
-        "initial": fed.initial,
-        "metric": primary,
-        "final": {k: v for k, v in last.items() if k not in _NOT_METRICS},
-        "final_platforms": {
-            name: {k: v for k, v in p.items() if k in last or k == "eval_loss"}
-            for name, p in last.get("platforms", {}).items()
-        },
-        "best_round": {"round": best.get("round"), primary: best.get(primary)},
-        "adapter_bytes": fed.downlink.size,
-        "bytes_up_total": int(sum(r["bytes_up"] for r in history)),
-        "bytes_down_total": int(sum(r["bytes_down"] for r in history)),
-        "failures": {
-            "failed": sum(len(r.get("failed", {})) for r in history),
-            "late": sum(len(r.get("late", [])) for r in history),
-            "rejected": sum(len(r.get("rejected", {})) for r in history),
-            "restarted": sum(len(r.get("restarted", [])) for r in history),
-            "retried_rounds": sum(1 for r in history if r.get("attempts")),
-        },
-        "excluded": {names.get(i, str(i)): why for i, why in fed.failures.excluded.items()},
-        "wall_seconds": round(fed.elapsed_s + wall, 2),
-        "platforms": [info[i] for i in sorted(info)],
-    }
-
-
-def _platform_table(info: dict, resources: dict | None) -> str:
-    lines = [f"{'platform':<16} {'train':>6} {'eval':>6} {'positive':>9}  device"]
-    for i in sorted(info):
-        p = info[i]
-        lines.append(
-            f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {p['train_positive_rate']:>9.2f}  {p['device']}"
-        )
-    if resources:
-        lines.append(
-            f"each platform actor: {resources['cpus_per_platform']:g} CPU, {resources['gpus_per_platform']:g} GPU"
-        )
-    return "\n".join(lines)

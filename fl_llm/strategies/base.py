@@ -8,7 +8,6 @@ numpy arrays and numbers, so the checkpoint can carry it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +19,38 @@ StrategyState = dict[str, Any]
 
 @dataclass(frozen=True)
 class Strategy:
+    """A registered strategy: which server optimizer, combination rule, LoRA handling and
+    client-side change it uses. The arithmetic lives in the per-paper modules; `step.py` runs them."""
+
     name: str
     paper: str
     summary: str
-    step: Callable[..., tuple[AdapterState, StrategyState]]
+    params: tuple[str, ...] = ()  # the strategy.* keys it reads
+    server: str = "fedavg"  # fedavg | fedavgm | fedadagrad | fedadam | fedyogi
+    robust: str | None = None  # the combination rule it stands for (norm_bound, median, ...)
+    lora: str = "naive"  # naive | ffa | fedsa | fedex | flora
+    client: str | None = None  # None | prox | scaffold
+    default_lr: float = 1.0
+
+    def upload_keys(self, keys) -> list[str]:
+        """The adapter tensors a platform sends: FFA keeps its frozen A, FedSA its own B."""
+        from fl_llm.strategies.fedsa import fedsa_upload_keys
+        from fl_llm.strategies.ffa import ffa_upload_keys
+
+        if self.lora == "ffa":
+            return ffa_upload_keys(keys)
+        if self.lora == "fedsa":
+            return fedsa_upload_keys(keys)
+        return list(keys)
+
+    def rule(self, configured: str) -> str:
+        """The combination rule in force: the strategy's own, or strategy.robust."""
+        return self.robust or configured
+
+    def needs_individual_updates(self, configured_rule: str) -> bool:
+        """True when the driver must see each update (robust rules, FedEx, FLoRA): such a strategy
+        cannot run where only the sum of the updates is revealed (secure aggregation)."""
+        return self.rule(configured_rule) != "none" or self.lora in ("fedex", "flora")
 
 
 def normalized(weights) -> np.ndarray:
@@ -37,3 +64,19 @@ def weighted_mean(updates: list[AdapterState], weights) -> AdapterState:
     """Σ pᵢ·Δᵢ with pᵢ = weights normalised to sum to 1, per tensor, in float64 then float32."""
     p = normalized(weights)
     return {k: sum(pi * u[k].astype(np.float64) for pi, u in zip(p, updates)).astype(np.float32) for k in updates[0]}
+
+
+def flatten(updates: list[AdapterState]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
+    """(n × D float64 matrix of the updates, the (key, shape) layout to undo it)."""
+    layout = [(k, updates[0][k].shape) for k in sorted(updates[0])]
+    rows = [np.concatenate([u[k].astype(np.float64).ravel() for k, _ in layout]) for u in updates]
+    return np.stack(rows), layout
+
+
+def unflatten(vector: np.ndarray, layout) -> AdapterState:
+    out, pos = {}, 0
+    for k, shape in layout:
+        size = int(np.prod(shape))
+        out[k] = vector[pos : pos + size].reshape(shape).astype(np.float32)
+        pos += size
+    return out

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, Strategy, StrategyState, weighted_mean
+from fl_llm.strategies.base import AdapterState, StrategyState, weighted_mean
+
+
+def fedavg_apply(x: AdapterState, delta: AdapterState, state: StrategyState, *, lr: float):
+    """x ← x + η·Δ on the keys Δ has; no state."""
+    new = {k: (v + np.float32(lr) * delta[k]).astype(np.float32) if k in delta else v for k, v in x.items()}
+    return new, state
 
 
 def fedavg_step(
     global_state: AdapterState, updates: list[AdapterState], weights, state: StrategyState, *, server_lr: float
 ) -> tuple[AdapterState, StrategyState]:
-    delta = weighted_mean(updates, weights)
-    new = {k: (global_state[k] + np.float32(server_lr) * delta[k]).astype(np.float32) for k in global_state}
-    return new, state
-
-
-FEDAVG = Strategy(
-    name="fedavg",
-    paper="McMahan et al., AISTATS 2017; server lr: Reddi et al., ICLR 2021",
-    summary="example-weighted mean of the updates, scaled by strategy.server_lr",
-    step=fedavg_step,
-)
+    """The whole FedAvg round: weighted mean of the updates, then the server step."""
+    return fedavg_apply(global_state, weighted_mean(updates, weights), state, lr=server_lr)

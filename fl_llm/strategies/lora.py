@@ -1,0 +1,134 @@
+"""LoRA arithmetic shared by the LoRA-aware strategies: factor pairs, products, the aggregation
+error, and ranks that differ per platform.
+
+An adapter state maps PEFT keys to arrays; a LoRA layer is the pair
+`<layer>.lora_A.weight` (r × k) and `<layer>.lora_B.weight` (d × r), its update to the frozen
+weight W₀ (d × k) is s·B·A with s = α/r. Keys that are not LoRA factors (a classifier's head)
+are ordinary parameters and are averaged as they are.
+
+Products are never formed as d × k matrices to measure them: ‖Σ cⱼ BⱼAⱼ‖²_F equals
+tr((BᵀB)(AAᵀ)) for the stacked factors B = [c₁B₁ … c_mB_m], A = [A₁; …; A_m], which costs
+O((d + k)·(m·r)²) instead of O(d·k·m·r).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AdapterState = dict[str, np.ndarray]
+
+A_TAG, B_TAG = ".lora_A.", ".lora_B."
+
+
+def layers(state: AdapterState) -> list[str]:
+    """The LoRA layers of a state, by their A key's prefix (`...q_proj`)."""
+    return sorted(k.split(A_TAG)[0] for k in state if A_TAG in k and k.replace(A_TAG, B_TAG) in state)
+
+
+def a_key(state: AdapterState, layer: str) -> str:
+    return next(k for k in state if k.startswith(layer + A_TAG))
+
+
+def b_key(state: AdapterState, layer: str) -> str:
+    return a_key(state, layer).replace(A_TAG, B_TAG)
+
+
+def is_a(key: str) -> bool:
+    return A_TAG in key
+
+
+def is_b(key: str) -> bool:
+    return B_TAG in key
+
+
+def frob2_of_sum(bs: list[np.ndarray], as_: list[np.ndarray], coefs: list[float]) -> float:
+    """‖Σⱼ cⱼ·Bⱼ·Aⱼ‖²_F through the Gram matrices of the stacked factors (never d × k)."""
+    b = np.concatenate([c * bj.astype(np.float64) for c, bj in zip(coefs, bs)], axis=1)
+    a = np.concatenate([aj.astype(np.float64) for aj in as_], axis=0)
+    return float(max(np.sum((b.T @ b) * (a @ a.T)), 0.0))
+
+
+def aggregation_error(
+    global_state: AdapterState,
+    locals_: list[AdapterState],
+    weights,
+    new_global: AdapterState,
+    merged: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> float | None:
+    """‖Σ pᵢBᵢAᵢ − (B·A + merged)‖_F / ‖Σ pᵢBᵢAᵢ‖_F over all LoRA layers together.
+
+    `locals_` are the platforms' full adapters after local training (global + update), `new_global`
+    the aggregated adapter and `merged` what a strategy folded into the base weights this round,
+    as factors (B_m, A_m) per layer, so the base's change is B_m·A_m. None when there are no
+    LoRA layers or the target is zero.
+    """
+    p = np.asarray(weights, dtype=np.float64)
+    p = p / p.sum()
+    num = den = 0.0
+    for layer in layers(new_global):
+        ak, bk = a_key(new_global, layer), b_key(new_global, layer)
+        bs = [loc[bk] for loc in locals_] + [new_global[bk]]
+        as_ = [loc[ak] for loc in locals_] + [new_global[ak]]
+        coefs = [*p.tolist(), -1.0]
+        if merged and layer in merged:
+            bm, am = merged[layer]
+            bs, as_, coefs = [*bs, bm], [*as_, am], [*coefs, -1.0]
+        num += frob2_of_sum(bs, as_, coefs)
+        den += frob2_of_sum(bs[: len(locals_)], as_[: len(locals_)], p.tolist())
+    return float(np.sqrt(num / den)) if den > 0 else None
+
+
+def local_states(global_state: AdapterState, updates: list[AdapterState]) -> list[AdapterState]:
+    """Each platform's adapter after training: global + its update (on the keys it sent)."""
+    return [{k: global_state[k] + u[k] if k in u else global_state[k] for k in global_state} for u in updates]
+
+
+def update_to_global_rank(
+    update: AdapterState, global_state: AdapterState, rank: int, alpha: float, global_rank: int
+) -> AdapterState:
+    """A rank-`rank` platform's update as an update of the global (rank `global_rank`) adapter:
+    its local adapter zero-padded, minus the global. The components it does not have count as
+    zero in the average — HetLoRA's zero-padding aggregation (Cho et al., EMNLP 2024)."""
+    if rank == global_rank:
+        return update
+    local = to_rank(global_state, rank, alpha, global_rank)
+    local = {k: local[k] + update[k] if k in update else local[k] for k in local}
+    padded = from_rank(local, rank, alpha, global_rank)
+    return {k: padded[k] - global_state[k] for k in update}
+
+
+# --- ranks that differ per platform (HetLoRA-style zero padding) ---------------------------------
+
+
+def to_rank(state: AdapterState, rank: int, alpha: float, global_rank: int) -> AdapterState:
+    """The global adapter (rank `global_rank`) as a rank-`rank` adapter: keep the first `rank`
+    components, and rescale B so that s_i·B_i·A_i equals the global s·B·A on them (s = α/r)."""
+    if rank == global_rank:
+        return state
+    ratio = np.float32((alpha / global_rank) / (alpha / rank))  # s_global / s_i
+    out = {}
+    for k, v in state.items():
+        if is_a(k):
+            out[k] = v[:rank, :]
+        elif is_b(k):
+            out[k] = v[:, :rank] * ratio
+        else:
+            out[k] = v
+    return out
+
+
+def from_rank(state: AdapterState, rank: int, alpha: float, global_rank: int) -> AdapterState:
+    """A rank-`rank` adapter (or update) in the global rank's coordinates: zero-padded factors,
+    B rescaled so that the global scale reproduces s_i·B_i·A_i exactly."""
+    if rank == global_rank:
+        return state
+    ratio = np.float32((alpha / rank) / (alpha / global_rank))  # s_i / s_global
+    out = {}
+    for k, v in state.items():
+        if is_a(k):
+            out[k] = np.concatenate([v, np.zeros((global_rank - rank, v.shape[1]), v.dtype)], axis=0)
+        elif is_b(k):
+            out[k] = np.concatenate([v * ratio, np.zeros((v.shape[0], global_rank - rank), v.dtype)], axis=1)
+        else:
+            out[k] = v
+    return out

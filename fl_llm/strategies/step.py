@@ -1,0 +1,118 @@
+"""One round of aggregation for any registered strategy, composed from the per-paper functions.
+
+    1 combine   the updates into Δ: weighted mean, or a robust rule (strategy.robust / the name)
+    2 server    x ← server optimizer(x, Δ)             (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi)
+    3 LoRA      fedex: fold the residual into the base;  flora: merge the stack, start a fresh LoRA
+    4 SCAFFOLD  c ← c + Σ Δcᵢ / N
+    5 measure   aggregation_error = ‖Σ pᵢBᵢAᵢ − (B·A + merged)‖ / ‖Σ pᵢBᵢAᵢ‖
+
+Pure: numpy in, numpy out; the state is a dict of arrays the checkpoint carries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fl_llm.config import StrategyConfig
+from fl_llm.strategies.base import AdapterState, Strategy, StrategyState, weighted_mean
+from fl_llm.strategies.fedadagrad import fedadagrad_apply
+from fl_llm.strategies.fedadam import fedadam_apply
+from fl_llm.strategies.fedavg import fedavg_apply
+from fl_llm.strategies.fedavgm import fedavgm_apply
+from fl_llm.strategies.fedex import fedex_residual
+from fl_llm.strategies.fedyogi import fedyogi_apply
+from fl_llm.strategies.flora import flora_stack, fresh_lora
+from fl_llm.strategies.krum import multi_krum
+from fl_llm.strategies.lora import aggregation_error, local_states
+from fl_llm.strategies.median import median
+from fl_llm.strategies.norm_bound import norm_bound
+from fl_llm.strategies.scaffold import server_control_update
+from fl_llm.strategies.trimmed_mean import trimmed_mean
+
+
+@dataclass
+class RoundResult:
+    global_state: AdapterState
+    state: StrategyState
+    merge: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # base += s·B·A per layer, on every platform
+    metrics: dict = field(default_factory=dict)
+
+
+def combine(rule: str, updates: list[AdapterState], weights, p: StrategyConfig) -> tuple[AdapterState, dict]:
+    """Δ from the updates by `rule`, and what the rule wants reported."""
+    if rule == "none":
+        return weighted_mean(updates, weights), {}
+    if rule == "norm_bound":
+        return norm_bound(updates, weights, clip=p.clip_norm), {}
+    if rule == "median":
+        return median(updates), {}
+    if rule == "trimmed_mean":
+        return trimmed_mean(updates, beta=p.trim_fraction), {}
+    if rule == "krum":
+        delta, kept = multi_krum(updates, weights, f=p.krum_byzantine, select=p.krum_select)
+        return delta, {"krum_kept": kept}
+    raise ValueError(f"unknown combination rule {rule!r}")
+
+
+def server_step(name: str, x: AdapterState, delta: AdapterState, state: StrategyState, p: StrategyConfig, lr: float):
+    if name == "fedavg":
+        return fedavg_apply(x, delta, state, lr=lr)
+    if name == "fedavgm":
+        return fedavgm_apply(x, delta, state, lr=lr, momentum=p.momentum)
+    if name == "fedadagrad":
+        return fedadagrad_apply(x, delta, state, lr=lr, beta1=p.beta1, tau=p.tau)
+    if name == "fedadam":
+        return fedadam_apply(x, delta, state, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau)
+    if name == "fedyogi":
+        return fedyogi_apply(x, delta, state, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau)
+    raise ValueError(f"unknown server optimizer {name!r}")
+
+
+def aggregate_round(
+    strategy: Strategy,
+    p: StrategyConfig,
+    global_state: AdapterState,
+    updates: list[AdapterState],
+    weights,
+    state: StrategyState,
+    *,
+    seed: int,
+    round_: int,
+    num_platforms: int,
+    extras: list[dict] | None = None,
+) -> RoundResult:
+    """The new global adapter (and state, base merge, metrics) from this round's valid updates.
+
+    `updates` are in the global adapter's shapes and may carry a subset of its keys (FFA sends
+    no A, FedSA no B); keys nobody sent stay as they were.
+    """
+    locals_ = local_states(global_state, updates)
+    if strategy.client == "scaffold":  # the paper averages uniformly
+        weights = [1.0] * len(updates)
+    metrics: dict = {}
+
+    # 1-2. combine, then the server step (FedEx and FLoRA are exact only for the plain mean)
+    delta, info = combine(strategy.rule(p.robust), updates, weights, p)
+    metrics.update(info)
+    lr = p.server_lr if p.server_lr is not None else strategy.default_lr
+    new, state = server_step(strategy.server, global_state, delta, dict(state), p, lr)
+
+    # 3. LoRA-aware corrections
+    merge = None
+    if strategy.lora == "fedex":
+        merge = fedex_residual(locals_, weights, new)
+    elif strategy.lora == "flora":
+        merge = flora_stack(locals_, weights)
+        new = fresh_lora(new, seed, round_)
+
+    # 4. SCAFFOLD's server control variate
+    if strategy.client == "scaffold":
+        c = state.get("c") or {k: np.zeros_like(v) for k, v in global_state.items()}
+        state["c"] = server_control_update(c, [e["c"] for e in extras or []], num_platforms)
+
+    # 5. how far the new global is from the exact average of the platforms' adapters
+    if strategy.lora != "fedsa":  # FedSA keeps B apart on purpose: there is no single product
+        metrics["aggregation_error"] = aggregation_error(global_state, locals_, weights, new, merge)
+    return RoundResult(new, state, merge, metrics)
