@@ -194,11 +194,26 @@ def cmd_tasks(ns) -> int:
     return 0
 
 
-def cmd_strategies(ns) -> int:
+def strategies_help() -> str:
+    """Every strategy with its paper and the strategy.* keys it reads."""
     from fl_llm.strategies import STRATEGIES
 
+    lines = []
     for s in STRATEGIES.values():
-        print(f"{s.name:<12} {s.summary}\n{'':<12} paper: {s.paper}")
+        lines.append(f"  {s.name:<13} {s.summary}")
+        lines.append(f"  {'':<13} paper: {s.paper}")
+        if s.params:
+            lines.append(f"  {'':<13} keys: {', '.join('strategy.' + p for p in s.params)}")
+    return "\n".join(lines)
+
+
+def cmd_strategies(ns) -> int:
+    print("strategy.name accepts (fl-llm run strategy.name=NAME):\n" + strategies_help())
+    print(
+        "\nstrategy.robust=norm_bound|median|trimmed_mean|krum combines a robust rule with any server optimizer\n"
+        "(e.g. strategy.name=fedadam strategy.robust=trimmed_mean); model.lora.ranks=[4, 8, 16] gives each\n"
+        "platform its own LoRA rank (FLoRA stacks them exactly; the others zero-pad to the largest)."
+    )
     return 0
 
 
@@ -215,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a federated job",
         description=RUN_HELP,
-        epilog=_config_keys_help(),
+        epilog=_config_keys_help() + "\n\nstrategies (strategy.name):\n" + strategies_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
@@ -271,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fl-llm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fl-llm strategies | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
