@@ -101,9 +101,11 @@ def test_straggler_is_left_out_and_carries_on(ray_instance, tmp_path):
     assert summary["failures"]["late"] == 1
 
 
-def test_corrupted_updates_are_rejected_before_aggregation(ray_instance, tmp_path):
+def test_corrupted_updates_are_rejected_before_aggregation(tmp_path):
+    """Driver policy, so the in-process backend is enough (and quick)."""
     summary, rows = _run(
         tmp_path / "r",
+        "backend=local",
         "server.rounds=2",
         "server.max_update_norm=100",
         "faults.corrupt=[{platform: 0, rounds: [1], kind: nan}, {platform: 1, rounds: [1], kind: scale, factor: 1000}, "
@@ -118,9 +120,10 @@ def test_corrupted_updates_are_rejected_before_aggregation(ray_instance, tmp_pat
     assert summary["failures"]["rejected"] == 3 and _finite_adapter(tmp_path / "r")
 
 
-def test_exceptions_count_toward_exclusion(ray_instance, tmp_path):
+def test_exceptions_count_toward_exclusion(tmp_path):
     summary, rows = _run(
         tmp_path / "r",
+        "backend=local",
         "server.rounds=2",
         "server.max_failures=1",
         "faults.error=[{platform: 2, round: 1}]",
@@ -132,9 +135,13 @@ def test_exceptions_count_toward_exclusion(ray_instance, tmp_path):
     assert list(summary["excluded"]) == [NAMES[2]]
 
 
-def test_too_few_updates_retry_the_round(ray_instance, tmp_path):
+def test_too_few_updates_retry_the_round(tmp_path):
     _, rows = _run(
-        tmp_path / "retry", "server.rounds=1", "server.min_platforms=3", "faults.kill=[{platform: 0, round: 1}]"
+        tmp_path / "retry",
+        "backend=local",
+        "server.rounds=1",
+        "server.min_platforms=3",
+        "faults.kill=[{platform: 0, round: 1}]",
     )
     (row,) = rows
     assert len(row["attempts"]) == 1 and NAMES[0] in row["attempts"][0]["failed"]
