@@ -217,6 +217,27 @@ def cmd_strategies(ns) -> int:
     return 0
 
 
+def cmd_audit(ns) -> int:
+    from fl_llm.privacy.audit_run import audit, audit_table
+
+    path = Path(ns.run_dir)
+    if not path.is_dir():
+        raise UserError(f"audit {ns.run_dir!r}: no such run directory")
+    if ns.max_examples < 10:
+        raise UserError(f"--max-examples must be >= 10, got {ns.max_examples}")
+    result = audit(path, max_examples=ns.max_examples, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(audit_table(result))
+    print(f"audit: {path / 'audit.json'}")
+    if not result["bound_holds"]:
+        print(
+            "AUDIT FAILED: an attack beats the (ε, δ) guarantee in the run's privacy ledger beyond "
+            "statistical doubt; the DP pipeline has a bug",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = (__doc__ or "").strip()
     parser = argparse.ArgumentParser(
@@ -254,6 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat over N seeds (default 1)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser(
+        "audit",
+        help="membership-inference audit of a run's global model",
+        description="Attack the trained global model of RUN_DIR on each platform: loss-based and "
+        "reference-based (base vs fine-tuned) membership inference on training records (members) vs "
+        "held-out records (non-members). Reports AUC and TPR at 1%% and 0.1%% FPR, the ε the attacks "
+        "prove (Clopper-Pearson, 95%%), and whether that stays within the run's (ε, δ); writes "
+        "RUN_DIR/audit.json. Exit code 1 if an attack beats the guarantee.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--max-examples",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="members and non-members per platform (default 1000)",
+    )
+    p.set_defaults(func=cmd_audit)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.set_defaults(func=cmd_config)

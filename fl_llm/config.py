@@ -217,6 +217,39 @@ class FaultsConfig:
 
 
 @dataclass
+class DpConfig:
+    level: Literal["none", "record", "client"] = opt(
+        "none",
+        "none; record: DP-SGD inside each platform (protects each customer record); "
+        "client: DP-FedAvg on the driver (protects each platform's whole data set)",
+    )
+    noise_multiplier: float | None = opt(
+        None, "noise std / clip norm, z (null = calibrated from privacy.target_epsilon before training)", min=0
+    )
+    clip_norm: float = opt(1.0, "record: per-example gradient norm bound C; client: update norm bound C", gt=0)
+    adaptive_clip: bool = opt(False, "client: adapt C toward a quantile of the update norms (Andrew et al. 2021)")
+    target_quantile: float = opt(0.5, "adaptive_clip: the quantile γ of update norms C tracks", gt=0, max=1)
+    clip_lr: float = opt(0.2, "adaptive_clip: geometric step η_C", gt=0)
+    accountant: Literal["pld", "rdp"] = opt("pld", "primary accountant (the other one is reported as a cross-check)")
+    secure_rng: bool = opt(
+        True,
+        "draw DP noise and Poisson sampling from the OS entropy pool (false: from the run seed, reproducible "
+        "but anyone who knows the seed can subtract the noise; for experiments only)",
+    )
+
+
+@dataclass
+class PrivacyConfig:
+    dp: DpConfig = section(DpConfig, "differential privacy")
+    target_epsilon: float | None = opt(
+        None,
+        "privacy budget ε: calibrates the noise (dp.noise_multiplier null) or stops the run before it is passed",
+        gt=0,
+    )
+    delta: float = opt(1e-5, "δ of the (ε, δ) guarantee (well below 1 / number of records)", gt=0, max=0.1)
+
+
+@dataclass
 class TrackingConfig:
     progress: bool = opt(True, "live progress display on a terminal")
 
@@ -232,6 +265,7 @@ class RunConfig:
     client: ClientConfig = section(ClientConfig, "local training on each platform")
     server: ServerConfig = section(ServerConfig, "the round loop")
     strategy: StrategyConfig = section(StrategyConfig, "aggregation")
+    privacy: PrivacyConfig = section(PrivacyConfig, "differential privacy and its budget")
     ray: RayConfig = section(RayConfig, "the Ray cluster")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "full-state checkpoints for --resume")
     faults: FaultsConfig = section(FaultsConfig, "fault injection for testing (never in production)")
@@ -427,6 +461,35 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"config key 'strategy.name' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy.name!r}")
     _check_strategy(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    _check_privacy(cfg, STRATEGIES[cfg.strategy.name], cohort)
+
+
+def _check_privacy(cfg: RunConfig, strategy, cohort: int) -> None:
+    dp = cfg.privacy.dp
+    if dp.level == "none":
+        return
+    if dp.noise_multiplier is None and cfg.privacy.target_epsilon is None:
+        raise UserError(
+            f"privacy.dp.level={dp.level} needs a noise level: set privacy.target_epsilon (the noise is "
+            "calibrated to it) or privacy.dp.noise_multiplier"
+        )
+    if dp.adaptive_clip and dp.level != "client":
+        raise UserError("config key 'privacy.dp.adaptive_clip' applies to privacy.dp.level=client only")
+    if dp.level == "client":
+        if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
+            raise UserError(
+                f"privacy.dp.level=client cannot run with strategy.name={strategy.name}"
+                + (f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else "")
+                + ": DP-FedAvg noises the plain mean of clipped updates, and this strategy needs each "
+                "platform's update (or control variate) in the clear; use a FedAvg-family, fedprox, fedit, "
+                "ffa or fedsa strategy"
+            )
+        if dp.adaptive_clip and dp.noise_multiplier is not None and dp.noise_multiplier >= cohort / 10:
+            raise UserError(
+                f"privacy.dp.adaptive_clip needs privacy.dp.noise_multiplier below m/10 = {cohort / 10:g} "
+                f"(m = {cohort} platforms per round; Andrew et al. 2021 spend σ_b = m/20 on the clip count), "
+                f"got {dp.noise_multiplier}"
+            )
 
 
 def _check_strategy(cfg: RunConfig, strategy, cohort: int) -> None:

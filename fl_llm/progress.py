@@ -77,11 +77,11 @@ class Progress:
             f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get(metric), '.2f')}"
             for name, p in record["platforms"].items()
         )
-        note = ""
+        note = f"  ε {record['epsilon']:.2f}" if "epsilon" in record else ""
         if record.get("skipped"):
-            note = f"  [skipped: {record['skipped']}]"
+            note += f"  [skipped: {record['skipped']}]"
         elif record.get("late") or record.get("failed"):
-            note = f"  [late {len(record.get('late', []))}, failed {len(record.get('failed', []))}]"
+            note += f"  [late {len(record.get('late', []))}, failed {len(record.get('failed', []))}]"
         self.info(
             f"round {record['round']:>3}/{total_rounds}  loss {_fmt(record['eval_loss'])}  "
             f"{metric} {_fmt(record.get(metric))}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "

@@ -86,6 +86,15 @@ CASES = [
     ),
     ("resume changes the model", lambda t: ["run", "--resume", str(_run_dir(t)), "client.lr=0.1"], "cannot change"),
     ("compare seeds", lambda t: ["compare", "--seeds", "0"], "--seeds must be >= 1"),
+    ("dp without a noise level", lambda t: ["run", "privacy.dp.level=record"], "needs a noise level"),
+    (
+        "client dp hiding nothing from a robust rule",
+        lambda t: ["run", "privacy.dp.level=client", "privacy.dp.noise_multiplier=1", "strategy.name=median"],
+        "cannot run with strategy.name=median",
+    ),
+    ("delta out of range", lambda t: ["run", "privacy.delta=0.5"], "'privacy.delta' must be <= 0.1"),
+    ("audit nothing", lambda t: ["audit", str(t / "no-run")], "no such run directory"),
+    ("audit not a run", lambda t: ["audit", str(t)], "not a run directory"),
 ]
 
 

@@ -85,6 +85,23 @@ class Platform:
                 f"platform {self.name!r} has {len(self.train_set)} training and {len(self.eval_set)} "
                 "held-out rows; it needs both"
             )
+            return
+        self.dp_sample_rate, self.dp_noise = self._record_level_dp()
+
+    def _record_level_dp(self) -> tuple[float, float]:
+        """(q, z) of this platform's DP-SGD: q = batch / |data|; z as configured, or the smallest
+        z that keeps this platform within privacy.target_epsilon after every local step of every
+        round. Computed here, from this platform's own data size; (0, 0) without record-level DP."""
+        if self.cfg.privacy.dp.level != "record":
+            return 0.0, 0.0
+        from fl_llm.privacy.accountant import Mechanism, calibrate
+
+        p, c = self.cfg.privacy, self.cfg.client
+        q = min(1.0, c.batch_size / len(self.train_set))
+        if p.dp.noise_multiplier is not None:
+            return q, p.dp.noise_multiplier
+        steps = self.cfg.server.rounds * c.local_steps
+        return q, calibrate(p.target_epsilon, p.delta, steps, Mechanism(1.0, q), p.dp.accountant)
 
     def describe(self) -> dict:
         """Aggregate facts the driver may know: sizes and label balance. Never records."""
@@ -99,6 +116,11 @@ class Platform:
             "label_counts": counts.tolist(),
             "train_positive_rate": float(counts[-1] / max(counts.sum(), 1)),
             "device": str(self.device),
+            **(
+                {"dp_sample_rate": self.dp_sample_rate, "dp_noise_multiplier": self.dp_noise}
+                if self.dp_noise or self.dp_sample_rate
+                else {}
+            ),
         }
 
     def initial_adapter(self) -> AdapterState:
@@ -170,7 +192,7 @@ class Platform:
         platform is free for the next round's model instead of finishing stale work.
         `control`: SCAFFOLD's server control variate c. `base`: base merges to apply first.
         """
-        from fl_llm.client.train import RoundDeadline, local_train, scheduled_lr
+        from fl_llm.client.train import DpSgd, RoundDeadline, local_train, scheduled_lr
 
         t0 = time.perf_counter()
         deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -181,6 +203,16 @@ class Platform:
         scaffold = self.strategy.client == "scaffold"
         if scaffold:
             c_i = self.persistent.get("c") or {k: np.zeros_like(v) for k, v in start.items()}
+        dp, batch_rng = None, platform_rng(self.cfg.seed, round_, self.id)
+        if self.cfg.privacy.dp.level == "record":
+            # DP's noise and Poisson sampling must be secret to whoever sees the update: drawn
+            # from the OS entropy pool unless a reproducible run is asked for (secure_rng=false)
+            if self.cfg.privacy.dp.secure_rng:
+                batch_rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+            else:
+                seed = int(platform_rng(self.cfg.seed, round_, self.id, 2).integers(2**62))
+            dp = DpSgd(self.cfg.privacy.dp.clip_norm, self.dp_noise, self.dp_sample_rate, seed)
         import torch
 
         with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's RNG
@@ -194,13 +226,14 @@ class Platform:
                 optimizer=c.optimizer,
                 weight_decay=c.weight_decay,
                 max_grad_norm=c.max_grad_norm,
-                rng=platform_rng(self.cfg.seed, round_, self.id),
+                rng=batch_rng,
                 device=self.device,
                 pad_id=self.pad_id,
                 deadline=deadline,
                 on_step=self._fault_hook(round_, attempt),
                 prox_mu=self.cfg.strategy.mu if self.strategy.client == "prox" else 0.0,
                 correction={k: control[k] - c_i[k] for k in c_i} if scaffold and control is not None else None,
+                dp=dp,
             )
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
@@ -259,6 +292,17 @@ class Platform:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_adapter(get_adapter_state(self.model), self.cfg.model, path, base_name, rank=self.rank)
         return str(path)
+
+    def example_losses(self, global_state: AdapterState, base: dict | None, train_idx, eval_idx):
+        """Per-record answer NLL of `global_state` on the given training and held-out rows: for
+        the membership audit, which the platform's owner runs on its own machine."""
+        from fl_llm.client.train import example_losses
+
+        self._load_global(global_state, base)
+        kw = {"batch_size": self.cfg.client.eval_batch_size, "device": self.device, "pad_id": self.pad_id}
+        return example_losses(self.model, self.train_set, train_idx, **kw), example_losses(
+            self.model, self.eval_set, eval_idx, **kw
+        )
 
     def evaluate(self, global_state: AdapterState, base: dict | None = None) -> dict:
         """Loss and task metrics of `global_state` on this platform's held-out split (after the

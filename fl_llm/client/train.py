@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +38,16 @@ def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator)
             pos += k
         out.append(np.asarray(take))
     return out
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """Record-level DP-SGD settings of one platform's local training."""
+
+    clip: float  # per-example gradient norm bound C
+    noise_multiplier: float  # z: noise std = z·C on the summed batch gradient
+    sample_rate: float  # q: Poisson probability of each example joining a step's batch
+    noise_seed: int  # seeds the noise generator (from the run seed, or the OS entropy pool)
 
 
 def _forward(model, batch: dict, device):
@@ -77,6 +88,7 @@ def local_train(
     on_step=None,
     prox_mu: float = 0.0,
     correction: dict | None = None,
+    dp: DpSgd | None = None,
 ) -> dict:
     """Train the trainable (adapter) parameters for `steps` optimizer steps; returns train metrics.
 
@@ -84,7 +96,9 @@ def local_train(
     go stale while the global adapter moves. Past `deadline` (time.monotonic) it raises
     `RoundDeadline`; `on_step(step)` runs after each step (fault injection hooks in there).
     `prox_mu`: FedProx's (μ/2)‖w − x‖² toward the starting point x. `correction`: SCAFFOLD's
-    c − cᵢ per adapter key, added to every gradient.
+    c − cᵢ per adapter key, added to every gradient. `dp`: DP-SGD — Poisson-sampled batches,
+    per-example gradients (Opacus), clipped and noised; the data-independent terms (proximal,
+    correction) are added after the noise, as post-processing.
     """
     import torch
 
@@ -102,25 +116,99 @@ def local_train(
     if correction is not None:
         fix = [torch.from_numpy(np.asarray(correction[k], np.float32)).to(p.device, p.dtype) for k, p in named]
     model.train()
-    losses = []
-    for step, idx in enumerate(batch_indices(len(enc), batch_size, steps, rng)):
-        if deadline is not None and time.monotonic() > deadline:
-            raise RoundDeadline(f"stopped after {step} of {steps} steps: past the round's deadline")
-        logits, targets = _forward(model, collate(enc, idx, pad_id), device)
-        loss = _answer_loss(logits, targets, "mean")
-        objective = loss + proximal_term(params, anchors, prox_mu) if prox_mu else loss
-        objective.backward()
-        if fix is not None:  # SCAFFOLD: y ← y − η(g − cᵢ + c)
-            for p, f in zip(params, fix):
-                p.grad.add_(f)
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step)
-    return {"train_loss": float(np.mean(losses)), "steps": len(losses)}
+    if dp is not None:
+        from fl_llm.privacy.dp import poisson_batch
+
+        batches = [poisson_batch(len(enc), dp.sample_rate, rng) for _ in range(steps)]
+        private = _PrivateGradients(model, params, dp, expected_batch=dp.sample_rate * len(enc))
+    else:
+        batches = batch_indices(len(enc), batch_size, steps, rng)
+    losses, dp_stats = [], []
+    try:
+        for step, idx in enumerate(batches):
+            if deadline is not None and time.monotonic() > deadline:
+                raise RoundDeadline(f"stopped after {step} of {steps} steps: past the round's deadline")
+            if dp is not None:
+                loss, stats = private.step(enc, idx, pad_id, device)
+                dp_stats.append(stats)
+                if prox_mu:  # ∇ (μ/2)‖w − x‖² = μ(w − x): no data in it
+                    for p, a in zip(params, anchors):
+                        p.grad.add_(p.detach() - a, alpha=prox_mu)
+            else:
+                logits, targets = _forward(model, collate(enc, idx, pad_id), device)
+                loss = _answer_loss(logits, targets, "mean")
+                objective = loss + proximal_term(params, anchors, prox_mu) if prox_mu else loss
+                objective.backward()
+                loss = float(loss.detach())
+            if fix is not None:  # SCAFFOLD: y ← y − η(g − cᵢ + c)
+                for p, f in zip(params, fix):
+                    p.grad.add_(f)
+            if max_grad_norm > 0 and dp is None:  # under DP the per-example clip bounds the step
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if loss is not None:  # a DP step's batch may be empty
+                losses.append(loss)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        if dp is not None:
+            private.close()
+    out = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(batches)}
+    if dp is not None:
+        out["dp_steps"] = len(batches)
+        out["dp_mean_batch"] = float(np.mean([s["batch"] for s in dp_stats]))
+        out["dp_clipped_fraction"] = float(np.mean([s["clipped"] for s in dp_stats]))
+        out["dp_grad_norm"] = float(np.mean([s["grad_norm"] for s in dp_stats if s["batch"]] or [0.0]))
+    return out
+
+
+class _PrivateGradients:
+    """DP-SGD's gradient for each Poisson batch: Opacus computes the per-example gradients of the
+    trainable parameters (hooks on the LoRA and head layers); clipping and noise are ours
+    (`fl_llm.privacy.dp.private_gradient`). The model must already be on its device (it is: the
+    platform moves the base before wrapping it with LoRA) — wrapping first is the known Opacus +
+    peft failure that leaves the adapter frozen."""
+
+    def __init__(self, model, params, dp: DpSgd, expected_batch: float):
+        import warnings
+
+        import torch
+        from opacus import GradSampleModule
+
+        # frozen embeddings mean no input needs a gradient; Opacus's hooks work all the same
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+        self.params, self.dp, self.expected = params, dp, expected_batch
+        self.generator = torch.Generator().manual_seed(dp.noise_seed)
+
+    def step(self, enc: Encoded, idx: np.ndarray, pad_id: int, device) -> tuple[float | None, dict]:
+        import torch
+
+        from fl_llm.privacy.dp import private_gradient
+
+        loss = None
+        if len(idx):
+            logits, targets = _forward(self.module, collate(enc, idx, pad_id), device)
+            total = _answer_loss(logits, targets, "sum")
+            total.backward()
+            loss = float(total.detach()) / max(int((targets != IGNORE).sum()), 1)
+            per_example = [p.grad_sample for p in self.params]
+        else:
+            per_example = [torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for p in self.params]
+        grads, stats = private_gradient(
+            per_example, self.dp.clip, self.dp.noise_multiplier, self.expected, self.generator
+        )
+        for p, g in zip(self.params, grads):
+            p.grad, p.grad_sample = g, None
+        return loss, stats
+
+    def close(self) -> None:
+        """Take Opacus's hooks off: evaluation and the next round see the plain model."""
+        self.module.remove_hooks()
+        for p in self.params:
+            p.grad_sample = None
 
 
 def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, device, pad_id) -> dict:
@@ -147,3 +235,21 @@ def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, dev
                 answer_logits = logits
             probs.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}
+
+
+def example_losses(model, enc: Encoded, idx: np.ndarray, *, batch_size: int, device, pad_id) -> np.ndarray:
+    """Mean answer-token NLL of each example in `idx` (the membership audit's raw material)."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            logits, targets = _forward(model, collate(enc, rows, pad_id), device)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+            ).reshape(targets.shape)
+            counts = (targets != IGNORE).sum(-1).clamp(min=1) if targets.dim() > 1 else 1
+            out.append((nll.sum(-1) / counts if targets.dim() > 1 else nll).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)

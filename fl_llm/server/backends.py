@@ -146,13 +146,16 @@ class RayBackend(_Backend):
             except ray.exceptions.RayActorError as e:  # the process is gone (exit, OOM, lost node, ray.kill)
                 out.errors[i] = f"platform process died: {_first_line(e)}"
                 out.dead.append(i)
+            except ray.exceptions.OutOfMemoryError as e:  # Ray's memory monitor killed the worker
+                out.errors[i] = f"platform process killed: the node ran out of memory ({_first_line(e)})"
+                out.dead.append(i)
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e, RoundDeadline) or isinstance(getattr(e, "cause", None), RoundDeadline):
                     out.late.append(i)  # it gave up at the deadline: late, not broken
                 else:
                     out.errors[i] = str(e).strip()
             except ray.exceptions.RayError as e:
-                out.errors[i] = str(e).strip()
+                out.errors[i] = str(e).strip()[:2000]
         return out
 
     def restart(self, i: int) -> None:

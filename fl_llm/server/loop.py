@@ -33,6 +33,7 @@ from fl_llm.progress import Progress
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
 from fl_llm.server.guard import Failures, check_update
+from fl_llm.server.privacy import Privacy
 from fl_llm.server.records import (
     attempt_record,
     causes_line,
@@ -106,6 +107,7 @@ class Federation:
     merges: BaseMerges
     platform_state: dict[int, dict] = field(default_factory=dict)
     elapsed_s: float = 0.0  # wall time spent in earlier processes of this run (before a resume)
+    privacy: Privacy | None = None  # the DP ledger and mechanism state
 
     def to_checkpoint(self, elapsed_s: float, history: list[dict]) -> dict:
         return {
@@ -123,21 +125,23 @@ class Federation:
             "merges": self.merges.state(),
             "platform_state": {str(k): v for k, v in self.platform_state.items()},
             "elapsed_s": elapsed_s,
+            "privacy": self.privacy.state() if self.privacy else None,
         }
 
     @classmethod
-    def from_checkpoint(cls, state: dict, max_failures: int, merge_scale: float) -> Federation:
+    def from_checkpoint(cls, state: dict, cfg: RunConfig, merge_scale: float) -> Federation:
         d = state["downlink"]
         return cls(
             round=int(state["round"]),
             global_state={k: np.asarray(v) for k, v in state["global_state"].items()},
             strategy_state=state["strategy_state"],
             downlink=Downlink(int(d["size"]), int(d["version"]), {int(k): int(v) for k, v in d["held"].items()}),
-            failures=Failures.from_state(max_failures, state["failures"]),
+            failures=Failures.from_state(cfg.server.max_failures, state["failures"]),
             initial=state["initial"],
             merges=BaseMerges.from_state(merge_scale, state["merges"]),
             platform_state={int(k): v for k, v in state["platform_state"].items()},
             elapsed_s=float(state["elapsed_s"]),
+            privacy=Privacy.from_state(cfg, state.get("privacy")),
         )
 
 
@@ -183,7 +187,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         progress.info(platform_table(info, getattr(backend, "resources", None)))
         if resume_from is not None:
             ckpt_round, state = checkpoint.load(resume_from)
-            fed = Federation.from_checkpoint(state, cfg.server.max_failures, merge_scale)
+            fed = Federation.from_checkpoint(state, cfg, merge_scale)
+            fed.privacy.check_resume(info)
             history = state["history"]
             rd.rewrite_metrics(history)  # rounds logged after the checkpoint are redone
             for i, st in fed.platform_state.items():
@@ -194,7 +199,10 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             progress.info(f"resuming after round {fed.round} from {resume_from}")
         else:
             fed = _start_fresh(cfg, backend, everyone, progress, primary, merge_scale)
+            fed.privacy = Privacy.start(cfg, info)
+        progress.info(fed.privacy.describe())
         handle = backend.put(fed.global_state)
+        stopped = None
         control = _control_handle(backend, strategy, fed)
 
         for rnd in range(fed.round + 1, cfg.server.rounds + 1):
@@ -209,7 +217,10 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 if len(active) < cfg.server.min_platforms:
                     raise RunFailed(excluded_message(rnd, fed.failures, names, cfg.server.min_platforms))
                 cohort = sample_cohort(cfg.seed, rnd, active, cfg.server.platforms_per_round)
+                stopped = fed.privacy.exhausted([names[i] for i in cohort])
                 secs["sample"] += time.monotonic() - t
+                if stopped:
+                    break
 
                 # 2. Broadcast the global adapter: stored once, every platform reads the same copy
                 #    (plus what each lacks of the base merges, and SCAFFOLD's control variate) ---
@@ -225,6 +236,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 t = time.monotonic()
                 trained = backend.call_each(args, "train", timeout_s=timeout)
                 fed.merges.confirm(trained.results)
+                fed.privacy.spend_training(trained.results, names)  # every update received spent budget
                 secs["train"] += time.monotonic() - t
 
                 # 4. Validate: only well-formed, finite, bounded updates go on; restart the dead -
@@ -241,23 +253,33 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 )
             else:
                 raise RunFailed(too_few_message(rnd, attempts, cfg))
+            if stopped:
+                progress.warn(f"stopping before round {rnd}: {stopped}")
+                break
             causes = {**trained.errors, **{i: "late" for i in trained.late}, **rejected}
             newly_excluded = fed.failures.record(cohort, set(accepted), causes)
             for i, why in newly_excluded.items():
                 progress.warn(f"platform {names[i]} is EXCLUDED from the rest of the run: {why}")
 
-            # 5. Aggregate: the strategy's step on the valid updates (in the global rank) -------
+            # 5. Aggregate: the strategy's step on the valid updates (in the global rank); under
+            #    client-level DP on their clipped, noised mean instead ----------------------------
             t = time.monotonic()
             updates = [
                 update_to_global_rank(trained.results[i]["update"], fed.global_state, ranks[i], lora.alpha, global_rank)
                 for i in accepted
             ]
+            weights = [trained.results[i]["num_examples"] for i in accepted]
+            dp_stats: dict = {}
+            if fed.privacy.level == "client":
+                noised, dp_stats = fed.privacy.private_mean(updates, cfg.seed, rnd)
+                updates, weights = [noised], [1.0]
+                fed.privacy.spend_round()
             result = aggregate_round(
                 strategy,
                 cfg.strategy,
                 fed.global_state,
                 updates,
-                [trained.results[i]["num_examples"] for i in accepted],
+                weights,
                 fed.strategy_state,
                 seed=cfg.seed,
                 round_=rnd,
@@ -296,6 +318,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 attempts=attempts,
             )
             record.update(_strategy_metrics(result.metrics, accepted, names))
+            record.update(dp_stats)
+            fed.privacy.metrics(record)
             _save_models(cfg, rd, fed, strategy, backend, in_run, base_name, global_rank, bool(result.merge))
             fed.round = rnd
             due = cfg.checkpoint.every and (rnd % cfg.checkpoint.every == 0 or rnd == cfg.server.rounds)
@@ -310,6 +334,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 elapsed = fed.elapsed_s + time.monotonic() - t_start
                 checkpoint.save(rd.checkpoints, rnd, fed.to_checkpoint(elapsed, history), keep=cfg.checkpoint.keep)
             rd.log_round(record)
+            if fed.privacy.ledger is not None:
+                write_json(rd.path / "privacy.json", fed.privacy.ledger.state())
             progress.round_line(record, cfg.server.rounds)
     except RunFailed as e:
         if fed is not None:
@@ -322,6 +348,12 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         progress.close()
 
     summary = run_summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
+    if stopped:
+        summary["stopped"] = stopped
+    if fed.privacy.ledger is not None:
+        ledger = fed.privacy.ledger.state()
+        summary["privacy"] = {k: v for k, v in ledger.items() if k != "parties"}
+        summary["privacy"]["epsilon"] = {name: p["epsilon"] for name, p in ledger["parties"].items()}
     write_json(rd.summary, summary)
     return summary
 

@@ -1,0 +1,1 @@
+"""Privacy: differential privacy (record- and client-level), its accounting, and the audit."""

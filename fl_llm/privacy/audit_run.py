@@ -1,0 +1,117 @@
+"""`fl-llm audit RUN_DIR`: membership inference against a finished run's global model.
+
+For each platform, in this process (the audit runs where the data is, like training did):
+members are its training records, non-members its held-out records; the attacks score both
+with the base model (the round-0 adapter) and with the trained global model exactly as it was
+evaluated (base merges, FedSA's own B included), then `fl_llm.privacy.audit` turns the scores
+into AUC, TPR at low FPR and the audited ε, checked against the run's privacy ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from fl_llm import checkpoint
+from fl_llm.config import RunConfig, load, to_dict
+from fl_llm.errors import UserError
+from fl_llm.privacy.audit import attack_report, record_level_guarantee
+from fl_llm.tracking import write_json
+
+
+def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, dict]:
+    """(global adapter, base merges payload, per-platform state) the run ended with."""
+    from fl_llm.server.base_merges import BaseMerges
+
+    latest = checkpoint.latest(run_dir / "checkpoints")
+    if latest is not None:
+        _, state = checkpoint.load(latest)
+        merges = BaseMerges.from_state(1.0, state["merges"])
+        merges.applied.clear()  # the audit's fresh platforms hold the pristine base
+        platform_state = {int(k): v for k, v in state["platform_state"].items()}
+        return {k: np.asarray(v) for k, v in state["global_state"].items()}, merges, platform_state
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise UserError(f"audit {str(run_dir)!r}: no checkpoint and no adapter/ there; has the run finished a round?")
+    if cfg.strategy.name in ("fedex", "flora", "fedsa"):
+        raise UserError(
+            f"audit {str(run_dir)!r}: strategy {cfg.strategy.name} keeps part of the model outside adapter/; "
+            "auditing it needs the run's checkpoints (checkpoint.every > 0)"
+        )
+    from safetensors.numpy import load_file
+
+    return load_file(str(adapter)), None, {}
+
+
+def _ledger_epsilon(run_dir: Path, cfg: RunConfig, name: str) -> tuple[float, float]:
+    """(ε, δ) one record of platform `name` enjoys under the run's DP (inf without DP)."""
+    path = run_dir / "privacy.json"
+    if cfg.privacy.dp.level == "none" or not path.is_file():
+        return math.inf, 0.0
+    ledger = json.loads(path.read_text(encoding="utf-8"))
+    parties = ledger["parties"]
+    party = parties.get(name) or parties.get("federation")
+    return record_level_guarantee(ledger["level"], float(party["epsilon"]), float(ledger["delta"]))
+
+
+def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
+    """Audit every platform; writes and returns audit.json's content."""
+    from fl_llm.client.platform import Platform
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"audit {str(run_dir)!r}: not a run directory (it has no config.yaml)")
+    cfg = load(run_dir / "config.yaml")
+    final, merges, platform_state = _final_model(run_dir, cfg)
+    platforms = {}
+    for i in range(cfg.data.num_platforms):
+        plat = Platform(to_dict(cfg), i)
+        if plat.user_error:
+            raise UserError(plat.user_error)
+        if progress:
+            progress(f"auditing {plat.name}")
+        rng = np.random.default_rng([cfg.seed, i, 0xA0D])
+        k = min(len(plat.train_set), len(plat.eval_set), max_examples)
+        members = np.sort(rng.permutation(len(plat.train_set))[:k])
+        nonmembers = np.sort(rng.permutation(len(plat.eval_set))[:k])
+        base_m, base_n = plat.example_losses(plat.initial_adapter(), None, members, nonmembers)
+        plat.import_state(platform_state.get(i, {}))
+        ft_m, ft_n = plat.example_losses(final, merges.payload(i) if merges else None, members, nonmembers)
+        eps, delta = _ledger_epsilon(run_dir, cfg, plat.name)
+        platforms[plat.name] = {
+            "members": int(k),
+            "nonmembers": int(k),
+            "epsilon": eps,
+            "delta": delta,
+            "mean_loss": {"members": float(ft_m.mean()), "nonmembers": float(ft_n.mean())},
+            "attacks": {
+                "loss": attack_report(-ft_m, -ft_n, eps, delta),
+                "reference": attack_report(base_m - ft_m, base_n - ft_n, eps, delta),
+            },
+        }
+    result = {
+        "run_dir": str(run_dir),
+        "dp_level": cfg.privacy.dp.level,
+        "platforms": platforms,
+        "max_auc": max(a["auc"] for p in platforms.values() for a in p["attacks"].values()),
+        "bound_holds": all(a["bound_holds"] for p in platforms.values() for a in p["attacks"].values()),
+    }
+    write_json(run_dir / "audit.json", result)
+    return result
+
+
+def audit_table(result: dict) -> str:
+    lines = [
+        f"{'platform':<16} {'attack':<10} {'AUC':>6} {'TPR@1%':>7} {'TPR@0.1%':>9} {'ε audited':>10} {'ε':>8}  bound"
+    ]
+    for name, p in result["platforms"].items():
+        for attack, a in p["attacks"].items():
+            eps = "none" if not math.isfinite(p["epsilon"]) else f"{p['epsilon']:.2f}"
+            lines.append(
+                f"{name:<16} {attack:<10} {a['auc']:>6.3f} {a['tpr_at_1%_fpr']:>7.3f} {a['tpr_at_0.1%_fpr']:>9.3f} "
+                f"{a['epsilon_lower_bound']:>10.2f} {eps:>8}  {'holds' if a['bound_holds'] else 'VIOLATED'}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""The differential-privacy mechanisms as small pure functions (formulas: ALGORITHMS.md).
+
+    record level   DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016):
+                   clip each example's gradient to C, sum, add N(0, (z·C)²), divide by the expected
+                   batch size q·N (Poisson sampling makes the batch size itself random)
+    client level   DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language
+                   Models", ICLR 2018): clip each platform's update to C, sum with uniform weights,
+                   add N(0, (z·C)²), divide by the expected cohort size m
+    adaptive clip  Andrew et al., "Differentially Private Learning with Adaptive Clipping",
+                   NeurIPS 2021: move C geometrically toward the γ-quantile of the update norms,
+                   from a noised count of the updates that were not clipped
+
+The noise comes from the generator the caller passes: seeded from the operating system's entropy
+pool (privacy.dp.secure_rng, the default), or from the run seed for reproducible experiments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fl_llm.strategies.base import AdapterState, flatten, unflatten
+
+# --- record level: one DP-SGD step --------------------------------------------------------------
+
+
+def clip_factors(norms, clip: float):
+    """min(1, C/‖g‖) per example (torch or numpy): the scale that brings each norm to at most C."""
+    return (
+        (clip / (norms + 1e-12)).clamp(max=1.0) if hasattr(norms, "clamp") else np.minimum(1.0, clip / (norms + 1e-12))
+    )
+
+
+def private_gradient(per_example: list, clip: float, noise_multiplier: float, expected_batch: float, generator):
+    """DP-SGD's gradient from per-example gradients (each a tensor [B, *shape]; B may be 0).
+
+    Returns (gradients, stats): Σᵢ clip(gᵢ) + N(0, (z·C)²) per coordinate, over q·N; stats has the
+    batch size, the mean per-example norm before clipping and the fraction clipped."""
+    import torch
+
+    batch = per_example[0].shape[0]
+    if batch:
+        norms = torch.sqrt(sum(g.reshape(batch, -1).pow(2).sum(1) for g in per_example))
+        scale = clip_factors(norms, clip)
+        summed = [torch.einsum("b,b...->...", scale, g) for g in per_example]
+        stats = {"batch": batch, "grad_norm": float(norms.mean()), "clipped": float((norms > clip).float().mean())}
+    else:  # an empty Poisson batch still releases noise
+        summed = [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in per_example]
+        stats = {"batch": 0, "grad_norm": 0.0, "clipped": 0.0}
+    std = noise_multiplier * clip if noise_multiplier else 0.0  # z = 0: no noise, even with C = ∞
+    out = []
+    for s in summed:
+        noise = torch.normal(0.0, 1.0, size=s.shape, generator=generator).to(s.device, s.dtype) if std else 0.0
+        out.append((s + std * noise) / expected_batch)
+    return out, stats
+
+
+def poisson_batch(n: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a Poisson-sampled batch: each of n examples independently with probability q."""
+    return np.flatnonzero(rng.random(n) < sample_rate)
+
+
+# --- client level: DP-FedAvg on the driver ------------------------------------------------------
+
+
+def clip_update(update: AdapterState, clip: float) -> tuple[AdapterState, float]:
+    """(the update scaled to L2 norm at most C, its norm before clipping)."""
+    vec, layout = flatten([update])
+    norm = float(np.linalg.norm(vec[0]))
+    return unflatten(vec[0] * float(clip_factors(norm, clip)), layout), norm
+
+
+def dp_mean(
+    updates: list[AdapterState], clip: float, noise_std_multiplier: float, expected: int, rng: np.random.Generator
+) -> tuple[AdapterState, dict]:
+    """(Σ clip(Δᵢ) + N(0, (z·C)²)) / m with uniform weights and the fixed denominator m: adding
+    or removing one platform moves the sum by at most C, whatever the others sent."""
+    clipped, norms = zip(*(clip_update(u, clip) for u in updates))
+    vec, layout = flatten(list(clipped))
+    total = vec.sum(0)
+    if noise_std_multiplier:
+        total = total + rng.normal(0.0, noise_std_multiplier * clip, size=vec.shape[1])
+    stats = {
+        "dp_clip_norm": clip,
+        "dp_update_norms": [round(n, 6) for n in norms],
+        "dp_clipped_fraction": float(np.mean([n > clip for n in norms])),
+    }
+    return unflatten(total / expected, layout), stats
+
+
+def adaptive_noise_multipliers(noise_multiplier: float, expected: int) -> tuple[float, float]:
+    """(z_Δ for the update, σ_b for the clipped-count) so that together they spend z:
+    σ_b = m/20, z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Theorem 1)."""
+    sigma_b = expected / 20.0
+    rest = noise_multiplier**-2 - (2.0 * sigma_b) ** -2
+    if rest <= 0:
+        raise ValueError(
+            f"adaptive clipping needs the noise multiplier z below 2·σ_b = m/10 = {2 * sigma_b:g} "
+            f"(m = {expected} platforms per round), got z = {noise_multiplier:g}"
+        )
+    return 1.0 / math.sqrt(rest), sigma_b
+
+
+def adaptive_clip(
+    clip: float,
+    norms: list[float],
+    expected: int,
+    sigma_b: float,
+    rng: np.random.Generator,
+    target_quantile: float = 0.5,
+    lr: float = 0.2,
+) -> float:
+    """C ← C·exp(−η·(b̃ − γ)) with b̃ = (Σ 1[‖Δᵢ‖ ≤ C] + N(0, σ_b²)) / m."""
+    unclipped = sum(1.0 for n in norms if n <= clip) + rng.normal(0.0, sigma_b)
+    return float(clip * math.exp(-lr * (unclipped / expected - target_quantile)))
