@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="membership-inference audit of a run's global model",
         description="Attack the trained global model of RUN_DIR on each platform: loss-based and "
         "reference-based (base vs fine-tuned) membership inference on training records (members) vs "
-        "held-out records (non-members). Reports AUC and TPR at 1%% and 0.1%% FPR, the ε the attacks "
-        "prove (Clopper-Pearson, 95%%), and whether that stays within the run's (ε, δ); writes "
+        "held-out records (non-members). Reports AUC and TPR at 1% and 0.1% FPR, the ε the attacks "
+        "prove (Clopper-Pearson, 95%), and whether that stays within the run's (ε, δ); writes "
         "RUN_DIR/audit.json. Exit code 1 if an attack beats the guarantee.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
