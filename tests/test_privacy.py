@@ -245,3 +245,26 @@ def test_audit_at_small_epsilon_stays_within_its_bound(tmp_path, capsys):
         for a in p["attacks"].values():
             assert a["epsilon_lower_bound"] <= p["epsilon"] and 0 <= a["auc"] <= 1
     assert "reference" in capsys.readouterr().out
+
+
+def test_record_level_dp_trains_a_classifier_head_too():
+    """seq_cls: Opacus computes per-example gradients for the classification head as well, so the
+    head (aggregated with the adapters) moves under DP."""
+    from fl_llm.client.platform import Platform
+    from fl_llm.config import to_dict
+
+    cfg = load(
+        None,
+        [
+            *LOCAL,
+            "model.kind=seq_cls",
+            "client.local_steps=3",
+            "privacy.dp.level=record",
+            "privacy.dp.noise_multiplier=1",
+        ],
+    )
+    plat = Platform(to_dict(cfg), 2)
+    out = plat.train(plat.initial_adapter(), round_=1)
+    head = [k for k in out["update"] if "lora" not in k]
+    assert head and all(np.abs(out["update"][k]).max() > 0 for k in head)
+    assert out["metrics"]["dp_steps"] == 3
