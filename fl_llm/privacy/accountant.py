@@ -148,7 +148,7 @@ class Ledger:
     def record(self, name: str, releases: int) -> float:
         party = self.parties[name]
         party.releases += releases
-        eps = self.epsilon_after(name)
+        eps = party.epsilons[-1] if releases == 0 and party.epsilons else self.epsilon_after(name)
         party.epsilons.append(eps)
         return eps
 
@@ -173,12 +173,18 @@ class Ledger:
                     "accountant": accountant_used(p.mechanism, self.accountant),
                     "releases": p.releases,
                     "epsilon": p.epsilons[-1] if p.epsilons else 0.0,
-                    "epsilon_cross_check": self.cross_check(name),
                     "epsilon_per_round": p.epsilons,
                 }
                 for name, p in self.parties.items()
             },
         }
+
+    def report(self) -> dict:
+        """`state()` plus each party's ε by the other accountant: what privacy.json shows."""
+        out = self.state()
+        for name, party in out["parties"].items():
+            party["epsilon_cross_check"] = self.cross_check(name)
+        return out
 
     @classmethod
     def from_state(cls, state: dict) -> Ledger:

@@ -46,12 +46,10 @@ def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, dict
     return load_file(str(adapter)), None, {}
 
 
-def _ledger_epsilon(run_dir: Path, cfg: RunConfig, name: str) -> tuple[float, float]:
+def _ledger_epsilon(ledger: dict | None, name: str) -> tuple[float, float]:
     """(ε, δ) one record of platform `name` enjoys under the run's DP (inf without DP)."""
-    path = run_dir / "privacy.json"
-    if cfg.privacy.dp.level == "none" or not path.is_file():
+    if ledger is None:
         return math.inf, 0.0
-    ledger = json.loads(path.read_text(encoding="utf-8"))
     parties = ledger["parties"]
     party = parties.get(name) or parties.get("federation")
     return record_level_guarantee(ledger["level"], float(party["epsilon"]), float(ledger["delta"]))
@@ -66,6 +64,10 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
         raise UserError(f"audit {str(run_dir)!r}: not a run directory (it has no config.yaml)")
     cfg = load(run_dir / "config.yaml")
     final, merges, platform_state = _final_model(run_dir, cfg)
+    ledger_path = run_dir / "privacy.json"
+    ledger = None
+    if cfg.privacy.dp.level != "none" and ledger_path.is_file():
+        ledger = json.loads(ledger_path.read_text(encoding="utf-8"))
     platforms = {}
     for i in range(cfg.data.num_platforms):
         plat = Platform(to_dict(cfg), i)
@@ -80,7 +82,7 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
         base_m, base_n = plat.example_losses(plat.initial_adapter(), None, members, nonmembers)
         plat.import_state(platform_state.get(i, {}))
         ft_m, ft_n = plat.example_losses(final, merges.payload(i) if merges else None, members, nonmembers)
-        eps, delta = _ledger_epsilon(run_dir, cfg, plat.name)
+        eps, delta = _ledger_epsilon(ledger, plat.name)
         platforms[plat.name] = {
             "members": int(k),
             "nonmembers": int(k),

@@ -335,7 +335,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 checkpoint.save(rd.checkpoints, rnd, fed.to_checkpoint(elapsed, history), keep=cfg.checkpoint.keep)
             rd.log_round(record)
             if fed.privacy.ledger is not None:
-                write_json(rd.path / "privacy.json", fed.privacy.ledger.state())
+                write_json(rd.path / "privacy.json", fed.privacy.ledger.report())
             progress.round_line(record, cfg.server.rounds)
     except RunFailed as e:
         if fed is not None:
