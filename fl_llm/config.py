@@ -175,6 +175,17 @@ class RayConfig:
 
 
 @dataclass
+class CompressionConfig:
+    name: Literal["none", "fp16", "bf16", "int8", "int4", "topk"] = opt(
+        "none",
+        "how platforms send their update: none (float32), fp16/bf16 casts, int8/int4 stochastic quantization "
+        "with a scale per 256 values, topk with error feedback; under secure aggregation int8/int4 narrow the "
+        "masked ring instead (16 / 8 bits per value)",
+    )
+    topk_fraction: float = opt(0.01, "topk: share of the values sent each round (the rest carries over)", gt=0, max=1)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = opt(1, "write a full-state checkpoint every this many rounds (0 = never)", min=0)
     keep: int = opt(2, "how many of the newest checkpoints to keep", min=1)
@@ -239,8 +250,26 @@ class DpConfig:
 
 
 @dataclass
+class SecAggConfig:
+    enabled: bool = opt(False, "secure aggregation (Bonawitz et al. 2017): the driver learns only the sum of the updates")
+    threshold: int | None = opt(
+        None,
+        "t of the t-of-n secret sharing: the sum is recovered while at least t platforms of the round "
+        "survive, and fewer than t colluding parties learn nothing (null: a majority of the round, at least 2)",
+        min=2,
+    )
+    clip_range: float = opt(
+        0.1,
+        "each (weighted) update value is clipped to ±this before fixed-point quantization; the share clipped "
+        "is logged as secagg_clipped (raise it if that is not ~0)",
+        gt=0,
+    )
+
+
+@dataclass
 class PrivacyConfig:
     dp: DpConfig = section(DpConfig, "differential privacy")
+    secagg: SecAggConfig = section(SecAggConfig, "secure aggregation")
     target_epsilon: float | None = opt(
         None,
         "privacy budget ε: calibrates the noise (dp.noise_multiplier null) or stops the run before it is passed",
@@ -265,7 +294,8 @@ class RunConfig:
     client: ClientConfig = section(ClientConfig, "local training on each platform")
     server: ServerConfig = section(ServerConfig, "the round loop")
     strategy: StrategyConfig = section(StrategyConfig, "aggregation")
-    privacy: PrivacyConfig = section(PrivacyConfig, "differential privacy and its budget")
+    privacy: PrivacyConfig = section(PrivacyConfig, "differential privacy and its budget, secure aggregation")
+    compression: CompressionConfig = section(CompressionConfig, "compressed updates on the uplink")
     ray: RayConfig = section(RayConfig, "the Ray cluster")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "full-state checkpoints for --resume")
     faults: FaultsConfig = section(FaultsConfig, "fault injection for testing (never in production)")
@@ -462,6 +492,37 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         raise UserError(f"config key 'strategy.name' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy.name!r}")
     _check_strategy(cfg, STRATEGIES[cfg.strategy.name], cohort)
     _check_privacy(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    _check_secagg(cfg, STRATEGIES[cfg.strategy.name], cohort)
+
+
+def _check_secagg(cfg: RunConfig, strategy, cohort: int) -> None:
+    sa = cfg.privacy.secagg
+    if not sa.enabled:
+        return
+    if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
+        raise UserError(
+            f"privacy.secagg.enabled=true cannot run with strategy.name={strategy.name}"
+            + (f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else "")
+            + ": secure aggregation reveals only the sum of the updates, and this strategy needs each "
+            "platform's update (or control variate); use a FedAvg-family, fedprox, fedit, ffa or fedsa strategy"
+        )
+    if cfg.compression.name in ("fp16", "bf16", "topk"):
+        raise UserError(
+            f"compression.name={cfg.compression.name} cannot run under secure aggregation: masked updates are "
+            "summed in an integer ring, where floating-point casts and per-platform top-k supports do not add up; "
+            "use compression.name=int8 or int4 (they narrow the ring) or none"
+        )
+    if cohort < 2:
+        raise UserError("privacy.secagg.enabled=true needs at least 2 platforms per round: a sum of one is the update")
+    if sa.threshold is not None and sa.threshold > cohort:
+        raise UserError(
+            f"config key 'privacy.secagg.threshold' must be at most the platforms per round ({cohort}), got {sa.threshold}"
+        )
+    if len(set(cfg.model.lora.ranks)) > 1:
+        raise UserError(
+            "privacy.secagg.enabled=true needs one LoRA rank for all platforms (model.lora.ranks): the masked "
+            "vectors of every platform must have the same length"
+        )
 
 
 def _check_privacy(cfg: RunConfig, strategy, cohort: int) -> None:

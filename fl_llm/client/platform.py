@@ -46,6 +46,7 @@ class Platform:
         # State this platform keeps between rounds (e.g. a strategy's control variates): saved in
         # the driver's checkpoints through export_state / import_state.
         self.persistent: dict = {}
+        self._secagg = None  # this round's secure-aggregation state (keys, shares received)
         self.user_error: str | None = None
         self.task = sources.task_of(self.cfg)
         want = self.cfg.client.device
@@ -183,6 +184,7 @@ class Platform:
         budget_s: float | None = None,
         control: AdapterState | None = None,
         base: dict | None = None,
+        secagg: dict | None = None,
     ) -> dict:
         """Local training from the global adapter; returns the update (local - global) on the
         tensors this strategy sends, in this platform's LoRA rank.
@@ -191,6 +193,8 @@ class Platform:
         this platform out of the round, so training stops at once (`RoundDeadline`) and the
         platform is free for the next round's model instead of finishing stale work.
         `control`: SCAFFOLD's server control variate c. `base`: base merges to apply first.
+        `secagg`: this round's secure-aggregation inputs (the shares addressed to this platform,
+        its weight, the ring): the update then leaves only masked (`_masked_upload`).
         """
         from fl_llm.client.train import DpSgd, RoundDeadline, local_train, scheduled_lr
 
@@ -249,10 +253,65 @@ class Platform:
         bad = faults.corruption(self.cfg.faults, self.id, round_)
         if bad:
             update = faults.corrupt(update, bad.kind, bad.factor, seed=self.cfg.seed * 100_003 + round_)
+        result.update(self._masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
+        result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0
-        result["update"] = update
-        result["bytes"] = state_nbytes(update) + sum(state_nbytes(v) for v in result.get("extra", {}).values())
         return result
+
+    def _upload(self, update: AdapterState, round_: int) -> dict:
+        """The update as sent: float32 (`update`), or compressed (`payload`, compression.name;
+        top-k's error-feedback residual stays here, in the checkpointed state)."""
+        from fl_llm.compression import compress, payload_nbytes
+
+        codec = self.cfg.compression.name
+        if codec == "none":
+            return {"update": update, "bytes": state_nbytes(update)}
+        rng = platform_rng(self.cfg.seed, round_, self.id, 3)
+        payload, residual = compress(
+            update, codec, rng, self.persistent.get("residual"), self.cfg.compression.topk_fraction
+        )
+        if residual is not None:
+            self.persistent["residual"] = residual
+        return {"payload": payload, "bytes": payload_nbytes(payload)}
+
+    # --- secure aggregation: this platform's side of the protocol (fl_llm.privacy.secagg) -------
+
+    def secagg_advertise(self, round_: int, threshold: int) -> dict:
+        """Step 0: fresh key pairs for this round; returns the two public keys."""
+        from fl_llm.privacy.secagg import SecAggClient
+
+        self._secagg = SecAggClient(self.id, round_, threshold)
+        return self._secagg.advertise()
+
+    def _secagg_round(self):
+        if self._secagg is None:  # e.g. this process was restarted after the key exchange
+            raise RuntimeError(f"platform {self.id}: no secure-aggregation keys for this round")
+        return self._secagg
+
+    def secagg_share(self, keys: dict) -> dict:
+        """Step 1: {peer: encrypted Shamir shares of this platform's mask secrets}."""
+        return self._secagg_round().share(keys)
+
+    def _masked_upload(self, update: AdapterState, round_: int, sa: dict) -> dict:
+        """Step 2: the update weighted, clipped (client-level DP: to norm C, and the bit
+        1[‖Δ‖ ≤ C] appended for adaptive clipping), quantized into the ring and masked."""
+        from fl_llm.privacy.secagg import Ring
+        from fl_llm.strategies.base import flatten
+
+        vec = flatten([update])[0][0] * float(sa["weight"])
+        extra = []
+        if sa.get("clip") is not None:
+            norm = float(np.linalg.norm(vec))
+            vec = vec * min(1.0, sa["clip"] / (norm + 1e-12))
+            extra = [int(norm <= sa["clip"])]
+        ring = Ring(*sa["ring"])
+        encoded, clipped = ring.encode(vec, platform_rng(self.cfg.seed, round_, self.id, 3))
+        masked = self._secagg_round().mask(np.concatenate([encoded, np.asarray(extra, np.uint64)]), sa["inbox"], ring)
+        return {"masked": masked, "bytes": int(masked.nbytes), "secagg_clipped": clipped}
+
+    def secagg_reveal(self, survivors: list[int], dropped: list[int]) -> dict:
+        """Step 3: the shares that let the driver unmask the sum of the survivors, and no more."""
+        return self._secagg_round().reveal(survivors, dropped)
 
     def _before_training(self, round_: int, attempt: int, deadline: float | None, late_error) -> None:
         """An injected delay: sleep like a slow machine, but not past the round's deadline."""

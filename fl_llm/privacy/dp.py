@@ -78,15 +78,21 @@ def dp_mean(
     or removing one platform moves the sum by at most C, whatever the others sent."""
     clipped, norms = zip(*(clip_update(u, clip) for u in updates))
     vec, layout = flatten(list(clipped))
-    total = vec.sum(0)
-    if noise_std_multiplier:
-        total = total + rng.normal(0.0, noise_std_multiplier * clip, size=vec.shape[1])
     stats = {
         "dp_clip_norm": clip,
         "dp_update_norms": [round(n, 6) for n in norms],
         "dp_clipped_fraction": float(np.mean([n > clip for n in norms])),
     }
-    return unflatten(total / expected, layout), stats
+    return unflatten(noised_mean(vec.sum(0), clip, noise_std_multiplier, expected, rng), layout), stats
+
+
+def noised_mean(total: np.ndarray, clip: float, noise_std_multiplier: float, expected: int, rng) -> np.ndarray:
+    """(Σ clip(Δᵢ) + N(0, (z·C)²)) / m from the sum of the clipped updates — all the driver has
+    under secure aggregation, where each platform clips its own update before masking it."""
+    total = np.asarray(total, np.float64)
+    if noise_std_multiplier:
+        total = total + rng.normal(0.0, noise_std_multiplier * clip, size=total.shape)
+    return total / expected
 
 
 def adaptive_noise_multipliers(noise_multiplier: float, expected: int) -> tuple[float, float]:
@@ -104,13 +110,14 @@ def adaptive_noise_multipliers(noise_multiplier: float, expected: int) -> tuple[
 
 def adaptive_clip(
     clip: float,
-    norms: list[float],
+    unclipped: int,
     expected: int,
     sigma_b: float,
     rng: np.random.Generator,
     target_quantile: float = 0.5,
     lr: float = 0.2,
 ) -> float:
-    """C ← C·exp(−η·(b̃ − γ)) with b̃ = (Σ 1[‖Δᵢ‖ ≤ C] + N(0, σ_b²)) / m."""
-    unclipped = sum(1.0 for n in norms if n <= clip) + rng.normal(0.0, sigma_b)
-    return float(clip * math.exp(-lr * (unclipped / expected - target_quantile)))
+    """C ← C·exp(−η·(b̃ − γ)) with b̃ = (Σ 1[‖Δᵢ‖ ≤ C] + N(0, σ_b²)) / m; `unclipped` is the
+    count Σ 1[‖Δᵢ‖ ≤ C] (under secure aggregation: the sum of the platforms' masked bits)."""
+    noisy = unclipped + rng.normal(0.0, sigma_b)
+    return float(clip * math.exp(-lr * (noisy / expected - target_quantile)))

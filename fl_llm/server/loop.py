@@ -4,6 +4,8 @@
             adapter, a resumed run (`--resume`) picks up its newest checkpoint
     round:  sample -> broadcast -> local training (deadline) -> validate -> aggregate
             -> evaluate -> log, save, checkpoint
+            (secure aggregation adds a key and share exchange before training, and the
+            unmasking of the sum after it: the driver never holds one platform's update)
 
 Only adapter tensors and aggregate numbers pass through here; records never do.
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm import checkpoint
+from fl_llm.compression import decompress
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
@@ -33,6 +36,7 @@ from fl_llm.progress import Progress
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
 from fl_llm.server.guard import Failures, check_update
+from fl_llm.server import secure
 from fl_llm.server.privacy import Privacy
 from fl_llm.server.records import (
     attempt_record,
@@ -44,7 +48,9 @@ from fl_llm.server.records import (
     run_summary,
     too_few_message,
 )
+from fl_llm.privacy.secagg import SecAggError
 from fl_llm.strategies import STRATEGIES, Strategy
+from fl_llm.strategies.base import unflatten
 from fl_llm.strategies.lora import to_rank, update_to_global_rank
 from fl_llm.strategies.step import aggregate_round
 from fl_llm.tracking import RunDir, write_json
@@ -158,6 +164,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     merge_scale = lora.alpha / global_rank
     primary = task_of(cfg).primary
     timeout = cfg.server.round_timeout_s
+    secagg = cfg.privacy.secagg.enabled
     t_start = time.monotonic()
     resume_from = checkpoint.latest(rd.checkpoints) if resume else None
     if resume and resume_from is None:
@@ -223,25 +230,42 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                     break
 
                 # 2. Broadcast the global adapter: stored once, every platform reads the same copy
-                #    (plus what each lacks of the base merges, and SCAFFOLD's control variate) ---
+                #    (plus what each lacks of the base merges, and SCAFFOLD's control variate).
+                #    Secure aggregation first relays keys and encrypted shares; those who finish
+                #    that exchange train --------------------------------------------------------
                 t = time.monotonic()
-                fed.downlink.send(cohort)
-                args = {i: (handle, rnd, attempt, timeout, control, fed.merges.payload(i)) for i in cohort}
-                for i in cohort:
+                sr = secure.open_round(backend, cohort, rnd, cfg, timeout) if secagg else None
+                training = sr.parties if sr else cohort
+                fed.downlink.send(training)
+                args = {
+                    i: (handle, rnd, attempt, timeout, control, fed.merges.payload(i), _masking(sr, i, fed, info))
+                    for i in training
+                }
+                for i in training:
                     fed.downlink.add(i, fed.merges.payload_bytes(i) + (fed.downlink.size if control else 0))
                 secs["broadcast"] += time.monotonic() - t
 
                 # 3. Local training on each sampled platform, collected until the deadline -------
-                progress.phase(f"round {rnd}: {len(cohort)} platforms training")
+                progress.phase(f"round {rnd}: {len(training)} platforms training")
                 t = time.monotonic()
                 trained = backend.call_each(args, "train", timeout_s=timeout)
                 fed.merges.confirm(trained.results)
                 fed.privacy.spend_training(trained.results, names)  # every update received spent budget
                 secs["train"] += time.monotonic() - t
 
-                # 4. Validate: only well-formed, finite, bounded updates go on; restart the dead -
+                # 4. Validate: only well-formed, finite, bounded updates go on; restart the dead.
+                #    Under secure aggregation only the masked updates' form can be checked; the
+                #    survivors' shares then unmask their sum, or the attempt fails --------------
                 t = time.monotonic()
-                accepted, rejected = _validate(trained, fed.global_state, ranks, strategy, cfg)
+                if sr:
+                    accepted, rejected, unmasked = _unmask(sr, backend, trained, fed.global_state, strategy, cfg)
+                    for i, nbytes in sr.bytes_down.items():  # relayed keys, shares and lists
+                        fed.downlink.add(i, nbytes)
+                else:
+                    for r in trained.results.values():  # a compressed update, decoded
+                        if "payload" in r:
+                            r["update"] = decompress(r.pop("payload"))
+                    accepted, rejected = _validate(trained, fed.global_state, ranks, strategy, cfg)
                 restarted += _restart(backend, trained.dead, fed)
                 secs["validate"] += time.monotonic() - t
                 if len(accepted) >= cfg.server.min_platforms:
@@ -264,15 +288,21 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             # 5. Aggregate: the strategy's step on the valid updates (in the global rank); under
             #    client-level DP on their clipped, noised mean instead ----------------------------
             t = time.monotonic()
-            updates = [
-                update_to_global_rank(trained.results[i]["update"], fed.global_state, ranks[i], lora.alpha, global_rank)
-                for i in accepted
-            ]
-            weights = [trained.results[i]["num_examples"] for i in accepted]
-            dp_stats: dict = {}
+            if sr:  # only the (weighted, clipped) sum exists
+                updates, weights, dp_stats = _secure_mean(unmasked, accepted, fed, strategy, info, cfg, rnd)
+            else:
+                updates = [
+                    update_to_global_rank(
+                        trained.results[i]["update"], fed.global_state, ranks[i], lora.alpha, global_rank
+                    )
+                    for i in accepted
+                ]
+                weights = [trained.results[i]["num_examples"] for i in accepted]
+                dp_stats = {}
+                if fed.privacy.level == "client":
+                    noised, dp_stats = fed.privacy.private_mean(updates, cfg.seed, rnd)
+                    updates, weights = [noised], [1.0]
             if fed.privacy.level == "client":
-                noised, dp_stats = fed.privacy.private_mean(updates, cfg.seed, rnd)
-                updates, weights = [noised], [1.0]
                 fed.privacy.spend_round()
             result = aggregate_round(
                 strategy,
@@ -319,6 +349,9 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             )
             record.update(_strategy_metrics(result.metrics, accepted, names))
             record.update(dp_stats)
+            if sr:
+                record.pop("aggregation_error", None)  # needs the individual updates
+                record.update(_secagg_record(sr, trained, names))
             fed.privacy.metrics(record)
             _save_models(cfg, rd, fed, strategy, backend, in_run, base_name, global_rank, bool(result.merge))
             fed.round = rnd
@@ -406,6 +439,81 @@ def _validate(
         else:
             rejected[i] = f"update rejected: {why}"
     return accepted, rejected
+
+
+def _masking(sr: secure.SecureRound | None, i: int, fed: Federation, info: dict) -> dict | None:
+    """Platform i's inputs for masking its update: its weight nᵢ / max nⱼ (1 under client-level
+    DP, which also has it clip to C), and the shares addressed to it. None without secagg."""
+    if sr is None:
+        return None
+    if fed.privacy.level == "client":
+        return secure.upload_args(sr, i, 1.0, fed.privacy.clip)
+    largest = max(d["num_train"] for d in info.values())
+    return secure.upload_args(sr, i, info[i]["num_train"] / largest, None)
+
+
+def _upload_layout(global_state: AdapterState, strategy: Strategy) -> list[tuple[str, tuple[int, ...]]]:
+    """The (key, shape) order in which a platform flattens its update (sorted keys)."""
+    return [(k, global_state[k].shape) for k in sorted(strategy.upload_keys(global_state))]
+
+
+def _unmask(sr, backend, trained: Collected, global_state, strategy: Strategy, cfg: RunConfig):
+    """(platforms whose update is in the sum, {platform: why not}, (Σ, extras) or None)."""
+    for i, why in sr.failed.errors.items():  # dropped during the key exchange
+        trained.errors.setdefault(i, f"secure aggregation: {why}")
+    trained.late.extend(i for i in sr.failed.late if i not in trained.late)
+    trained.dead.extend(i for i in sr.failed.dead if i not in trained.dead)
+    size = sum(int(np.prod(shape)) for _, shape in _upload_layout(global_state, strategy))
+    extras = 1 if cfg.privacy.dp.level == "client" else 0
+    accepted, rejected = [], {}
+    for i in sorted(trained.results):
+        why = secure.check_masked(trained.results[i], size + extras, sr.ring)
+        if why:
+            rejected[i] = f"update rejected: {why}"
+        else:
+            accepted.append(i)
+    if len(accepted) < cfg.server.min_platforms:
+        return accepted, rejected, None
+    try:
+        masked = {i: trained.results[i]["masked"] for i in accepted}
+        unmasked = secure.close_round(sr, backend, masked, size, cfg.server.round_timeout_s)
+    except SecAggError as e:
+        return [], {**rejected, **{i: f"secure aggregation failed: {e}" for i in accepted}}, None
+    finally:
+        trained.dead.extend(i for i in sr.failed.dead if i not in trained.dead)
+        for i, r in trained.results.items():  # keys, shares and revealed shares went up too
+            r["bytes"] += sr.bytes_up.get(i, 0)
+    return accepted, rejected, unmasked
+
+
+def _secure_mean(unmasked, accepted: list[int], fed: Federation, strategy: Strategy, info: dict, cfg, rnd: int):
+    """The one update the strategy sees under secure aggregation: Σ wᵢΔᵢ / Σ wᵢ over the
+    survivors — or, under client-level DP, (Σ clip(Δᵢ) + noise) / m."""
+    total, extras = unmasked
+    layout = _upload_layout(fed.global_state, strategy)
+    if fed.privacy.level == "client":
+        mean, dp_stats = fed.privacy.private_sum(total, int(extras[0]), cfg.seed, rnd)
+        return [unflatten(mean, layout)], [1.0], dp_stats
+    largest = max(d["num_train"] for d in info.values())
+    weight = sum(info[i]["num_train"] / largest for i in accepted)
+    return [unflatten(total / weight, layout)], [1.0], {}
+
+
+def _secagg_record(sr: secure.SecureRound, trained: Collected, names: dict) -> dict:
+    """What the round log says about secure aggregation (aggregate numbers only)."""
+    clipped = [r["secagg_clipped"] for r in trained.results.values() if "secagg_clipped" in r]
+    return {
+        "secagg": {
+            "threshold": sr.threshold,
+            "ring_bits": sr.ring.bits,
+            "parties": len(sr.parties),
+            "dropped": [names[i] for i in sr.parties if i not in trained.results],
+            "clipped": max(clipped) if clipped else 0.0,
+            "seconds": round(sr.seconds, 4),
+            "bytes_up": {names[i]: b for i, b in sr.bytes_up.items()},
+            "bytes_down": {names[i]: b for i, b in sr.bytes_down.items()},
+        }
+    }
 
 
 def _control_handle(backend, strategy: Strategy, fed: Federation):

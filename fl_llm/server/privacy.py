@@ -3,7 +3,9 @@
     record level   each platform runs DP-SGD itself; the driver books every local step of every
                    update it receives against that platform's (ε, δ)
     client level   the driver clips every update to C, adds Gaussian noise to the uniform mean
-                   (DP-FedAvg), optionally adapts C, and books one release per round
+                   (DP-FedAvg), optionally adapts C, and books one release per round; under
+                   secure aggregation each platform clips its own update and the driver noises
+                   the sum it unmasks
 
 Before a round, `exhausted` says whether it would take any party past privacy.target_epsilon;
 the loop then ends the run cleanly instead. The ledger travels in every checkpoint.
@@ -19,7 +21,7 @@ import numpy as np
 from fl_llm.config import RunConfig
 from fl_llm.errors import UserError
 from fl_llm.privacy.accountant import Ledger, Mechanism, Party, calibrate
-from fl_llm.privacy.dp import adaptive_clip, adaptive_noise_multipliers, dp_mean
+from fl_llm.privacy.dp import adaptive_clip, adaptive_noise_multipliers, dp_mean, noised_mean
 from fl_llm.strategies.base import AdapterState
 
 FEDERATION = "federation"  # the one accounted party of client-level DP
@@ -142,18 +144,35 @@ class Privacy:
 
     def private_mean(self, updates: list[AdapterState], seed: int, round_: int) -> tuple[AdapterState, dict]:
         """Client level: DP-FedAvg's noisy mean of the clipped updates (and C adapted for next time)."""
+        rng, z_update, sigma_b, m = self._mechanism(seed, round_)
+        clip = self.clip
+        mean, stats = dp_mean(updates, clip, z_update, m, rng)
+        self._adapt(sum(1 for norm in stats["dp_update_norms"] if norm <= clip), sigma_b, m, rng)
+        return mean, stats
+
+    def private_sum(self, total: np.ndarray, unclipped: int, seed: int, round_: int) -> tuple[np.ndarray, dict]:
+        """Client level under secure aggregation: the platforms clipped their own updates to C and
+        the driver holds only their sum (and the sum of their bits 1[‖Δᵢ‖ ≤ C]): noise it, over m."""
+        rng, z_update, sigma_b, m = self._mechanism(seed, round_)
+        stats = {"dp_clip_norm": self.clip, "dp_unclipped": int(unclipped)}
+        mean = noised_mean(total, self.clip, z_update, m, rng)
+        self._adapt(unclipped, sigma_b, m, rng)
+        return mean, stats
+
+    def _mechanism(self, seed: int, round_: int):
+        """(noise generator, the update's noise multiplier, σ_b of the clip count, m)."""
         dp = self.cfg.privacy.dp
         m = self.cfg.server.platforms_per_round or self.cfg.data.num_platforms
         z = self.ledger.parties[FEDERATION].mechanism.noise_multiplier
         entropy = int.from_bytes(os.urandom(16), "little") if dp.secure_rng else None
         rng = np.random.default_rng(entropy if entropy is not None else [seed, round_, 0xD1F])
         z_update, sigma_b = adaptive_noise_multipliers(z, m) if dp.adaptive_clip else (z, 0.0)
-        mean, stats = dp_mean(updates, self.clip, z_update, m, rng)
+        return rng, z_update, sigma_b, m
+
+    def _adapt(self, unclipped: int, sigma_b: float, m: int, rng) -> None:
+        dp = self.cfg.privacy.dp
         if dp.adaptive_clip:
-            self.clip = adaptive_clip(
-                self.clip, stats["dp_update_norms"], m, sigma_b, rng, dp.target_quantile, dp.clip_lr
-            )
-        return mean, stats
+            self.clip = adaptive_clip(self.clip, unclipped, m, sigma_b, rng, dp.target_quantile, dp.clip_lr)
 
     def spend_round(self) -> None:
         if self.level == "client":

@@ -65,7 +65,8 @@ def round_record(rnd, primary, names, cohort, trained: Collected, accepted, reje
             p.update(r["metrics"])
             p["num_examples"] = r["num_examples"]
             p["bytes_up"] = r["bytes"]
-            p["update_norm"] = update_norm(r["update"])
+            if "update" in r:  # under secure aggregation the driver never sees it
+                p["update_norm"] = update_norm(r["update"])
         else:
             p["bytes_up"] = trained.results[i]["bytes"] if i in trained.results else 0
         p["bytes_down"] = sent.get(i, 0)
