@@ -174,3 +174,125 @@ def test_ring_encoding_is_unbiased_and_bounded():
     assert Ring.for_cohort(10, 1.0, levels=7).bits == 8
     assert Ring.for_cohort(3, 1.0, levels=127).bits == 16
     assert Ring.for_cohort(300, 1.0, levels=127).bits == 32
+
+
+# --- in a run -----------------------------------------------------------------------------------
+
+NAMES = ["fashion-mall", "gadget-hub", "home-market"]
+
+
+def _run(path, *overrides):
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+    from fl_llm.tracking import read_metrics
+    from tests.conftest import SMALL
+
+    summary = run(load(None, [*SMALL, "server.round_timeout_s=120", *overrides]), path)
+    return summary, read_metrics(path)
+
+
+@pytest.fixture(scope="module")
+def plain_and_secure(tmp_path_factory):
+    """The small default job with and without secure aggregation (local backend), everything the
+    driver received in the secure one recorded at the backend."""
+    from fl_llm.server import backends
+
+    root = tmp_path_factory.mktemp("secagg")
+    plain = _run(root / "plain", "backend=local")
+    received: list = []
+    original = backends.LocalBackend.call_each
+
+    def recording(self, args_by_id, method, *, timeout_s):
+        got = original(self, args_by_id, method, timeout_s=timeout_s)
+        received.extend((method, i, r) for i, r in got.results.items())
+        return got
+
+    backends.LocalBackend.call_each = recording
+    try:
+        secure = _run(root / "secure", "backend=local", "privacy.secagg.enabled=true")
+    finally:
+        backends.LocalBackend.call_each = original
+    return plain, secure, received
+
+
+def test_secure_run_reaches_the_plain_run_loss(plain_and_secure):
+    (_, plain), (summary, secure), _ = plain_and_secure
+    for a, b in zip(plain, secure):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=2e-3)  # within quantization noise
+        assert b["secagg"]["parties"] == 3 and b["secagg"]["dropped"] == [] and b["secagg"]["clipped"] == 0
+        assert b["secagg"]["ring_bits"] == 32 and b["secagg"]["threshold"] == 2
+        assert "aggregation_error" not in b
+        # masked vector (4 bytes per value) + keys, shares and revealed shares; the lists and
+        # everyone's keys come down on top of the adapter
+        assert b["bytes_up"] > a["bytes_up"] and b["bytes_down"] > a["bytes_down"]
+        assert all("update_norm" not in p for p in b["platforms"].values())
+    assert summary["status"] == "completed"
+
+
+def test_the_driver_receives_no_unmasked_update(plain_and_secure):
+    """Everything the platforms returned to the driver in the secure run: no float tensor, and
+    no integer vector that decodes to anything like a platform's (plain run) update."""
+    (_, plain), _, received = plain_and_secure
+    masked = [r["masked"] for method, _, r in received if method == "train"]
+    assert len(masked) == 6  # 3 platforms × 2 rounds
+    for method, _, r in received:
+        if method == "train":
+            assert set(r) == {"num_examples", "metrics", "masked", "bytes", "secagg_clipped"}
+        elif method in ("secagg_advertise", "secagg_share", "secagg_reveal"):
+            flat = r.values() if method != "secagg_reveal" else [*r["b"].values(), *r["s"].values()]
+            assert all(isinstance(v, (bytes, int)) for v in flat)
+    ring = Ring.for_cohort(3, 0.1)
+    for y in masked:
+        values = ring.decode(np.asarray(y, np.uint64))
+        assert np.median(np.abs(values)) > 0.01  # uniform ring elements decode to ~±0.05, not ~1e-3
+        assert (np.asarray(y, np.uint64) > 2**31).mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_fewer_than_t_survivors_leave_the_global_model_unchanged(tmp_path):
+    """t = 3 of 3 and one platform killed mid-training: the attempt has no sum, the global model
+    is untouched, and the retry (the kill fires once) completes the round; with too_few=stop
+    the run ends cleanly with no round logged."""
+    from fl_llm.server.loop import RunFailed
+
+    kill = "faults.kill=[{platform: 0, round: 1}]"
+    _, (row, _) = _run(tmp_path / "retry", "backend=local", "privacy.secagg.enabled=true", "privacy.secagg.threshold=3", kill)
+    (failed,) = row["attempts"]
+    assert NAMES[0] in failed["failed"]
+    assert all("secure aggregation failed" in why for name, why in failed["failed"].items() if name != NAMES[0])
+    assert all(p["participated"] for p in row["platforms"].values())
+    with pytest.raises(RunFailed):
+        _run(tmp_path / "stop", "backend=local", "privacy.secagg.enabled=true", "privacy.secagg.threshold=3",
+             "server.too_few=stop", kill)
+    assert not (tmp_path / "stop" / "metrics.jsonl").exists() or (tmp_path / "stop" / "metrics.jsonl").read_text() == ""
+    assert not (tmp_path / "stop" / "adapter").exists()
+
+
+def test_secure_run_with_client_dp_and_int8_on_ray(tmp_path):
+    """Ray actors, a platform process killed mid-round (os._exit): its pairwise masks are removed
+    with the survivors' shares and the round goes on; client-level DP noises the unmasked sum
+    (each platform clipped its own update); int8 narrows the masked ring to 16 bits."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary, rows = _run(
+            tmp_path / "r",
+            "server.rounds=3",
+            "privacy.secagg.enabled=true",
+            "compression.name=int8",
+            "privacy.dp.level=client",
+            "privacy.dp.noise_multiplier=0.01",
+            "privacy.dp.clip_norm=0.5",
+            "privacy.dp.secure_rng=false",
+            "faults.kill=[{platform: 1, round: 2}]",
+        )
+    finally:
+        ray.shutdown()
+    r2 = rows[1]
+    assert r2["secagg"]["dropped"] == [NAMES[1]] and r2["restarted"] == [NAMES[1]]
+    assert not r2["platforms"][NAMES[1]]["participated"]
+    assert all(r["secagg"]["ring_bits"] == 16 for r in rows)
+    assert all(r["dp_clip_norm"] == 0.5 and 0 <= r["dp_unclipped"] <= 3 for r in rows)
+    assert rows[2]["platforms"][NAMES[1]]["participated"] and rows[-1]["epsilon"] > 0
+    assert np.isfinite(rows[-1]["eval_loss"]) and rows[-1]["eval_loss"] < rows[0]["eval_loss"] + 0.5
+    assert summary["status"] == "completed"
