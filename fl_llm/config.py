@@ -251,7 +251,9 @@ class DpConfig:
 
 @dataclass
 class SecAggConfig:
-    enabled: bool = opt(False, "secure aggregation (Bonawitz et al. 2017): the driver learns only the sum of the updates")
+    enabled: bool = opt(
+        False, "secure aggregation (Bonawitz et al. 2017): the driver learns only the sum of the updates"
+    )
     threshold: int | None = opt(
         None,
         "t of the t-of-n secret sharing: the sum is recovered while at least t platforms of the round "

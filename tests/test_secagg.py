@@ -64,7 +64,9 @@ def encoded():
 )
 def test_masked_sum_equals_plaintext_sum(encoded, before_mask, before_reveal):
     ring, xs = encoded
-    total, survivors = run_protocol(xs, threshold=4, ring=ring, drop_before_mask=before_mask, drop_before_reveal=before_reveal)
+    total, survivors = run_protocol(
+        xs, threshold=4, ring=ring, drop_before_mask=before_mask, drop_before_reveal=before_reveal
+    )
     expected = masked_sum([xs[u] for u in survivors], ring)
     np.testing.assert_array_equal(total, expected)
     assert survivors == [u for u in range(6) if u not in before_mask]
@@ -255,14 +257,22 @@ def test_fewer_than_t_survivors_leave_the_global_model_unchanged(tmp_path):
     from fl_llm.server.loop import RunFailed
 
     kill = "faults.kill=[{platform: 0, round: 1}]"
-    _, (row, _) = _run(tmp_path / "retry", "backend=local", "privacy.secagg.enabled=true", "privacy.secagg.threshold=3", kill)
+    _, (row, _) = _run(
+        tmp_path / "retry", "backend=local", "privacy.secagg.enabled=true", "privacy.secagg.threshold=3", kill
+    )
     (failed,) = row["attempts"]
     assert NAMES[0] in failed["failed"]
     assert all("secure aggregation failed" in why for name, why in failed["failed"].items() if name != NAMES[0])
     assert all(p["participated"] for p in row["platforms"].values())
     with pytest.raises(RunFailed):
-        _run(tmp_path / "stop", "backend=local", "privacy.secagg.enabled=true", "privacy.secagg.threshold=3",
-             "server.too_few=stop", kill)
+        _run(
+            tmp_path / "stop",
+            "backend=local",
+            "privacy.secagg.enabled=true",
+            "privacy.secagg.threshold=3",
+            "server.too_few=stop",
+            kill,
+        )
     assert not (tmp_path / "stop" / "metrics.jsonl").exists() or (tmp_path / "stop" / "metrics.jsonl").read_text() == ""
     assert not (tmp_path / "stop" / "adapter").exists()
 

@@ -172,7 +172,9 @@ def _keypair() -> tuple[bytes, bytes]:
 
 
 def public_of(secret_key: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(secret_key).public_key().public_bytes(RAW, serialization.PublicFormat.Raw)
+    return (
+        X25519PrivateKey.from_private_bytes(secret_key).public_key().public_bytes(RAW, serialization.PublicFormat.Raw)
+    )
 
 
 def _info(kind: str, round_: int, u: int, v: int) -> bytes:
@@ -250,7 +252,9 @@ class SecAggClient:
         if self.revealed:
             raise SecAggError(f"round {self.round}: shares were already revealed")
         if s & d or self.me not in s:
-            raise SecAggError(f"round {self.round}: a party listed as both survivor and dropped, or I am not a survivor")
+            raise SecAggError(
+                f"round {self.round}: a party listed as both survivor and dropped, or I am not a survivor"
+            )
         if not (s | d) <= set(self.inbox) | {self.me}:
             raise SecAggError(f"round {self.round}: asked about parties whose shares I do not hold")
         if len(s) < self.threshold:

@@ -32,11 +32,12 @@ from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import AdapterState, save_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, resolve_name, save_base
+from fl_llm.privacy.secagg import SecAggError
 from fl_llm.progress import Progress
+from fl_llm.server import secure
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
 from fl_llm.server.guard import Failures, check_update
-from fl_llm.server import secure
 from fl_llm.server.privacy import Privacy
 from fl_llm.server.records import (
     attempt_record,
@@ -48,7 +49,6 @@ from fl_llm.server.records import (
     run_summary,
     too_few_message,
 )
-from fl_llm.privacy.secagg import SecAggError
 from fl_llm.strategies import STRATEGIES, Strategy
 from fl_llm.strategies.base import unflatten
 from fl_llm.strategies.lora import to_rank, update_to_global_rank
