@@ -93,6 +93,22 @@ CASES = [
         "cannot run with strategy.name=median",
     ),
     ("delta out of range", lambda t: ["run", "privacy.delta=0.5"], "'privacy.delta' must be <= 0.1"),
+    (
+        "secagg with a robust rule",
+        lambda t: ["run", "privacy.secagg.enabled=true", "strategy.name=median"],
+        "reveals only the sum of the updates",
+    ),
+    (
+        "secagg with top-k",
+        lambda t: ["run", "privacy.secagg.enabled=true", "compression.name=topk"],
+        "use compression.name=int8 or int4",
+    ),
+    (
+        "secagg threshold above the cohort",
+        lambda t: ["run", "privacy.secagg.enabled=true", "privacy.secagg.threshold=4"],
+        "'privacy.secagg.threshold' must be at most the platforms per round (3)",
+    ),
+    ("unknown codec", lambda t: ["run", "compression.name=zip"], "'compression.name' must be 'none'"),
     ("audit nothing", lambda t: ["audit", str(t / "no-run")], "no such run directory"),
     ("audit not a run", lambda t: ["audit", str(t)], "not a run directory"),
 ]
