@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState
+from fl_llm.strategies.base import AdapterState, flatten, unflatten
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk")
 GROUP = 256  # values per int8/int4 scale: 4 bytes of scale per 256 values (1.6% for int8)
@@ -24,18 +24,8 @@ LEVELS = {"int8": 127, "int4": 7}  # symmetric integer range per value
 
 
 def _flat(update: AdapterState) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
-    layout = [(k, update[k].shape) for k in sorted(update)]
-    vec = np.concatenate([np.asarray(update[k], np.float32).ravel() for k, _ in layout]) if layout else np.zeros(0)
-    return vec.astype(np.float32), layout
-
-
-def _unflat(vec: np.ndarray, layout) -> AdapterState:
-    out, pos = {}, 0
-    for k, shape in layout:
-        size = int(np.prod(shape))
-        out[k] = vec[pos : pos + size].reshape(shape).astype(np.float32)
-        pos += size
-    return out
+    vec, layout = flatten([update])
+    return vec[0].astype(np.float32), layout
 
 
 def stochastic_round(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -117,7 +107,7 @@ def compress(
         payload["indices"], payload["values"] = idx, vec[idx].astype(np.float32)
         rest = vec.copy()
         rest[idx] = 0.0
-        return payload, _unflat(rest, layout)
+        return payload, unflatten(rest, layout)
     return payload, None
 
 
@@ -140,7 +130,7 @@ def decompress(payload: dict) -> AdapterState:
         raise ValueError(f"unknown codec {codec!r}")
     if len(vec) != n:
         raise ValueError(f"payload holds {len(vec)} values, its header says {n}")
-    return _unflat(vec, payload["layout"])
+    return unflatten(vec, payload["layout"])
 
 
 def payload_nbytes(payload: dict) -> int:

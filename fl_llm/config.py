@@ -497,17 +497,24 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     _check_secagg(cfg, STRATEGIES[cfg.strategy.name], cohort)
 
 
+def _refuse_individual(cfg: RunConfig, strategy, setting: str, because: str) -> None:
+    """`setting` hides individual updates: refuse strategies that need them."""
+    if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
+        robust = f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else ""
+        raise UserError(
+            f"{setting} cannot run with strategy.name={strategy.name}{robust}: {because}, and this strategy "
+            "needs each platform's update (or control variate) in the clear; use a FedAvg-family, fedprox, "
+            "fedit, ffa or fedsa strategy"
+        )
+
+
 def _check_secagg(cfg: RunConfig, strategy, cohort: int) -> None:
     sa = cfg.privacy.secagg
     if not sa.enabled:
         return
-    if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
-        raise UserError(
-            f"privacy.secagg.enabled=true cannot run with strategy.name={strategy.name}"
-            + (f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else "")
-            + ": secure aggregation reveals only the sum of the updates, and this strategy needs each "
-            "platform's update (or control variate); use a FedAvg-family, fedprox, fedit, ffa or fedsa strategy"
-        )
+    _refuse_individual(
+        cfg, strategy, "privacy.secagg.enabled=true", "secure aggregation reveals only the sum of the updates"
+    )
     if cfg.compression.name in ("fp16", "bf16", "topk"):
         raise UserError(
             f"compression.name={cfg.compression.name} cannot run under secure aggregation: masked updates are "
@@ -539,14 +546,9 @@ def _check_privacy(cfg: RunConfig, strategy, cohort: int) -> None:
     if dp.adaptive_clip and dp.level != "client":
         raise UserError("config key 'privacy.dp.adaptive_clip' applies to privacy.dp.level=client only")
     if dp.level == "client":
-        if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
-            raise UserError(
-                f"privacy.dp.level=client cannot run with strategy.name={strategy.name}"
-                + (f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else "")
-                + ": DP-FedAvg noises the plain mean of clipped updates, and this strategy needs each "
-                "platform's update (or control variate) in the clear; use a FedAvg-family, fedprox, fedit, "
-                "ffa or fedsa strategy"
-            )
+        _refuse_individual(
+            cfg, strategy, "privacy.dp.level=client", "DP-FedAvg noises the plain mean of clipped updates"
+        )
         if dp.adaptive_clip and dp.noise_multiplier is not None and dp.noise_multiplier >= cohort / 10:
             raise UserError(
                 f"privacy.dp.adaptive_clip needs privacy.dp.noise_multiplier below m/10 = {cohort / 10:g} "
