@@ -122,6 +122,15 @@ class ClientConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", min=0)
     eval_batch_size: int = opt(64, "examples per evaluation forward pass", min=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto' uses a GPU when the actor has one")
+    pack_length: int = opt(
+        0,
+        "pack each step's examples into rows of this many tokens, no attention across examples (0 = pad "
+        "each example to the batch's longest instead); at least model.max_length",
+        min=0,
+    )
+    gradient_checkpointing: bool = opt(
+        False, "recompute activations in the backward pass: less memory, ~30% more compute"
+    )
 
 
 @dataclass
@@ -495,6 +504,25 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     _check_strategy(cfg, STRATEGIES[cfg.strategy.name], cohort)
     _check_privacy(cfg, STRATEGIES[cfg.strategy.name], cohort)
     _check_secagg(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    _check_packing(cfg)
+
+
+def _check_packing(cfg: RunConfig) -> None:
+    c = cfg.client
+    if not c.pack_length:
+        return
+    if cfg.model.kind != "causal_lm":
+        raise UserError("config key 'client.pack_length' needs model.kind=causal_lm (a classifier is not packed)")
+    if cfg.privacy.dp.level == "record":
+        raise UserError(
+            "config key 'client.pack_length' must be 0 with privacy.dp.level=record: DP-SGD clips each example's "
+            "gradient, and a packed row mixes several examples"
+        )
+    if c.pack_length < cfg.model.max_length:
+        raise UserError(
+            f"config key 'client.pack_length' must be at least model.max_length ({cfg.model.max_length}), "
+            f"got {c.pack_length}: every example has to fit one row"
+        )
 
 
 def _refuse_individual(cfg: RunConfig, strategy, setting: str, because: str) -> None:

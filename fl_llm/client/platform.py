@@ -71,6 +71,9 @@ class Platform:
         self.global_rank = max(lora.ranks) if lora.ranks else lora.r
         self.rank = lora.ranks[platform_id] if lora.ranks and platform_id >= 0 else self.global_rank
         self.model = apply_lora(base, self.cfg.model, self.cfg.seed, rank=self.rank)
+        if self.cfg.client.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
         if self.strategy.lora == "ffa":
             for name, param in self.model.named_parameters():
                 if ".lora_A." in name:
@@ -238,6 +241,7 @@ class Platform:
                 prox_mu=self.cfg.strategy.mu if self.strategy.client == "prox" else 0.0,
                 correction={k: control[k] - c_i[k] for k in c_i} if scaffold and control is not None else None,
                 dp=dp,
+                pack_length=c.pack_length,
             )
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}

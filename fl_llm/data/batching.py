@@ -111,3 +111,54 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]
         "targets": targets,
         "score_idx": keep - 1 - alen,
     }
+
+
+def pack(enc: Encoded, idx: np.ndarray, pad_id: int, row_len: int) -> dict[str, np.ndarray]:
+    """The examples `idx` packed into as few rows of at most `row_len` tokens as first-fit
+    decreasing finds, instead of one padded row each: short, uneven e-commerce prompts then fill
+    the sequence instead of padding it.
+
+    No attention crosses an example boundary: position ids restart at 0 for every example (and
+    for the padding at a row's end), and with no attention mask transformers turns those restarts
+    into a block-diagonal causal mask (sdpa / flex) or varlen flash-attention. Returns model
+    inputs (input_ids, position_ids) and the answer targets as flat lists — `rows`, `cols` of
+    each predicting position and its `targets` token — so that only those positions ever meet the
+    vocabulary projection (the memory-saving loss for large vocabularies).
+    """
+    if enc.kind != "causal_lm":
+        raise ValueError("packing applies to causal LM examples")
+    order = sorted((int(i) for i in idx), key=lambda i: -len(enc.input_ids[i]))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = len(enc.input_ids[i])
+        slot = next((b for b in range(len(bins)) if free[b] >= n), None)
+        if slot is None:
+            bins.append([i])
+            free.append(row_len - n)
+        else:
+            bins[slot].append(i)
+            free[slot] -= n
+    width = max(row_len - f for f in free)
+    ids = np.full((len(bins), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(bins), width), dtype=np.int64)
+    rows, cols, targets = [], [], []
+    for r, members in enumerate(bins):
+        c = 0
+        for i in members:
+            tokens, n, a = enc.input_ids[i], len(enc.input_ids[i]), int(enc.answer_len[i])
+            ids[r, c : c + n] = tokens
+            positions[r, c : c + n] = np.arange(n)
+            for j in range(a):  # position c+n-1-a+j predicts answer token n-a+j
+                rows.append(r)
+                cols.append(c + n - 1 - a + j)
+                targets.append(tokens[n - a + j])
+            c += n
+        positions[r, c:] = np.arange(width - c)  # the padding: a segment of its own, no targets
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "rows": np.asarray(rows, dtype=np.int64),
+        "cols": np.asarray(cols, dtype=np.int64),
+        "targets": np.asarray(targets, dtype=np.int64),
+    }
