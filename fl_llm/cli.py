@@ -5,6 +5,7 @@
     fl-llm run backend=local                    # same platforms in this process, for debugging
     fl-llm run --resume runs/default-20261125-101500   # continue a stopped run from its checkpoint
     fl-llm compare [CONFIG] [KEY=VALUE ...]     # local-only vs federated vs centralized
+    fl-llm bench [CONFIG] [KEY=VALUE ...]       # throughput vs plain transformers + peft, federation overhead
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
 
@@ -238,6 +239,35 @@ def cmd_audit(ns) -> int:
     return 0
 
 
+def cmd_bench(ns) -> int:
+    import json
+
+    from fl_llm.bench import bench, shape_overrides, summary_lines
+
+    if ns.pack_length < ns.max_length:
+        raise UserError(f"--pack-length ({ns.pack_length}) must be at least --max-length ({ns.max_length})")
+    if min(ns.steps, ns.examples) < 1 or ns.warmup < 0 or ns.rounds < 0:
+        raise UserError("--steps and --examples must be at least 1, --warmup and --rounds at least 0")
+    path, overrides = _split_config_args(ns.args)
+    cfg = config_mod.load(path, [*shape_overrides(ns.shape, ns.max_length), *overrides])
+    result = bench(
+        cfg,
+        shape=ns.shape,
+        steps=ns.steps,
+        warmup=ns.warmup,
+        pack_length=ns.pack_length,
+        rounds=ns.rounds,
+        examples=ns.examples,
+        peak_tflops=ns.peak_tflops,
+    )
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(summary_lines(result)))
+    print(f"bench: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     doc = (__doc__ or "").strip()
     parser = argparse.ArgumentParser(
@@ -293,6 +323,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="members and non-members per platform (default 1000)",
     )
     p.set_defaults(func=cmd_audit)
+    p = sub.add_parser(
+        "bench",
+        help="throughput against plain transformers + peft, and the federation's overhead",
+        description=(__import__("fl_llm.bench", fromlist=["x"]).__doc__ or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
+    p.add_argument(
+        "--shape", choices=["tiny", "1b", "8b"], default="tiny", help="Llama shape of the model (default tiny)"
+    )
+    p.add_argument("--max-length", type=int, default=1024, help="longest example in tokens (default 1024)")
+    p.add_argument("--pack-length", type=int, default=2048, help="tokens per packed row (default 2048)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per variant (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--examples", type=int, default=512, help="examples drawn at e-commerce lengths (default 512)")
+    p.add_argument("--rounds", type=int, default=4, help="federated rounds to time, 0 to skip (default 4)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the hardware's peak, for MFU")
+    p.add_argument("--out", default="bench.json", help="where the JSON goes (default bench.json)")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.set_defaults(func=cmd_config)

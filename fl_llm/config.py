@@ -35,6 +35,7 @@ class TinyModelConfig:
     hidden_size: int = opt(128, "width of the built-in tiny Llama", min=8)
     num_layers: int = opt(2, "transformer blocks", min=1)
     num_heads: int = opt(4, "attention heads (must divide hidden_size)", min=1)
+    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention (null = num_heads)", min=1)
     intermediate_size: int = opt(256, "MLP width", min=8)
     max_positions: int = opt(512, "longest sequence the model accepts", min=16)
 
@@ -434,6 +435,11 @@ def _check_cross_fields(cfg: RunConfig) -> None:
         raise UserError(
             f"config key 'model.tiny.num_heads' must divide model.tiny.hidden_size "
             f"({tiny.hidden_size}), got {tiny.num_heads}"
+        )
+    if tiny.num_kv_heads and tiny.num_heads % tiny.num_kv_heads:
+        raise UserError(
+            f"config key 'model.tiny.num_kv_heads' must divide model.tiny.num_heads ({tiny.num_heads}), "
+            f"got {tiny.num_kv_heads}"
         )
     n = cfg.data.num_platforms
     sizes = cfg.data.synthetic.train_examples

@@ -25,6 +25,17 @@ def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.
     return np.random.default_rng([seed, round_, platform % 2**32, purpose])  # POOLED is -1
 
 
+def _peak_memory(device) -> int:
+    """Peak memory of this platform's process: GPU memory allocated on a GPU, else resident RAM."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 class Platform:
     """One platform. `hard_exit`: an injected kill really ends the process (a Ray actor); in the
     driver's own process (the local backend) it raises `InjectedKill` instead."""
@@ -242,6 +253,7 @@ class Platform:
                 correction={k: control[k] - c_i[k] for k in c_i} if scaffold and control is not None else None,
                 dp=dp,
                 pack_length=c.pack_length,
+                autocast=self.cfg.model.dtype == "bfloat16",
             )
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
@@ -257,6 +269,7 @@ class Platform:
         bad = faults.corruption(self.cfg.faults, self.id, round_)
         if bad:
             update = faults.corrupt(update, bad.kind, bad.factor, seed=self.cfg.seed * 100_003 + round_)
+        metrics["peak_memory_bytes"] = _peak_memory(self.device)
         result.update(self._masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0

@@ -96,6 +96,7 @@ def local_train(
     correction: dict | None = None,
     dp: DpSgd | None = None,
     pack_length: int = 0,
+    autocast: bool = False,
 ) -> dict:
     """Train the trainable (adapter) parameters for `steps` optimizer steps; returns train metrics.
 
@@ -108,7 +109,8 @@ def local_train(
     correction) are added after the noise, as post-processing. `pack_length`: pack each batch's
     examples into rows of that many tokens (`fl_llm.data.batching.pack`) instead of padding them;
     the same examples, the same loss, fewer wasted positions. Metrics count the useful (non-pad)
-    `tokens` and the `slots` (positions computed, padding included).
+    `tokens` and the `slots` (positions computed, padding included). `autocast`: bf16 autocast
+    of the forward pass on a GPU (for a bf16 base model).
     """
     import torch
 
@@ -135,6 +137,7 @@ def local_train(
         batches = batch_indices(len(enc), batch_size, steps, rng)
     losses, dp_stats = [], []
     tokens, slots = 0, 0
+    use_autocast = autocast and torch.device(device).type == "cuda"
     try:
         for step, idx in enumerate(batches):
             if deadline is not None and time.monotonic() > deadline:
@@ -148,7 +151,8 @@ def local_train(
             else:
                 batch = pack(enc, idx, pad_id, pack_length) if pack_length else collate(enc, idx, pad_id)
                 slots += batch["input_ids"].size
-                logits, targets = _forward(model, batch, device)
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_autocast):
+                    logits, targets = _forward(model, batch, device)
                 loss = _answer_loss(logits, targets, "mean")
                 objective = loss + proximal_term(params, anchors, prox_mu) if prox_mu else loss
                 objective.backward()

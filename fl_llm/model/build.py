@@ -69,7 +69,7 @@ def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, i
         hidden_size=t.hidden_size,
         num_hidden_layers=t.num_layers,
         num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads or t.num_heads,
         intermediate_size=t.intermediate_size,
         max_position_embeddings=t.max_positions,
         tie_word_embeddings=True,

@@ -1,0 +1,312 @@
+"""`fl-llm bench`: how fast fl_llm trains, against plain transformers + peft on the same model,
+data and hardware — and what the federation costs on top. Two measurements, one JSON file:
+
+  step        the platforms' own training step (`fl_llm.client.train.local_train`: padded, or
+              packed rows with no attention across examples and the vocabulary projected only
+              where an answer is; bf16 autocast on a GPU) against the loop a user would write
+              (the method of ../shared/bench/hf_peft_baseline.py: full-sequence logits, padded
+              batches, or packed rows without boundaries), same model, same examples, drawn from
+              the e-commerce prompt-length distribution (log-normal, mean ≈ 220 tokens)
+  federation  a short federated run of the config (Ray, as configured); each round's wall time
+              split into local training (the slowest platform), collect, broadcast, aggregate,
+              save and evaluate; federation overhead = 1 − slowest local training ÷ round wall
+              time without evaluation, averaged after the first (warm-up) round
+
+Useful tokens are non-pad tokens. MFU = 4·N·tokens/s ÷ peak FLOP/s (N base parameters: forward
+plus activation gradients, no weight gradients for frozen weights), reported when the peak is
+known (--peak-tflops, or 790 TFLOP/s bf16 on an H100/H200 as measured for the baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import platform as host
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fl_llm.data.batching import Encoded
+
+# Llama shapes: the built-in model at these sizes, with random weights (model.tiny.*)
+SHAPES = {
+    "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 256},
+    "1b": {"hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4, "intermediate_size": 5632},
+    "8b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 14336},
+}
+KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, measured (../shared/bench)
+
+
+def shape_overrides(shape: str, max_length: int) -> list[str]:
+    return [f"model.tiny.{k}={v}" for k, v in SHAPES[shape].items()] + [
+        f"model.tiny.max_positions={max(max_length, 512)}",
+        f"model.max_length={max_length}",
+    ]
+
+
+def ecommerce_lengths(n: int, rng: np.random.Generator, cap: int) -> np.ndarray:
+    """Prompt lengths of e-commerce examples: log-normal(5.2, 0.6), mean ≈ 220, within [16, cap]."""
+    return np.clip(rng.lognormal(5.2, 0.6, n), 16, cap).astype(np.int64)
+
+
+def bench_examples(n: int, vocab: int, max_length: int, seed: int = 0) -> Encoded:
+    """n examples of random tokens at e-commerce lengths, the last token of each the answer."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(10, vocab, size=int(k), dtype=np.int64) for k in ecommerce_lengths(n, rng, max_length)]
+    return Encoded(rows, np.ones(n, np.int64), np.zeros(n, np.int64))
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # the process, not resettable
+
+
+def _reset_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fresh_model(cfg, device):
+    from fl_llm.model.adapters import apply_lora
+    from fl_llm.model.build import build_base
+
+    base, tokenizer = build_base(cfg.model, cfg.seed)
+    n_base = sum(p.numel() for p in base.parameters())
+    base.to(device)
+    model = apply_lora(base, cfg.model, cfg.seed)
+    if cfg.client.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, tokenizer, n_base
+
+
+def fl_llm_step(cfg, enc: Encoded, pack_length: int, steps: int, warmup: int) -> dict:
+    """Useful tokens/s of the platforms' own training loop (one platform, this process)."""
+    from fl_llm.client.train import local_train
+
+    device = _device()
+    model, tokenizer, n_base = _fresh_model(cfg, device)
+    kw = dict(
+        batch_size=cfg.client.batch_size,
+        lr=cfg.client.lr,
+        weight_decay=0.0,
+        max_grad_norm=cfg.client.max_grad_norm,
+        device=device,
+        pad_id=tokenizer.pad_token_id,
+        pack_length=pack_length,
+        autocast=cfg.model.dtype == "bfloat16",
+    )
+    local_train(model, enc, steps=warmup, rng=np.random.default_rng(1), **kw)
+    _reset_memory(device)
+    t0 = time.perf_counter()
+    out = local_train(model, enc, steps=steps, rng=np.random.default_rng(2), **kw)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return _throughput(out["tokens"], out["slots"], seconds, n_base, device)
+
+
+def baseline_step(cfg, enc: Encoded, mode: str, pack_length: int, steps: int, warmup: int) -> dict:
+    """Useful tokens/s of plain transformers + peft as a user would write it: the model called
+    with labels (full-sequence logits), AdamW, bf16 autocast on a GPU; `mode` padded (right
+    padding, attention mask) or packed (the examples concatenated and cut into full rows)."""
+    import torch
+
+    device = _device()
+    model, tokenizer, n_base = _fresh_model(cfg, device)
+    pad = tokenizer.pad_token_id
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.client.lr)
+    rng = np.random.default_rng(3)
+    bs = cfg.client.batch_size
+
+    def batch():
+        idx = rng.choice(len(enc), size=min(bs, len(enc)), replace=False)
+        rows = [enc.input_ids[i] for i in idx]
+        if mode == "packed":
+            stream = np.concatenate(rows)
+            n_rows = max(1, len(stream) // pack_length)
+            ids = stream[: n_rows * pack_length].reshape(n_rows, -1) if len(stream) >= pack_length else stream[None]
+            return ids, np.ones_like(ids)
+        width = max(len(r) for r in rows)
+        ids, mask = np.full((len(rows), width), pad), np.zeros((len(rows), width), np.int64)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)], mask[j, : len(r)] = r, 1
+        return ids, mask
+
+    def step():
+        ids, mask = batch()
+        ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+        labels = ids_t.masked_fill(mask_t == 0, -100)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids_t, attention_mask=mask_t, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(mask.sum()), int(mask.size)
+
+    model.train()
+    for _ in range(warmup):
+        step()
+    _reset_memory(device)
+    t0 = time.perf_counter()
+    tokens = slots = 0
+    for _ in range(steps):
+        t, s = step()
+        tokens, slots = tokens + t, slots + s
+    _sync(device)
+    return _throughput(tokens, slots, time.perf_counter() - t0, n_base, device)
+
+
+def _throughput(tokens: int, slots: int, seconds: float, n_base: int, device) -> dict:
+    return {
+        "useful_tokens_per_s": tokens / seconds,
+        "useful_fraction": tokens / max(slots, 1),
+        "seconds": seconds,
+        "tokens": tokens,
+        "flops_per_s": 4.0 * n_base * tokens / seconds,
+        "base_parameters": n_base,
+        "peak_memory_gib": _peak_memory(device) / 2**30,
+        # on a GPU the peak allocated during this measurement; on a CPU the process's resident
+        # high-water mark so far (it cannot be reset, so later variants include earlier peaks)
+        "memory": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",
+    }
+
+
+def federation(cfg, rounds: int) -> dict:
+    """A real federated run of `cfg` for `rounds` rounds; the round time split and overhead."""
+    from fl_llm.server.loop import run
+    from fl_llm.tracking import read_metrics
+
+    with tempfile.TemporaryDirectory(prefix="fl-llm-bench-") as tmp:
+        cfg.server.rounds, cfg.tracking.progress = rounds, False
+        run(cfg, Path(tmp) / "run")
+        rows = read_metrics(Path(tmp) / "run")
+    per_round = []
+    for r in rows:
+        sec = r["seconds"]
+        trained = [p for p in r["platforms"].values() if p.get("participated")]
+        local = max(p["train_seconds"] for p in trained)
+        wall = sec["round"] - sec.get("evaluate", 0.0)
+        per_round.append(
+            {
+                "round": r["round"],
+                "wall_s": sec["round"],
+                "train_s": local,
+                "collect_s": sec["train"] - local,
+                "broadcast_s": sec["broadcast"] + sec["sample"],
+                "aggregate_s": sec["validate"] + sec["aggregate"],
+                "save_s": sec["save"],
+                "evaluate_s": sec.get("evaluate", 0.0),
+                "overhead": 1.0 - local / wall,
+                "useful_tokens_per_s": sum(p.get("tokens", 0) for p in trained) / wall,
+                "bytes": r["bytes_up"] + r["bytes_down"],
+                "peak_memory_gib": {n: p.get("peak_memory_bytes", 0) / 2**30 for n, p in r["platforms"].items()},
+            }
+        )
+    steady = per_round[1:] or per_round
+    return {
+        "rounds": per_round,
+        "overhead": float(np.mean([r["overhead"] for r in steady])),
+        "useful_tokens_per_s": float(np.mean([r["useful_tokens_per_s"] for r in steady])),
+        "bytes_per_round": float(np.mean([r["bytes"] for r in steady])),
+        "platforms": len(rows[0]["platforms"]) if rows else 0,
+    }
+
+
+def hardware() -> dict:
+    import os
+
+    import torch
+
+    info = {"cpu": host.processor() or host.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return info
+
+
+def peak_flops(peak_tflops: float | None, hw: dict) -> float | None:
+    if peak_tflops:
+        return peak_tflops * 1e12
+    gpu = hw.get("gpu", "")
+    return next((v * 1e12 for k, v in KNOWN_PEAK_TFLOPS.items() if k in gpu), None)
+
+
+def bench(cfg, *, shape: str, steps: int, warmup: int, pack_length: int, rounds: int, examples: int, peak_tflops):
+    """Everything above, as one dict (what `fl-llm bench` writes)."""
+    hw = hardware()
+    enc = bench_examples(examples, vocab=8000, max_length=cfg.model.max_length, seed=cfg.seed)
+    lengths = np.array([len(r) for r in enc.input_ids])
+    result = {
+        "hardware": hw,
+        "shape": shape,
+        "model": {k: getattr(cfg.model.tiny, k) for k in SHAPES[shape]},
+        "lora": {"r": cfg.model.lora.r, "target_modules": cfg.model.lora.target_modules},
+        "batch_size": cfg.client.batch_size,
+        "pack_length": pack_length,
+        "lengths": {"mean": float(lengths.mean()), "p50": float(np.median(lengths)), "max": int(lengths.max())},
+        "step": {
+            "fl_llm_packed": fl_llm_step(cfg, enc, pack_length, steps, warmup),
+            "fl_llm_padded": fl_llm_step(cfg, enc, 0, steps, warmup),
+            "baseline_packed": baseline_step(cfg, enc, "packed", pack_length, steps, warmup),
+            "baseline_padded": baseline_step(cfg, enc, "padded", pack_length, steps, warmup),
+        },
+    }
+    peak = peak_flops(peak_tflops, hw)
+    for row in result["step"].values():
+        row["mfu"] = row["flops_per_s"] / peak if peak else None
+    ours = result["step"]["fl_llm_packed"]["useful_tokens_per_s"]
+    result["ratio"] = {
+        "vs_baseline_packed": ours / result["step"]["baseline_packed"]["useful_tokens_per_s"],
+        "vs_baseline_padded": ours / result["step"]["baseline_padded"]["useful_tokens_per_s"],
+    }
+    if rounds:
+        result["federation"] = federation(cfg, rounds)
+    return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = [f"hardware: {json.dumps(result['hardware'])}", f"shape {result['shape']}: {result['model']}"]
+    for name, row in result["step"].items():
+        mfu = f"  MFU {row['mfu']:.3f}" if row.get("mfu") is not None else ""
+        lines.append(
+            f"  {name:<16} {row['useful_tokens_per_s']:>10.0f} useful tokens/s  "
+            f"({row['useful_fraction']:.0%} of positions useful){mfu}  peak {row['peak_memory_gib']:.2f} GiB"
+        )
+    r = result["ratio"]
+    lines.append(
+        f"  fl_llm packed / baseline: {r['vs_baseline_packed']:.2f}x packed, {r['vs_baseline_padded']:.2f}x padded"
+    )
+    if "federation" in result:
+        f = result["federation"]
+        lines.append(
+            f"federation: {f['platforms']} platforms, overhead {f['overhead']:.1%} of round time (steady state), "
+            f"{f['useful_tokens_per_s']:.0f} useful tokens/s, {f['bytes_per_round'] / 1e6:.2f} MB per round"
+        )
+        for row in f["rounds"]:
+            lines.append(
+                f"  round {row['round']}: wall {row['wall_s']:.2f} s = train {row['train_s']:.2f} + collect "
+                f"{row['collect_s']:.2f} + broadcast {row['broadcast_s']:.3f} + aggregate {row['aggregate_s']:.3f} "
+                f"+ save {row['save_s']:.3f} + evaluate {row['evaluate_s']:.2f}  (overhead {row['overhead']:.1%})"
+            )
+    return lines
