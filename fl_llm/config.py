@@ -182,6 +182,12 @@ class RayConfig:
     gpus_per_platform: float | None = opt(
         None, "GPUs per platform actor (null = share the cluster's GPUs evenly, 0 if it has none)", min=0
     )
+    platforms_per_gpu: int = opt(
+        1,
+        "platforms per host actor, which holds the base model once (one GPU each where there are GPUs) and "
+        "trains its platforms' own adapters in turn; 1 = one actor per platform",
+        min=1,
+    )
 
 
 @dataclass
@@ -511,6 +517,21 @@ def _check_cross_fields(cfg: RunConfig) -> None:
     _check_privacy(cfg, STRATEGIES[cfg.strategy.name], cohort)
     _check_secagg(cfg, STRATEGIES[cfg.strategy.name], cohort)
     _check_packing(cfg)
+    _check_hosts(cfg, STRATEGIES[cfg.strategy.name])
+
+
+def _check_hosts(cfg: RunConfig, strategy) -> None:
+    if cfg.ray.platforms_per_gpu <= 1:
+        return
+    why = None
+    if strategy.lora in ("fedex", "flora"):
+        why = f"strategy.name={strategy.name} merges into each platform's frozen weights, which the host shares"
+    elif cfg.privacy.dp.level == "record":
+        why = "privacy.dp.level=record wraps each platform's model for per-example gradients"
+    elif strategy.client == "scaffold":
+        why = "strategy.name=scaffold keeps per-parameter control variates keyed to one adapter per model"
+    if why:
+        raise UserError(f"config key 'ray.platforms_per_gpu' must be 1 here: {why}")
 
 
 def _check_packing(cfg: RunConfig) -> None:

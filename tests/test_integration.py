@@ -116,6 +116,30 @@ def test_local_backend_runs_the_same_platforms(tmp_path):
     assert summary["initial"]["eval_loss"] > rows[0]["eval_loss"]
 
 
+def test_platforms_sharing_one_base_model_match_one_actor_each(ray_run, tmp_path):
+    """ray.platforms_per_gpu: two host actors (2 + 1 platforms), each holding the base model once
+    and one adapter per platform, give exactly the metrics of one actor per platform. A host
+    killed mid-round takes its platforms along: both are restarted and train again next round."""
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    _, plain_dir, _ = ray_run
+    cfg = load(None, [*SMALL, "ray.platforms_per_gpu=2"])
+    run(cfg, tmp_path / "hosted")
+    plain, hosted = read_metrics(plain_dir), read_metrics(tmp_path / "hosted")
+    for a, b in zip(plain, hosted):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
+        for name in a["platforms"]:
+            assert b["platforms"][name]["auc"] == pytest.approx(a["platforms"][name]["auc"], abs=1e-6)
+    cfg = load(None, [*SMALL, "ray.platforms_per_gpu=2", "faults.kill=[{platform: 0, round: 1}]"])
+    run(cfg, tmp_path / "killed")
+    first, second = read_metrics(tmp_path / "killed")
+    assert sorted(first["restarted"]) == ["fashion-mall", "gadget-hub"]  # host 0 held platforms 0 and 1
+    assert [n for n, p in first["platforms"].items() if p["participated"]] == ["home-market"]
+    assert all(np.isfinite(p["eval_loss"]) for p in first["platforms"].values())
+    assert all(p["participated"] for p in second["platforms"].values()) and not second["restarted"]
+
+
 def test_partial_cohort_and_sampling_is_seeded(ray_instance, tmp_path):
     from fl_llm.config import load
     from fl_llm.server.loop import run, sample_cohort

@@ -38,9 +38,18 @@ def _peak_memory(device) -> int:
 
 class Platform:
     """One platform. `hard_exit`: an injected kill really ends the process (a Ray actor); in the
-    driver's own process (the local backend) it raises `InjectedKill` instead."""
+    driver's own process (the local backend) it raises `InjectedKill` instead. `shared`: the
+    (LoRA-wrapped model, tokenizer) of a `PlatformHost`, whose frozen base several platforms use;
+    this platform then adds and trains an adapter of its own on it."""
 
-    def __init__(self, config: dict, platform_id: int, num_threads: int | None = None, hard_exit: bool = False):
+    def __init__(
+        self,
+        config: dict,
+        platform_id: int,
+        num_threads: int | None = None,
+        hard_exit: bool = False,
+        shared: tuple | None = None,
+    ):
         import torch
 
         from fl_llm.data import sources
@@ -73,22 +82,28 @@ class Platform:
             return
         self.name = data.name
         kind = self.cfg.model.kind
-        base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed, num_labels=len(self.task.verbalizer))
-        base.to(self.device)  # before wrapping: adapters are created on the base's device
         # What the strategy asks of a platform: its LoRA rank, frozen A (FFA), own B (FedSA),
         # which tensors it sends, merges into its base weights (FedEx, FLoRA).
         self.strategy = STRATEGIES[self.cfg.strategy.name]
         lora = self.cfg.model.lora
         self.global_rank = max(lora.ranks) if lora.ranks else lora.r
         self.rank = lora.ranks[platform_id] if lora.ranks and platform_id >= 0 else self.global_rank
-        self.model = apply_lora(base, self.cfg.model, self.cfg.seed, rank=self.rank)
-        if self.cfg.client.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.enable_input_require_grads()
-        if self.strategy.lora == "ffa":
-            for name, param in self.model.named_parameters():
-                if ".lora_A." in name:
-                    param.requires_grad_(False)
+        if shared is None:
+            base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed, num_labels=len(self.task.verbalizer))
+            base.to(self.device)  # before wrapping: adapters are created on the base's device
+            self.model, self.adapter = apply_lora(base, self.cfg.model, self.cfg.seed, rank=self.rank), "default"
+            if self.cfg.client.gradient_checkpointing:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.model.enable_input_require_grads()
+        else:  # one resident base model, one adapter per platform on it
+            from fl_llm.model.adapters import lora_config
+
+            self.model, self.tokenizer = shared
+            self.adapter = f"platform{platform_id}"
+            with torch.random.fork_rng(devices=[]):  # the same initial factors as apply_lora
+                torch.manual_seed(self.cfg.seed)
+                self.model.add_adapter(self.adapter, lora_config(self.cfg.model, self.rank))
+        self._activate()
         self.base_version = 0  # how many of the driver's base merges this process has applied
         self.pad_id = self.tokenizer.pad_token_id
         self.answer_ids = answer_token_ids(self.task, self.tokenizer) if kind == "causal_lm" else []
@@ -102,6 +117,16 @@ class Platform:
             )
             return
         self.dp_sample_rate, self.dp_noise = self._record_level_dp()
+
+    def _activate(self) -> None:
+        """Make this platform's adapter the one the model runs and trains (several platforms may
+        share the model); FFA keeps its A frozen."""
+        if self.adapter != "default" or len(self.model.peft_config) > 1:
+            self.model.set_adapter(self.adapter)
+        if self.strategy.lora == "ffa":
+            for name, param in self.model.named_parameters():
+                if f".lora_A.{self.adapter}." in name:
+                    param.requires_grad_(False)
 
     def _record_level_dp(self) -> tuple[float, float]:
         """(q, z) of this platform's DP-SGD: q = batch / |data|; z as configured, or the smallest
@@ -145,6 +170,7 @@ class Platform:
         from fl_llm.strategies.flora import fresh_lora
         from fl_llm.strategies.lora import from_rank
 
+        self._activate()
         state = get_adapter_state(self.model)
         if self.rank == self.global_rank:
             return state
@@ -182,6 +208,7 @@ class Platform:
         Returns the adapter it starts from, in this platform's shapes."""
         from fl_llm.strategies.lora import is_b, to_rank
 
+        self._activate()
         self._apply_base_merges(base)
         state = to_rank(global_state, self.rank, self.cfg.model.lora.alpha, self.global_rank)
         if self.strategy.lora == "fedsa":
@@ -366,6 +393,7 @@ class Platform:
 
         path = Path(root) / self.name
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._activate()
         save_adapter(get_adapter_state(self.model), self.cfg.model, path, base_name, rank=self.rank)
         return str(path)
 

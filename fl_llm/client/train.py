@@ -117,7 +117,8 @@ def local_train(
     from fl_llm.model.adapters import state_key
     from fl_llm.strategies.fedprox import proximal_term
 
-    named = [(state_key(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    adapter = getattr(model, "active_adapter", "default")
+    named = [(state_key(n, adapter), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)

@@ -46,16 +46,25 @@ def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None
         return get_peft_model(model, lora_config(model_cfg, rank))
 
 
-def state_key(param_name: str) -> str:
+def state_key(param_name: str, adapter: str = "default") -> str:
     """The adapter-state key of a trainable parameter (peft drops the adapter name and the
     modules_to_save wrapper in saved adapters)."""
-    return param_name.replace(".modules_to_save", "").replace(".default", "")
+    return param_name.replace(".modules_to_save", "").replace(f".{adapter}", "")
+
+
+def _active(peft_model) -> str:
+    """The adapter a model trains now: "default", or — several platforms on one base model —
+    the platform's own (`PlatformHost`)."""
+    active = getattr(peft_model, "active_adapter", "default")
+    return active if isinstance(active, str) else active[0]
 
 
 def get_adapter_state(peft_model) -> AdapterState:
+    """The active adapter's tensors, keyed as in a saved PEFT adapter."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu").float().numpy().copy() for k, v in get_peft_model_state_dict(peft_model).items()}
+    tensors = get_peft_model_state_dict(peft_model, adapter_name=_active(peft_model))
+    return {k: v.detach().to("cpu").float().numpy().copy() for k, v in tensors.items()}
 
 
 def set_adapter_state(peft_model, state: AdapterState) -> None:
@@ -67,13 +76,13 @@ def set_adapter_state(peft_model, state: AdapterState) -> None:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter state does not match the model: missing {missing[:3]}, extra {extra[:3]}")
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
-    set_peft_model_state_dict(peft_model, tensors)
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=_active(peft_model))
 
 
 def get_adapter_state_keys(peft_model) -> list[str]:
     from peft import get_peft_model_state_dict
 
-    return list(get_peft_model_state_dict(peft_model).keys())
+    return list(get_peft_model_state_dict(peft_model, adapter_name=_active(peft_model)).keys())
 
 
 def state_nbytes(state: AdapterState) -> int:

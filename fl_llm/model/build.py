@@ -59,7 +59,11 @@ def check_model_source(model_cfg: ModelConfig) -> None:
         raise UserError(f"model.name_or_path: cannot load {name!r} from the hub{hint}: {e}") from None
 
 
-def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int], seed: int, num_labels: int):
+def tiny_llama(
+    model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int], seed: int, num_labels: int, dtype=None
+):
+    """The built-in Llama at model.tiny's shape, weights drawn from `seed` — made directly in
+    `dtype` (an 8B shape in float32 first would need 32 GB of RAM before the cast)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -80,9 +84,14 @@ def tiny_llama(model_cfg: ModelConfig, vocab_size: int, special_ids: dict[str, i
         **special_ids,
     )
     cls = LlamaForSequenceClassification if model_cfg.kind == "seq_cls" else LlamaForCausalLM
+    previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = cls(config)
+        try:
+            torch.set_default_dtype(dtype or torch.float32)
+            model = cls(config)
+        finally:
+            torch.set_default_dtype(previous)
     return model
 
 
@@ -104,7 +113,7 @@ def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        model = tiny_llama(model_cfg, len(tokenizer), special, seed, num_labels).to(dtype)
+        model = tiny_llama(model_cfg, len(tokenizer), special, seed, num_labels, dtype).to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 

@@ -110,23 +110,52 @@ class RayBackend(_Backend):
                 raise UserError(f"ray.address {address!r}: cannot connect to a Ray cluster there ({e})") from None
             self._started_here = True
         n = cfg.data.num_platforms
-        cpus, gpus = placement(cfg, ray.cluster_resources())
-        self._remote = ray.remote(Platform)
-        self._options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1, "max_restarts": 0}
+        k = cfg.ray.platforms_per_gpu
+        self._config = to_dict(cfg)
         # Unique per backend: several runs (a test module, `fl-llm compare`) may share one Ray instance.
-        self._config, self._threads = to_dict(cfg), max(1, int(cpus))
         self.run_id = f"{run_id}-{uuid.uuid4().hex[:8]}"
-        self.generation = [0] * n
-        self.actors = [self._start(i) for i in range(n)]
-        self.resources = {"cpus_per_platform": cpus, "gpus_per_platform": gpus}
+        if k > 1:  # hosts: k platforms on one resident base model each (fl_llm.client.host)
+            from fl_llm.client.host import PlatformHost
+
+            groups = [list(range(s, min(s + k, n))) for s in range(0, n, k)]
+            cpus, gpus = host_placement(cfg, ray.cluster_resources(), len(groups))
+            self._remote = ray.remote(PlatformHost)
+            self.resources = {
+                "hosts": len(groups),
+                "platforms_per_host": k,
+                "cpus_per_host": cpus,
+                "gpus_per_host": gpus,
+            }
+        else:  # one actor per platform
+            groups = [[i] for i in range(n)]
+            cpus, gpus = placement(cfg, ray.cluster_resources())
+            self._remote = ray.remote(Platform)
+            self.resources = {"cpus_per_platform": cpus, "gpus_per_platform": gpus}
+        self._options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1, "max_restarts": 0}
+        self._threads = max(1, int(cpus))
+        self.groups = groups
+        self.host_of = {i: h for h, members in enumerate(groups) for i in members}
+        self.hosted = k > 1
+        self.stale: set[int] = set()  # hosts whose process died: restart once, whichever platform asks
+        self.generation = [0] * len(groups)
+        self.actors = [self._start(h) for h in range(len(groups))]
 
     def actor_name(self, i: int) -> str:
         """Named, so `ray list actors` (and a test rehearsing a crash) can find platform i."""
-        return f"fl_llm:{self.run_id}:platform-{i}:{self.generation[i]}"
+        h = self.host_of[i]
+        what = f"host-{h}" if self.hosted else f"platform-{i}"
+        return f"fl_llm:{self.run_id}:{what}:{self.generation[h]}"
 
-    def _start(self, i: int):
-        options = {**self._options, "name": self.actor_name(i)}
-        return self._remote.options(**options).remote(self._config, i, self._threads, True)
+    def _start(self, h: int):
+        members = self.groups[h]
+        options = {**self._options, "name": self.actor_name(members[0])}
+        if self.hosted:
+            return self._remote.options(**options).remote(self._config, members, self._threads, True)
+        return self._remote.options(**options).remote(self._config, members[0], self._threads, True)
+
+    def _method(self, i: int, method: str, args: tuple):
+        actor = self.actors[self.host_of[i]]
+        return actor.call.remote(i, method, *args) if self.hosted else getattr(actor, method).remote(*args)
 
     def put(self, obj):
         return self._ray.put(obj)
@@ -136,7 +165,7 @@ class RayBackend(_Backend):
         from fl_llm.client.train import RoundDeadline
 
         ray = self._ray
-        refs = {getattr(self.actors[i], method).remote(*args): i for i, args in args_by_id.items()}
+        refs = {self._method(i, method, args): i for i, args in args_by_id.items()}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         out = Collected(late=sorted(refs[r] for r in pending))
         for ref in ready:
@@ -156,13 +185,22 @@ class RayBackend(_Backend):
                     out.errors[i] = str(e).strip()
             except ray.exceptions.RayError as e:
                 out.errors[i] = str(e).strip()[:2000]
+        if self.hosted and out.dead:  # a host's process took every platform on it along
+            for h in {self.host_of[i] for i in out.dead}:
+                self.stale.add(h)
+                out.dead.extend(j for j in self.groups[h] if j not in out.dead)
         return out
 
     def restart(self, i: int) -> None:
-        """Replace platform i's actor (dead, or stuck) with a new one; it reloads its own data."""
-        self._ray.kill(self.actors[i], no_restart=True)
-        self.generation[i] += 1
-        self.actors[i] = self._start(i)
+        """Replace platform i's actor (dead, or stuck) with a new one; it reloads its own data.
+        On a host, every platform of it gets the new process (once, whichever asks first)."""
+        h = self.host_of[i]
+        if self.hosted and h not in self.stale:
+            return  # already replaced for a co-hosted platform
+        self.stale.discard(h)
+        self._ray.kill(self.actors[h], no_restart=True)
+        self.generation[h] += 1
+        self.actors[h] = self._start(h)
 
     def shutdown(self) -> None:
         for a in getattr(self, "actors", []):
@@ -170,6 +208,14 @@ class RayBackend(_Backend):
         self.actors = []
         if self._started_here:
             self._ray.shutdown()
+
+
+def host_placement(cfg: RunConfig, resources: dict, hosts: int) -> tuple[float, float]:
+    """(CPUs, GPUs) per host actor: one GPU each where the cluster has enough, else a share."""
+    total_cpu, total_gpu = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    cpus = min(float(cfg.ray.platforms_per_gpu), total_cpu / hosts) if total_cpu else 0.0
+    gpus = min(1.0, total_gpu / hosts) if total_gpu else 0.0
+    return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4
 
 
 def placement(cfg: RunConfig, resources: dict) -> tuple[float, float]:

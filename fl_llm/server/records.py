@@ -155,7 +155,12 @@ def platform_table(info: dict, resources: dict | None) -> str:
         lines.append(
             f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {p['train_positive_rate']:>9.2f}  {p['device']}"
         )
-    if resources:
+    if resources and resources.get("platforms_per_host", 1) > 1:
+        lines.append(
+            f"{resources['hosts']} host actors, each {resources['platforms_per_host']} platforms on one base model: "
+            f"{resources['cpus_per_host']:g} CPU, {resources['gpus_per_host']:g} GPU"
+        )
+    elif resources:
         lines.append(
             f"each platform actor: {resources['cpus_per_platform']:g} CPU, {resources['gpus_per_platform']:g} GPU"
         )
