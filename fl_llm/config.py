@@ -173,6 +173,15 @@ class StrategyConfig:
 
 
 @dataclass
+class PlatformPlacement:
+    platform: int = opt(0, "platform index", min=0)
+    resources: dict[str, float] = opt(
+        {}, "custom Ray resources its actor needs, e.g. {fashion-node: 1} for a node started with that resource"
+    )
+    labels: dict[str, str] = opt({}, "node labels its actor must run on (Ray label selector), e.g. {site: fashion}")
+
+
+@dataclass
 class RayConfig:
     address: str | None = opt(None, "null starts a local Ray instance; 'auto' or 'ray://host:port' joins a cluster")
     num_cpus: int | None = opt(None, "CPUs of the local instance (null = all of this machine)", min=1)
@@ -181,6 +190,11 @@ class RayConfig:
     )
     gpus_per_platform: float | None = opt(
         None, "GPUs per platform actor (null = share the cluster's GPUs evenly, 0 if it has none)", min=0
+    )
+    placement: list[PlatformPlacement] = opt(
+        [],
+        "[{platform, resources, labels}]: pin a platform's actor to the node that holds its data; a platform "
+        "whose node is absent stops the run at start",
     )
     platforms_per_gpu: int = opt(
         1,
@@ -521,8 +535,22 @@ def _check_cross_fields(cfg: RunConfig) -> None:
 
 
 def _check_hosts(cfg: RunConfig, strategy) -> None:
+    n = cfg.data.num_platforms
+    for j, pin in enumerate(cfg.ray.placement):
+        if pin.platform >= n:
+            raise UserError(
+                f"config key 'ray.placement[{j}].platform' must be a platform index below data.num_platforms "
+                f"({n}), got {pin.platform}"
+            )
+        if any(v <= 0 for v in pin.resources.values()):
+            raise UserError(f"config key 'ray.placement[{j}].resources' amounts must be > 0, got {pin.resources}")
     if cfg.ray.platforms_per_gpu <= 1:
         return
+    if cfg.ray.placement:
+        raise UserError(
+            "config key 'ray.placement' needs ray.platforms_per_gpu=1: a host actor holds several platforms, "
+            "so it cannot sit on each one's own node"
+        )
     why = None
     if strategy.lora in ("fedex", "flora"):
         why = f"strategy.name={strategy.name} merges into each platform's frozen weights, which the host shares"

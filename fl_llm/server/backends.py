@@ -12,6 +12,7 @@ the same calls to the round loop:
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 import traceback
@@ -97,14 +98,17 @@ class RayBackend(_Backend):
         address = cfg.ray.address
         if not ray.is_initialized():
             check_address(address)
+            local = address is None and not os.environ.get("RAY_ADDRESS")  # inside a job, Ray sets it
             try:
                 ray.init(
                     address=address,
-                    num_cpus=cfg.ray.num_cpus if address is None else None,
+                    num_cpus=cfg.ray.num_cpus if local else None,
                     include_dashboard=False,
                     log_to_driver=False,
                     logging_level="WARNING",
-                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                    # a submitted job brings its own runtime env (working dir, env vars): merging
+                    # ours into it is refused by Ray, so only a local instance gets one
+                    **({"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}} if local else {}),
                 )
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise UserError(f"ray.address {address!r}: cannot connect to a Ray cluster there ({e})") from None
@@ -137,6 +141,12 @@ class RayBackend(_Backend):
         self.host_of = {i: h for h, members in enumerate(groups) for i in members}
         self.hosted = k > 1
         self.stale: set[int] = set()  # hosts whose process died: restart once, whichever platform asks
+        try:
+            self._pins = pinning(cfg, ray.cluster_resources(), ray.nodes())
+        except UserError:
+            if self._started_here:
+                ray.shutdown()
+            raise
         self.generation = [0] * len(groups)
         self.actors = [self._start(h) for h in range(len(groups))]
 
@@ -148,7 +158,7 @@ class RayBackend(_Backend):
 
     def _start(self, h: int):
         members = self.groups[h]
-        options = {**self._options, "name": self.actor_name(members[0])}
+        options = {**self._options, **self._pins.get(members[0], {}), "name": self.actor_name(members[0])}
         if self.hosted:
             return self._remote.options(**options).remote(self._config, members, self._threads, True)
         return self._remote.options(**options).remote(self._config, members[0], self._threads, True)
@@ -208,6 +218,36 @@ class RayBackend(_Backend):
         self.actors = []
         if self._started_here:
             self._ray.shutdown()
+
+
+def pinning(cfg: RunConfig, resources: dict, nodes: list[dict]) -> dict[int, dict]:
+    """Actor options that pin each platform to its node (`ray.placement`): custom resources or a
+    label selector. A platform whose node is absent would wait forever: that is an error here."""
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    out = {}
+    for pin in cfg.ray.placement:
+        where = f"ray.placement: platform {pin.platform}"
+        for name, amount in pin.resources.items():
+            if float(resources.get(name, 0.0)) < amount:
+                raise UserError(
+                    f"{where} needs resource {name!r} x {amount:g}, but no node of the cluster offers it "
+                    f"(offered: {resources.get(name, 0):g}); start the platform's node with "
+                    f"`ray start --resources='{{\"{name}\": 1}}' ...`, or fix the name"
+                )
+        if pin.labels and not any(
+            all((n.get("Labels") or {}).get(k) == v for k, v in pin.labels.items()) for n in alive
+        ):
+            raise UserError(
+                f"{where} needs a node labelled {pin.labels}, and no live node of the cluster has those labels; "
+                f"start it with `ray start --labels=...`, or fix the labels"
+            )
+        options: dict = {}
+        if pin.resources:
+            options["resources"] = dict(pin.resources)
+        if pin.labels:
+            options["label_selector"] = dict(pin.labels)
+        out[pin.platform] = options
+    return out
 
 
 def host_placement(cfg: RunConfig, resources: dict, hosts: int) -> tuple[float, float]:

@@ -1,0 +1,153 @@
+"""Running the way Ray users do: a real local Ray head started with `ray start --head`, the
+default job submitted with `ray job submit` (through launch/submit.sh, as the README says), and
+platforms pinned to the nodes of a local multi-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SMALL
+
+BIN = Path(sys.executable).parent  # the environment's `ray` and `python`
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` in its own process group, on free ports; ended by its group id."""
+    gcs, dashboard, client = _free_port(), _free_port(), _free_port()
+    logs = tmp_path_factory.mktemp("ray-head")
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=_env(),
+        stdout=open(logs / "out.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:  # the job API answers once the dashboard is up
+        probe = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=_env(), capture_output=True, text=True
+        )
+        if probe.returncode == 0:
+            break
+        if time.monotonic() > deadline or head.poll() is not None:
+            os.killpg(head.pid, signal.SIGTERM)
+            pytest.fail(f"ray start --head did not come up:\n{(logs / 'out.log').read_text()[-3000:]}")
+        time.sleep(2)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_submitted_default_job_succeeds_and_writes_its_run_dir(ray_head, tmp_path):
+    out = tmp_path / "job-run"
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / "submit.sh"), *SMALL, f"output_dir={out}"],
+        env={**_env(), "RAY_ADDRESS": ray_head},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,  # submit.sh finds the repository itself
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """A local multi-node Ray cluster (ray.cluster_utils): a head offering `site-a` and a second
+    node offering `site-b`, each with its own raylet."""
+    from ray.cluster_utils import Cluster
+
+    dashboard_port = _free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"site-a": 1},
+            "include_dashboard": True,  # the state API (which node ran which actor) reads it
+            "dashboard_port": dashboard_port,
+        },
+    )
+    cluster.add_node(num_cpus=2, resources={"site-b": 1})
+    cluster.wait_for_nodes()
+    import ray
+
+    ray.init(address=cluster.address, log_to_driver=False)  # the runs join this connection
+    cluster.dashboard_port = dashboard_port
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_platforms_run_on_the_nodes_that_hold_their_data(two_node_cluster, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    from fl_llm.config import load
+    from fl_llm.errors import UserError
+    from fl_llm.server.loop import run
+
+    pins = (
+        "ray.placement=[{platform: 0, resources: {site-a: 0.5}}, {platform: 1, resources: {site-b: 0.3}}, "
+        "{platform: 2, resources: {site-b: 0.3}}]"
+    )
+    cfg = load(
+        None, [*SMALL, "server.rounds=1", f"ray.address={two_node_cluster.address}", "ray.cpus_per_platform=0.3", pins]
+    )
+    summary = run(cfg, tmp_path / "pinned")
+    assert summary["status"] == "completed"
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
+    placed = {}
+    dashboard = f"http://127.0.0.1:{two_node_cluster.dashboard_port}"
+    for actor in list_actors(address=dashboard, filters=[("class_name", "=", "Platform")], detail=True, limit=1000):
+        if "platform-" in (actor.name or ""):
+            placed[actor.name.split(":")[2]] = "site-a" if "site-a" in nodes[actor.node_id] else "site-b"
+    assert placed == {"platform-0": "site-a", "platform-1": "site-b", "platform-2": "site-b"}
+
+    absent = load(
+        None,
+        [*SMALL, f"ray.address={two_node_cluster.address}", "ray.placement=[{platform: 2, resources: {site-c: 1}}]"],
+    )
+    started = time.monotonic()
+    with pytest.raises(UserError, match="platform 2 needs resource 'site-c'"):
+        run(absent, tmp_path / "absent")
+    assert time.monotonic() - started < 60  # fails fast instead of waiting for a node forever
