@@ -151,3 +151,21 @@ def test_platforms_run_on_the_nodes_that_hold_their_data(two_node_cluster, tmp_p
     with pytest.raises(UserError, match="platform 2 needs resource 'site-c'"):
         run(absent, tmp_path / "absent")
     assert time.monotonic() - started < 60  # fails fast instead of waiting for a node forever
+
+
+def test_launch_files_are_what_the_readme_says():
+    import yaml
+
+    env = yaml.safe_load((REPO / "launch" / "runtime_env.yaml").read_text())
+    assert ".venv" in env["excludes"] and "runs" in env["excludes"]
+    submit = (REPO / "launch" / "submit.sh").read_text()
+    assert "--working-dir . --runtime-env launch/runtime_env.yaml" in submit and "python -m fl_llm run" in submit
+    cluster = yaml.safe_load((REPO / "launch" / "cluster.yaml").read_text())
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] == "head" and "GPU" not in types["head"]["resources"]
+    assert types["gpu_worker"]["resources"]["GPU"] == 1
+    assert any("pip install -e" in c for c in cluster["setup_commands"])
+    job = yaml.safe_load((REPO / "launch" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["spec"]["entrypoint"].startswith("python -m fl_llm run")
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
