@@ -313,6 +313,10 @@ class PrivacyConfig:
 @dataclass
 class TrackingConfig:
     progress: bool = opt(True, "live progress display on a terminal")
+    mlflow: bool = opt(False, "log params, metrics per round and artifacts to MLflow (metrics.jsonl is always written)")
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI (null = a local file store, ./mlruns)")
+    mlflow_experiment: str = opt("fl_llm", "MLflow experiment name")
+    tensorboard: bool = opt(False, "write TensorBoard event files to RUN_DIR/tensorboard")
 
 
 @dataclass

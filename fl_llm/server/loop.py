@@ -53,6 +53,7 @@ from fl_llm.strategies import STRATEGIES, Strategy
 from fl_llm.strategies.base import unflatten
 from fl_llm.strategies.lora import to_rank, update_to_global_rank
 from fl_llm.strategies.step import aggregate_round
+from fl_llm.trackers import Trackers
 from fl_llm.tracking import RunDir, write_json
 
 SETUP_TIMEOUT_S = 1800.0  # loading a large base model on every platform can take a while
@@ -179,6 +180,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         progress.phase("saving the built-in base model")
         save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task_of(cfg).verbalizer))
     base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
+    trackers = Trackers(cfg, rd.path, primary, resume)  # MLflow / TensorBoard, when asked for
     progress.phase(f"starting {n} platforms on the {cfg.backend} backend (each loads its own data)")
     backend = make_backend(cfg, rd.path.name)
     fed: Federation | None = None
@@ -367,6 +369,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 elapsed = fed.elapsed_s + time.monotonic() - t_start
                 checkpoint.save(rd.checkpoints, rnd, fed.to_checkpoint(elapsed, history), keep=cfg.checkpoint.keep)
             rd.log_round(record)
+            trackers.round(record)
             if fed.privacy.ledger is not None:
                 write_json(rd.path / "privacy.json", fed.privacy.ledger.report())
             progress.round_line(record, cfg.server.rounds)
@@ -374,6 +377,10 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         if fed is not None:
             summary = run_summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
             write_json(rd.summary, {**summary, "status": "failed", "error": str(e)})
+        trackers.finish("failed")
+        raise
+    except BaseException:
+        trackers.finish("failed")
         raise
     finally:
         progress.phase("stopping the platforms")
@@ -388,6 +395,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         summary["privacy"] = {k: v for k, v in ledger.items() if k != "parties"}
         summary["privacy"]["epsilon"] = {name: p["epsilon"] for name, p in ledger["parties"].items()}
     write_json(rd.summary, summary)
+    trackers.finish("completed")
     return summary
 
 
