@@ -59,6 +59,11 @@ class ModelConfig:
         "causal_lm", "causal_lm: answer words scored by the LM; seq_cls: an encoder with a classification head"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights' dtype for the frozen base model")
+    quantization: Literal["none", "4bit"] = opt(
+        "none",
+        "4bit: QLoRA — the frozen base loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute); "
+        "needs a CUDA GPU, the bitsandbytes package and a model directory or hub id",
+    )
     max_length: int = opt(256, "longest tokenized example; longer prompts are cut from the left", min=8)
     tiny: TinyModelConfig = section(TinyModelConfig, "shape of the built-in tiny model")
     lora: LoraSettings = section(LoraSettings, "LoRA adapter settings")
@@ -512,6 +517,11 @@ def _check_cross_fields(cfg: RunConfig) -> None:
                     f"config key 'faults.{kind}[{j}].platform' must be a platform index below "
                     f"data.num_platforms ({n}), got {fault.platform}"
                 )
+    if cfg.model.quantization != "none" and cfg.model.name_or_path == "tiny":
+        raise UserError(
+            "config key 'model.quantization' needs pretrained weights to quantize (model.name_or_path: a local "
+            "directory or hub id); the built-in model is made in code"
+        )
     if not cfg.model.lora.target_modules:
         raise UserError("config key 'model.lora.target_modules' must name at least one module")
     # Registries are imported lazily: they import torch-free modules only.

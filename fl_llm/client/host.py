@@ -32,7 +32,8 @@ class PlatformHost:
         want = cfg.client.device
         device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
         base, tokenizer = build_base(cfg.model, cfg.seed, num_labels=len(task_of(cfg).verbalizer))
-        base.to(device)
+        if not getattr(base, "is_quantized", False):
+            base.to(device)
         model = apply_lora(base, cfg.model, cfg.seed)  # its "default" adapter stays unused
         if cfg.client.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -89,8 +89,13 @@ class Platform:
         self.global_rank = max(lora.ranks) if lora.ranks else lora.r
         self.rank = lora.ranks[platform_id] if lora.ranks and platform_id >= 0 else self.global_rank
         if shared is None:
-            base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed, num_labels=len(self.task.verbalizer))
-            base.to(self.device)  # before wrapping: adapters are created on the base's device
+            try:
+                base, self.tokenizer = build_base(self.cfg.model, self.cfg.seed, num_labels=len(self.task.verbalizer))
+            except UserError as e:  # e.g. 4-bit loading on a node without a GPU
+                self.user_error = str(e)
+                return
+            if not getattr(base, "is_quantized", False):  # a 4-bit base is placed on its GPU as it loads
+                base.to(self.device)  # before wrapping: adapters are created on the base's device
             self.model, self.adapter = apply_lora(base, self.cfg.model, self.cfg.seed, rank=self.rank), "default"
             if self.cfg.client.gradient_checkpointing:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -126,13 +126,43 @@ def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if model_cfg.kind == "seq_cls":
-                model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, dtype=dtype)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    name, num_labels=num_labels, dtype=dtype, **_quantized(model_cfg)
+                )
                 if model.config.pad_token_id is None:
                     model.config.pad_token_id = tokenizer.pad_token_id
             else:
-                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_quantized(model_cfg))
+        if model_cfg.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _quantized(model_cfg: ModelConfig) -> dict:
+    """from_pretrained's arguments for QLoRA (Dettmers et al., "QLoRA", NeurIPS 2023): NF4 weights,
+    double quantization, bf16 compute, placed on this process's GPU."""
+    if model_cfg.quantization == "none":
+        return {}
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("model.quantization=4bit needs a CUDA GPU on every platform's node (bitsandbytes)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("model.quantization=4bit needs the bitsandbytes package: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def save_base(
