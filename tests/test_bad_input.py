@@ -131,6 +131,16 @@ CASES = [
 ]
 
 
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+if _no_cuda():  # on a GPU machine this config is fine
+    CASES.append(("cuda without a GPU", lambda t: ["run", "backend=local", "client.device=cuda"], "has no CUDA GPU"))
+
+
 def _write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -72,6 +72,15 @@ class Platform:
         want = self.cfg.client.device
         use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
+        if want == "cuda" and not torch.cuda.is_available():
+            self.user_error, self.name = (
+                (
+                    f"client.device=cuda, but platform {platform_id}'s node has no CUDA GPU (use client.device=auto, "
+                    "or run on GPU nodes)"
+                ),
+                f"platform-{platform_id}",
+            )
+            return
 
         # Data stays in this process from here on. A problem with it is the user's to fix: keep
         # the message for `describe`, so the driver can stop the run cleanly before it starts.
