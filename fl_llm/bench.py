@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import platform as host
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from fl_llm.client.train import peak_memory, resolve_device
 from fl_llm.data.batching import Encoded
 
 # Llama shapes: the built-in model at these sizes, with random weights (model.tiny.*)
@@ -58,20 +58,6 @@ def bench_examples(n: int, vocab: int, max_length: int, seed: int = 0) -> Encode
     return Encoded(rows, np.ones(n, np.int64), np.zeros(n, np.int64))
 
 
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _peak_memory(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # the process, not resettable
-
-
 def _reset_memory(device) -> None:
     import torch
 
@@ -94,10 +80,7 @@ def _fresh_model(cfg, device):
     base, tokenizer = build_base(cfg.model, cfg.seed)
     n_base = sum(p.numel() for p in base.parameters())
     base.to(device)
-    model = apply_lora(base, cfg.model, cfg.seed)
-    if cfg.client.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = apply_lora(base, cfg.model, cfg.seed, checkpointing=cfg.client.gradient_checkpointing)
     return model, tokenizer, n_base
 
 
@@ -105,7 +88,7 @@ def fl_llm_step(cfg, enc: Encoded, pack_length: int, steps: int, warmup: int) ->
     """Useful tokens/s of the platforms' own training loop (one platform, this process)."""
     from fl_llm.client.train import local_train
 
-    device = _device()
+    device = resolve_device("auto")
     model, tokenizer, n_base = _fresh_model(cfg, device)
     kw = dict(
         batch_size=cfg.client.batch_size,
@@ -132,7 +115,7 @@ def baseline_step(cfg, enc: Encoded, mode: str, pack_length: int, steps: int, wa
     padding, attention mask) or packed (the examples concatenated and cut into full rows)."""
     import torch
 
-    device = _device()
+    device = resolve_device("auto")
     model, tokenizer, n_base = _fresh_model(cfg, device)
     pad = tokenizer.pad_token_id
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.client.lr)
@@ -185,7 +168,7 @@ def _throughput(tokens: int, slots: int, seconds: float, n_base: int, device) ->
         "tokens": tokens,
         "flops_per_s": 4.0 * n_base * tokens / seconds,
         "base_parameters": n_base,
-        "peak_memory_gib": _peak_memory(device) / 2**30,
+        "peak_memory_gib": peak_memory(device) / 2**30,
         # on a GPU the peak allocated during this measurement; on a CPU the process's resident
         # high-water mark so far (it cannot be reset, so later variants include earlier peaks)
         "memory": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss",

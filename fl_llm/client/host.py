@@ -15,6 +15,7 @@ No Ray here.
 from __future__ import annotations
 
 from fl_llm.client.platform import Platform
+from fl_llm.client.train import resolve_device
 
 
 class PlatformHost:
@@ -29,15 +30,12 @@ class PlatformHost:
         if num_threads:
             torch.set_num_threads(num_threads)
         cfg = from_dict(config)
-        want = cfg.client.device
-        device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        device = resolve_device(cfg.client.device)
         base, tokenizer = build_base(cfg.model, cfg.seed, num_labels=len(task_of(cfg).verbalizer))
         if not getattr(base, "is_quantized", False):
             base.to(device)
-        model = apply_lora(base, cfg.model, cfg.seed)  # its "default" adapter stays unused
-        if cfg.client.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        # its "default" adapter stays unused
+        model = apply_lora(base, cfg.model, cfg.seed, checkpointing=cfg.client.gradient_checkpointing)
         self.platforms = {i: Platform(config, i, None, hard_exit, shared=(model, tokenizer)) for i in platform_ids}
 
     def call(self, platform_id: int, method: str, *args):

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from fl_llm import faults
+from fl_llm.client.train import peak_memory, resolve_device
 from fl_llm.config import RunConfig, from_dict
 from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
 from fl_llm.strategies import STRATEGIES
@@ -23,17 +24,6 @@ from fl_llm.strategies import STRATEGIES
 def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.random.Generator:
     """The generator for one (seed, round, platform) draw; never the global RNG."""
     return np.random.default_rng([seed, round_, platform % 2**32, purpose])  # POOLED is -1
-
-
-def _peak_memory(device) -> int:
-    """Peak memory of this platform's process: GPU memory allocated on a GPU, else resident RAM."""
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class Platform:
@@ -70,8 +60,7 @@ class Platform:
         self.user_error: str | None = None
         self.task = sources.task_of(self.cfg)
         want = self.cfg.client.device
-        use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.device = resolve_device(want)
         if want == "cuda" and not torch.cuda.is_available():
             self.user_error, self.name = (
                 (
@@ -105,10 +94,14 @@ class Platform:
                 return
             if not getattr(base, "is_quantized", False):  # a 4-bit base is placed on its GPU as it loads
                 base.to(self.device)  # before wrapping: adapters are created on the base's device
-            self.model, self.adapter = apply_lora(base, self.cfg.model, self.cfg.seed, rank=self.rank), "default"
-            if self.cfg.client.gradient_checkpointing:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                self.model.enable_input_require_grads()
+            self.model = apply_lora(
+                base,
+                self.cfg.model,
+                self.cfg.seed,
+                rank=self.rank,
+                checkpointing=self.cfg.client.gradient_checkpointing,
+            )
+            self.adapter = "default"
         else:  # one resident base model, one adapter per platform on it
             from fl_llm.model.adapters import lora_config
 
@@ -310,7 +303,7 @@ class Platform:
         bad = faults.corruption(self.cfg.faults, self.id, round_)
         if bad:
             update = faults.corrupt(update, bad.kind, bad.factor, seed=self.cfg.seed * 100_003 + round_)
-        metrics["peak_memory_bytes"] = _peak_memory(self.device)
+        metrics["peak_memory_bytes"] = peak_memory(self.device)
         result.update(self._masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0

@@ -11,6 +11,25 @@ import numpy as np
 from fl_llm.data.batching import IGNORE, Encoded, collate, pack
 
 
+def resolve_device(want: str):
+    """client.device as a torch device: 'auto' is a GPU when this process has one."""
+    import torch
+
+    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def peak_memory(device) -> int:
+    """Peak memory of this process: GPU memory allocated on a GPU, else resident RAM (a
+    high-water mark that cannot be reset)."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 class RoundDeadline(TimeoutError):
     """Training passed the round's deadline: the driver has moved on without this update."""
 

@@ -32,8 +32,9 @@ def lora_config(model_cfg: ModelConfig, rank: int | None = None):
     )
 
 
-def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None):
-    """Wrap `model` with LoRA; the initial A matrices come from `seed`, so all platforms agree."""
+def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None, checkpointing: bool = False):
+    """Wrap `model` with LoRA; the initial A matrices come from `seed`, so all platforms agree.
+    `checkpointing`: recompute activations in the backward pass (client.gradient_checkpointing)."""
     import warnings
 
     import torch
@@ -43,7 +44,11 @@ def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None
         # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
-        return get_peft_model(model, lora_config(model_cfg, rank))
+        wrapped = get_peft_model(model, lora_config(model_cfg, rank))
+    if checkpointing:
+        wrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        wrapped.enable_input_require_grads()
+    return wrapped
 
 
 def state_key(param_name: str, adapter: str = "default") -> str:

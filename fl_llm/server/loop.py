@@ -456,8 +456,12 @@ def _masking(sr: secure.SecureRound | None, i: int, fed: Federation, info: dict)
         return None
     if fed.privacy.level == "client":
         return secure.upload_args(sr, i, 1.0, fed.privacy.clip)
-    largest = max(d["num_train"] for d in info.values())
-    return secure.upload_args(sr, i, info[i]["num_train"] / largest, None)
+    return secure.upload_args(sr, i, _secure_weight(info, i), None)
+
+
+def _secure_weight(info: dict, i: int) -> float:
+    """wᵢ = nᵢ / max nⱼ: example-count weighting that keeps |wᵢ·Δᵢ| within the fixed-point range."""
+    return info[i]["num_train"] / max(d["num_train"] for d in info.values())
 
 
 def _upload_layout(global_state: AdapterState, strategy: Strategy) -> list[tuple[str, tuple[int, ...]]]:
@@ -502,8 +506,7 @@ def _secure_mean(unmasked, accepted: list[int], fed: Federation, strategy: Strat
     if fed.privacy.level == "client":
         mean, dp_stats = fed.privacy.private_sum(total, int(extras[0]), cfg.seed, rnd)
         return [unflatten(mean, layout)], [1.0], dp_stats
-    largest = max(d["num_train"] for d in info.values())
-    weight = sum(info[i]["num_train"] / largest for i in accepted)
+    weight = sum(_secure_weight(info, i) for i in accepted)
     return [unflatten(total / weight, layout)], [1.0], {}
 
 
