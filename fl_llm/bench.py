@@ -8,8 +8,9 @@ data and hardware — and what the federation costs on top. Two measurements, on
               batches, or packed rows without boundaries), same model, same examples, drawn from
               the e-commerce prompt-length distribution (log-normal, mean ≈ 220 tokens)
   federation  a short federated run of the config (Ray, as configured); each round's wall time
-              split into local training (the slowest platform), collect, broadcast, aggregate,
-              save and evaluate; federation overhead = 1 − slowest local training ÷ round wall
+              split into local training (the busiest worker: one platform's actor, or the sum
+              of the platforms a host actor trains in turn), collect, broadcast, aggregate,
+              save and evaluate; federation overhead = 1 − that local training ÷ round wall
               time without evaluation, averaged after the first (warm-up) round
 
 Useful tokens are non-pad tokens. MFU = 4·N·tokens/s ÷ peak FLOP/s (N base parameters: forward
@@ -23,6 +24,7 @@ import json
 import platform as host
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +35,26 @@ from fl_llm.data.batching import Encoded
 # Llama shapes: the built-in model at these sizes, with random weights (model.tiny.*)
 SHAPES = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 256},
-    "1b": {"hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4, "intermediate_size": 5632},
-    "8b": {"hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 14336},
+    "1b": {
+        "hidden_size": 2048,
+        "num_layers": 22,
+        "num_heads": 32,
+        "num_kv_heads": 4,
+        "intermediate_size": 5632,
+        "vocab_size": 32000,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "num_layers": 32,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+    },
 }
+# the baseline's packed batch in ../shared/bench/hf_peft_baseline.py: rows of 2048 per step
+BASELINE_ROWS = {"tiny": 0, "1b": 8, "8b": 2}
+VARIANTS = ("baseline_packed", "baseline_padded", "fl_llm_packed", "fl_llm_padded")
 KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, measured (../shared/bench)
 
 
@@ -73,23 +92,38 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fresh_model(cfg, device):
+def _model(cfg, device):
+    """The base at the configured shape, made directly on `device` (random weights: no need to
+    agree with other processes here), wrapped with LoRA as the platforms wrap it — plain: the
+    default sdpa attention and no compilation, as a user's own loop would have it."""
+    import torch
+
     from fl_llm.model.adapters import apply_lora
     from fl_llm.model.build import build_base
 
-    base, tokenizer = build_base(cfg.model, cfg.seed)
+    plain = replace(cfg.model, attn_implementation="sdpa")
+    with torch.device(device):
+        base, tokenizer = build_base(plain, cfg.seed)
     n_base = sum(p.numel() for p in base.parameters())
-    base.to(device)
     model = apply_lora(base, cfg.model, cfg.seed, checkpointing=cfg.client.gradient_checkpointing)
     return model, tokenizer, n_base
 
 
-def fl_llm_step(cfg, enc: Encoded, pack_length: int, steps: int, warmup: int) -> dict:
+def use_client_settings(model, cfg) -> None:
+    """Switch the plain model to the platforms' own settings: model.attn_implementation and
+    client.compile (compiled blocks stay compiled: measure the baseline first)."""
+    from fl_llm.model.adapters import compile_each_block
+
+    model.get_base_model().set_attn_implementation(cfg.model.attn_implementation)
+    if cfg.client.compile:
+        compile_each_block(model)
+
+
+def fl_llm_step(model, tokenizer, cfg, enc: Encoded, pack_length: int, steps: int, warmup: int) -> dict:
     """Useful tokens/s of the platforms' own training loop (one platform, this process)."""
     from fl_llm.client.train import local_train
 
-    device = resolve_device("auto")
-    model, tokenizer, n_base = _fresh_model(cfg, device)
+    device = next(model.parameters()).device
     kw = dict(
         batch_size=cfg.client.batch_size,
         lr=cfg.client.lr,
@@ -106,41 +140,49 @@ def fl_llm_step(cfg, enc: Encoded, pack_length: int, steps: int, warmup: int) ->
     out = local_train(model, enc, steps=steps, rng=np.random.default_rng(2), **kw)
     _sync(device)
     seconds = time.perf_counter() - t0
-    return _throughput(out["tokens"], out["slots"], seconds, n_base, device)
+    return _throughput(out["tokens"], out["slots"], seconds, device)
 
 
-def baseline_step(cfg, enc: Encoded, mode: str, pack_length: int, steps: int, warmup: int) -> dict:
+def baseline_step(
+    model, tokenizer, enc: Encoded, mode: str, *, batch: int, rows: int, pack_length: int, steps: int, warmup: int
+) -> dict:
     """Useful tokens/s of plain transformers + peft as a user would write it: the model called
-    with labels (full-sequence logits), AdamW, bf16 autocast on a GPU; `mode` padded (right
-    padding, attention mask) or packed (the examples concatenated and cut into full rows)."""
+    with labels (full-sequence logits), AdamW, bf16 autocast on a GPU; `mode` padded (`batch`
+    examples right-padded, attention mask) or packed (examples concatenated and cut into `rows`
+    full rows of `pack_length`; rows=0: one batch's examples cut into as many rows as they fill)."""
     import torch
 
-    device = resolve_device("auto")
-    model, tokenizer, n_base = _fresh_model(cfg, device)
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.client.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rng = np.random.default_rng(3)
-    bs = cfg.client.batch_size
+    bf16 = device.type == "cuda" and next(model.get_base_model().parameters()).dtype == torch.bfloat16
 
-    def batch():
-        idx = rng.choice(len(enc), size=min(bs, len(enc)), replace=False)
-        rows = [enc.input_ids[i] for i in idx]
+    def draw():
         if mode == "packed":
-            stream = np.concatenate(rows)
-            n_rows = max(1, len(stream) // pack_length)
+            want = rows * pack_length if rows else 0
+            chunks, n = [], 0
+            for i in rng.permutation(len(enc)):
+                chunks.append(enc.input_ids[i])
+                n += len(chunks[-1])
+                if (want and n >= want) or (not want and len(chunks) == batch):
+                    break
+            stream = np.concatenate(chunks)
+            n_rows = rows or max(1, len(stream) // pack_length)
             ids = stream[: n_rows * pack_length].reshape(n_rows, -1) if len(stream) >= pack_length else stream[None]
             return ids, np.ones_like(ids)
-        width = max(len(r) for r in rows)
-        ids, mask = np.full((len(rows), width), pad), np.zeros((len(rows), width), np.int64)
-        for j, r in enumerate(rows):
+        chosen = [enc.input_ids[i] for i in rng.choice(len(enc), size=min(batch, len(enc)), replace=False)]
+        width = max(len(r) for r in chosen)
+        ids, mask = np.full((len(chosen), width), pad), np.zeros((len(chosen), width), np.int64)
+        for j, r in enumerate(chosen):
             ids[j, : len(r)], mask[j, : len(r)] = r, 1
         return ids, mask
 
     def step():
-        ids, mask = batch()
+        ids, mask = draw()
         ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
         labels = ids_t.masked_fill(mask_t == 0, -100)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids_t, attention_mask=mask_t, labels=labels).loss
         loss.backward()
         opt.step()
@@ -157,17 +199,15 @@ def baseline_step(cfg, enc: Encoded, mode: str, pack_length: int, steps: int, wa
         t, s = step()
         tokens, slots = tokens + t, slots + s
     _sync(device)
-    return _throughput(tokens, slots, time.perf_counter() - t0, n_base, device)
+    return _throughput(tokens, slots, time.perf_counter() - t0, device)
 
 
-def _throughput(tokens: int, slots: int, seconds: float, n_base: int, device) -> dict:
+def _throughput(tokens: int, slots: int, seconds: float, device) -> dict:
     return {
         "useful_tokens_per_s": tokens / seconds,
         "useful_fraction": tokens / max(slots, 1),
         "seconds": seconds,
         "tokens": tokens,
-        "flops_per_s": 4.0 * n_base * tokens / seconds,
-        "base_parameters": n_base,
         "peak_memory_gib": peak_memory(device) / 2**30,
         # on a GPU the peak allocated during this measurement; on a CPU the process's resident
         # high-water mark so far (it cannot be reset, so later variants include earlier peaks)
@@ -188,7 +228,10 @@ def federation(cfg, rounds: int) -> dict:
     for r in rows:
         sec = r["seconds"]
         trained = [p for p in r["platforms"].values() if p.get("participated")]
-        local = max(p["train_seconds"] for p in trained)
+        busy: dict = {}  # platforms on one host actor train in turn: their times add up
+        for p in trained:
+            busy[p.get("worker")] = busy.get(p.get("worker"), 0.0) + p["train_seconds"]
+        local = max(busy.values())
         wall = sec["round"] - sec.get("evaluate", 0.0)
         per_round.append(
             {
@@ -235,34 +278,95 @@ def peak_flops(peak_tflops: float | None, hw: dict) -> float | None:
     return next((v * 1e12 for k, v in KNOWN_PEAK_TFLOPS.items() if k in gpu), None)
 
 
-def bench(cfg, *, shape: str, steps: int, warmup: int, pack_length: int, rounds: int, examples: int, peak_tflops):
-    """Everything above, as one dict (what `fl-llm bench` writes)."""
+def bench(
+    cfg,
+    *,
+    shape: str,
+    steps: int,
+    warmup: int,
+    pack_length: int,
+    rounds: int,
+    examples: int,
+    peak_tflops,
+    variants=VARIANTS,
+    baseline_batch: int = 16,
+    baseline_rows: int | None = None,
+):
+    """Everything above, as one dict (what `fl-llm bench` writes). The baseline variants run
+    first, on the plain model; then the model takes the platforms' settings for fl_llm's."""
+    import gc
+
+    import torch
+
     hw = hardware()
+    device = resolve_device(cfg.client.device)
     enc = bench_examples(examples, vocab=8000, max_length=cfg.model.max_length, seed=cfg.seed)
     lengths = np.array([len(r) for r in enc.input_ids])
+    rows = BASELINE_ROWS[shape] if baseline_rows is None else baseline_rows
     result = {
         "hardware": hw,
         "shape": shape,
         "model": {k: getattr(cfg.model.tiny, k) for k in SHAPES[shape]},
         "lora": {"r": cfg.model.lora.r, "target_modules": cfg.model.lora.target_modules},
+        "settings": {
+            "dtype": cfg.model.dtype,
+            "attn_implementation": cfg.model.attn_implementation,
+            "compile": cfg.client.compile,
+            "gradient_checkpointing": cfg.client.gradient_checkpointing,
+        },
         "batch_size": cfg.client.batch_size,
         "pack_length": pack_length,
+        "baseline": {"padded_batch": baseline_batch, "packed_rows": rows or "one batch's examples"},
         "lengths": {"mean": float(lengths.mean()), "p50": float(np.median(lengths)), "max": int(lengths.max())},
-        "step": {
-            "fl_llm_packed": fl_llm_step(cfg, enc, pack_length, steps, warmup),
-            "fl_llm_padded": fl_llm_step(cfg, enc, 0, steps, warmup),
-            "baseline_packed": baseline_step(cfg, enc, "packed", pack_length, steps, warmup),
-            "baseline_padded": baseline_step(cfg, enc, "padded", pack_length, steps, warmup),
-        },
+        "step": {},
     }
+    model, tokenizer, n_base = _model(cfg, device)
+    result["base_parameters"] = n_base
     peak = peak_flops(peak_tflops, hw)
-    for row in result["step"].values():
-        row["mfu"] = row["flops_per_s"] / peak if peak else None
-    ours = result["step"]["fl_llm_packed"]["useful_tokens_per_s"]
-    result["ratio"] = {
-        "vs_baseline_packed": ours / result["step"]["baseline_packed"]["useful_tokens_per_s"],
-        "vs_baseline_padded": ours / result["step"]["baseline_padded"]["useful_tokens_per_s"],
-    }
+    switched = False
+    for name in VARIANTS:
+        if name not in variants:
+            continue
+        if name.startswith("fl_llm") and not switched:
+            use_client_settings(model, cfg)
+            switched = True
+        try:
+            if name.startswith("fl_llm"):
+                packed = pack_length if name == "fl_llm_packed" else 0
+                row = fl_llm_step(model, tokenizer, cfg, enc, packed, steps, warmup)
+            else:
+                mode, batch = (
+                    ("packed", cfg.client.batch_size) if name == "baseline_packed" else ("padded", baseline_batch)
+                )
+                row = baseline_step(
+                    model,
+                    tokenizer,
+                    enc,
+                    mode,
+                    batch=batch,
+                    rows=rows,
+                    pack_length=pack_length,
+                    steps=steps,
+                    warmup=warmup,
+                )
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            row = {"oom": True}
+        if "useful_tokens_per_s" in row:
+            row["flops_per_s"] = 4.0 * n_base * row["useful_tokens_per_s"]
+            row["mfu"] = row["flops_per_s"] / peak if peak else None
+        result["step"][name] = row
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    step = {k: v.get("useful_tokens_per_s") for k, v in result["step"].items()}
+    if step.get("fl_llm_packed"):
+        result["ratio"] = {
+            f"vs_{k}": step["fl_llm_packed"] / step[k] for k in ("baseline_packed", "baseline_padded") if step.get(k)
+        }
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the federated run's platforms need this GPU
     if rounds:
         result["federation"] = federation(cfg, rounds)
     return result
@@ -271,15 +375,16 @@ def bench(cfg, *, shape: str, steps: int, warmup: int, pack_length: int, rounds:
 def summary_lines(result: dict) -> list[str]:
     lines = [f"hardware: {json.dumps(result['hardware'])}", f"shape {result['shape']}: {result['model']}"]
     for name, row in result["step"].items():
+        if row.get("oom"):
+            lines.append(f"  {name:<16} out of memory")
+            continue
         mfu = f"  MFU {row['mfu']:.3f}" if row.get("mfu") is not None else ""
         lines.append(
             f"  {name:<16} {row['useful_tokens_per_s']:>10.0f} useful tokens/s  "
             f"({row['useful_fraction']:.0%} of positions useful){mfu}  peak {row['peak_memory_gib']:.2f} GiB"
         )
-    r = result["ratio"]
-    lines.append(
-        f"  fl_llm packed / baseline: {r['vs_baseline_packed']:.2f}x packed, {r['vs_baseline_padded']:.2f}x padded"
-    )
+    for k, v in result.get("ratio", {}).items():
+        lines.append(f"  fl_llm packed / {k[3:]}: {v:.2f}x")
     if "federation" in result:
         f = result["federation"]
         lines.append(

@@ -242,7 +242,14 @@ def cmd_audit(ns) -> int:
 def cmd_bench(ns) -> int:
     import json
 
-    from fl_llm.bench import bench, shape_overrides, summary_lines
+    from fl_llm.bench import VARIANTS, bench, shape_overrides, summary_lines
+    from fl_llm.client.train import device_problem, resolve_device
+
+    variants = [v for v in ns.variants.split(",") if v]
+    if not variants or not set(variants) <= set(VARIANTS):
+        raise UserError(f"--variants: a comma-separated subset of {', '.join(VARIANTS)}, got {ns.variants!r}")
+    if ns.baseline_batch < 1 or (ns.baseline_rows is not None and ns.baseline_rows < 0):
+        raise UserError("--baseline-batch must be at least 1 and --baseline-rows at least 0")
 
     if ns.pack_length < ns.max_length:
         raise UserError(f"--pack-length ({ns.pack_length}) must be at least --max-length ({ns.max_length})")
@@ -250,6 +257,9 @@ def cmd_bench(ns) -> int:
         raise UserError("--steps and --examples must be at least 1, --warmup and --rounds at least 0")
     path, overrides = _split_config_args(ns.args)
     cfg = config_mod.load(path, [*shape_overrides(ns.shape, ns.max_length), *overrides])
+    problem = device_problem(cfg, resolve_device(cfg.client.device))
+    if problem:
+        raise UserError(problem)
     result = bench(
         cfg,
         shape=ns.shape,
@@ -259,6 +269,9 @@ def cmd_bench(ns) -> int:
         rounds=ns.rounds,
         examples=ns.examples,
         peak_tflops=ns.peak_tflops,
+        variants=variants,
+        baseline_batch=ns.baseline_batch,
+        baseline_rows=ns.baseline_rows,
     )
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=512, help="examples drawn at e-commerce lengths (default 512)")
     p.add_argument("--rounds", type=int, default=4, help="federated rounds to time, 0 to skip (default 4)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the hardware's peak, for MFU")
+    p.add_argument(
+        "--variants",
+        default="baseline_packed,baseline_padded,fl_llm_packed,fl_llm_padded",
+        help="which step measurements to run, comma-separated (default all four)",
+    )
+    p.add_argument(
+        "--baseline-batch", type=int, default=16, help="examples per padded baseline step (default 16, the issue's)"
+    )
+    p.add_argument(
+        "--baseline-rows",
+        type=int,
+        default=None,
+        help="rows of --pack-length per packed baseline step (default: 8 at 1b, 2 at 8b, one batch's examples at tiny)",
+    )
     p.add_argument("--out", default="bench.json", help="where the JSON goes (default bench.json)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")

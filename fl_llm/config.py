@@ -37,6 +37,9 @@ class TinyModelConfig:
     num_heads: int = opt(4, "attention heads (must divide hidden_size)", min=1)
     num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention (null = num_heads)", min=1)
     intermediate_size: int = opt(256, "MLP width", min=8)
+    vocab_size: int | None = opt(
+        None, "embedding rows (null = the built-in tokenizer's 8192; more only adds unused rows)", min=8192
+    )
     max_positions: int = opt(512, "longest sequence the model accepts", min=16)
 
 
@@ -65,6 +68,11 @@ class ModelConfig:
         "needs a CUDA GPU, the bitsandbytes package and a model directory or hub id",
     )
     max_length: int = opt(256, "longest tokenized example; longer prompts are cut from the left", min=8)
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = opt(
+        "sdpa",
+        "attention kernel: sdpa (PyTorch's), eager, flex_attention (GPU: skips the blocks a packed row's "
+        "block-diagonal mask hides) or flash_attention_2 (needs the flash-attn package; varlen for packed rows)",
+    )
     tiny: TinyModelConfig = section(TinyModelConfig, "shape of the built-in tiny model")
     lora: LoraSettings = section(LoraSettings, "LoRA adapter settings")
 
@@ -136,6 +144,11 @@ class ClientConfig:
     )
     gradient_checkpointing: bool = opt(
         False, "recompute activations in the backward pass: less memory, ~30% more compute"
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile each transformer block (fuses the norm, rotary and MLP element-wise work; the first "
+        "steps pay the compilation, tens of seconds)",
     )
 
 

@@ -35,7 +35,13 @@ class PlatformHost:
         if not getattr(base, "is_quantized", False):
             base.to(device)
         # its "default" adapter stays unused
-        model = apply_lora(base, cfg.model, cfg.seed, checkpointing=cfg.client.gradient_checkpointing)
+        model = apply_lora(
+            base,
+            cfg.model,
+            cfg.seed,
+            checkpointing=cfg.client.gradient_checkpointing,
+            compile_blocks=cfg.client.compile,
+        )
         self.platforms = {i: Platform(config, i, None, hard_exit, shared=(model, tokenizer)) for i in platform_ids}
 
     def call(self, platform_id: int, method: str, *args):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import time
 
 import numpy as np
 
 from fl_llm import faults
-from fl_llm.client.train import peak_memory, resolve_device
+from fl_llm.client.train import device_problem, peak_memory, resolve_device
 from fl_llm.config import RunConfig, from_dict
 from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
 from fl_llm.strategies import STRATEGIES
@@ -59,16 +60,10 @@ class Platform:
         self._secagg = None  # this round's secure-aggregation state (keys, shares received)
         self.user_error: str | None = None
         self.task = sources.task_of(self.cfg)
-        want = self.cfg.client.device
-        self.device = resolve_device(want)
-        if want == "cuda" and not torch.cuda.is_available():
-            self.user_error, self.name = (
-                (
-                    f"client.device=cuda, but platform {platform_id}'s node has no CUDA GPU (use client.device=auto, "
-                    "or run on GPU nodes)"
-                ),
-                f"platform-{platform_id}",
-            )
+        self.device = resolve_device(self.cfg.client.device)
+        problem = device_problem(self.cfg, self.device)
+        if problem:
+            self.user_error, self.name = f"platform {platform_id}: {problem}", f"platform-{platform_id}"
             return
 
         # Data stays in this process from here on. A problem with it is the user's to fix: keep
@@ -100,6 +95,7 @@ class Platform:
                 self.cfg.seed,
                 rank=self.rank,
                 checkpointing=self.cfg.client.gradient_checkpointing,
+                compile_blocks=self.cfg.client.compile,
             )
             self.adapter = "default"
         else:  # one resident base model, one adapter per platform on it
@@ -307,6 +303,7 @@ class Platform:
         result.update(self._masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0
+        metrics["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # platforms on one host share it
         return result
 
     def _upload(self, update: AdapterState, round_: int) -> dict:

@@ -18,6 +18,17 @@ def resolve_device(want: str):
     return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def device_problem(cfg, device) -> str | None:
+    """Why this platform cannot train as configured on `device` (a user error), or None."""
+    import torch
+
+    if cfg.client.device == "cuda" and not torch.cuda.is_available():
+        return "client.device=cuda, but this node has no CUDA GPU (use client.device=auto, or run on GPU nodes)"
+    if cfg.model.attn_implementation == "flex_attention" and device.type != "cuda":
+        return "model.attn_implementation=flex_attention trains only on a CUDA GPU (PyTorch has no CPU backward)"
+    return None
+
+
 def peak_memory(device) -> int:
     """Peak memory of this process: GPU memory allocated on a GPU, else resident RAM (a
     high-water mark that cannot be reset)."""

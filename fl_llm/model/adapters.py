@@ -32,9 +32,19 @@ def lora_config(model_cfg: ModelConfig, rank: int | None = None):
     )
 
 
-def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None, checkpointing: bool = False):
+def apply_lora(
+    model,
+    model_cfg: ModelConfig,
+    seed: int,
+    rank: int | None = None,
+    checkpointing: bool = False,
+    compile_blocks: bool = False,
+):
     """Wrap `model` with LoRA; the initial A matrices come from `seed`, so all platforms agree.
-    `checkpointing`: recompute activations in the backward pass (client.gradient_checkpointing)."""
+    `checkpointing`: recompute activations in the backward pass (client.gradient_checkpointing).
+    `compile_blocks`: torch.compile every transformer block in place, adapters included
+    (client.compile) — one compiled graph serves all blocks, shapes marked dynamic so that
+    packed rows of varying width do not recompile."""
     import warnings
 
     import torch
@@ -48,7 +58,21 @@ def apply_lora(model, model_cfg: ModelConfig, seed: int, rank: int | None = None
     if checkpointing:
         wrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         wrapped.enable_input_require_grads()
+    if compile_blocks:
+        compile_each_block(wrapped)
     return wrapped
+
+
+def compile_each_block(model) -> None:
+    """torch.compile every transformer block of `model` in place (the largest ModuleList: a
+    decoder's layers, an encoder's layer), with dynamic shapes."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError("client.compile: this model has no list of transformer blocks")
+    for block in max(lists, key=lambda m: sum(p.numel() for p in m.parameters())):
+        block.compile(dynamic=True)
 
 
 def state_key(param_name: str, adapter: str = "default") -> str:

@@ -81,6 +81,7 @@ def tiny_llama(
         # a narrow model cannot reach confident logits and its answer loss barely moves.
         initializer_range=t.hidden_size**-0.5,
         num_labels=num_labels,
+        **_attention(model_cfg),
         **special_ids,
     )
     cls = LlamaForSequenceClassification if model_cfg.kind == "seq_cls" else LlamaForCausalLM
@@ -113,7 +114,8 @@ def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
             "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id,
         }
-        model = tiny_llama(model_cfg, len(tokenizer), special, seed, num_labels, dtype).to(dtype)
+        vocab = model_cfg.tiny.vocab_size or len(tokenizer)
+        model = tiny_llama(model_cfg, vocab, special, seed, num_labels, dtype).to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -127,18 +129,34 @@ def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
             torch.manual_seed(seed)
             if model_cfg.kind == "seq_cls":
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    name, num_labels=num_labels, dtype=dtype, **_quantized(model_cfg)
+                    name, num_labels=num_labels, dtype=dtype, **_attention(model_cfg), **_quantized(model_cfg)
                 )
                 if model.config.pad_token_id is None:
                     model.config.pad_token_id = tokenizer.pad_token_id
             else:
-                model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **_quantized(model_cfg))
+                model = AutoModelForCausalLM.from_pretrained(
+                    name, dtype=dtype, **_attention(model_cfg), **_quantized(model_cfg)
+                )
         if model_cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _attention(model_cfg: ModelConfig) -> dict:
+    """The attention kernel (model.attn_implementation); flash-attention only where installed."""
+    impl = model_cfg.attn_implementation
+    if impl == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError(
+                "model.attn_implementation=flash_attention_2 needs the flash-attn package on every platform's "
+                "node (pip install flash-attn), or use sdpa / flex_attention"
+            )
+    return {"attn_implementation": impl}
 
 
 def _quantized(model_cfg: ModelConfig) -> dict:
