@@ -119,13 +119,13 @@ def use_client_settings(model, cfg) -> None:
         compile_each_block(model)
 
 
-def fl_llm_step(model, tokenizer, cfg, enc: Encoded, pack_length: int, steps: int, warmup: int) -> dict:
+def fl_llm_step(model, tokenizer, cfg, enc: Encoded, pack_length: int, steps: int, warmup: int, batch: int) -> dict:
     """Useful tokens/s of the platforms' own training loop (one platform, this process)."""
     from fl_llm.client.train import local_train
 
     device = next(model.parameters()).device
     kw = dict(
-        batch_size=cfg.client.batch_size,
+        batch_size=batch,
         lr=cfg.client.lr,
         weight_decay=0.0,
         max_grad_norm=cfg.client.max_grad_norm,
@@ -221,7 +221,7 @@ def federation(cfg, rounds: int) -> dict:
     from fl_llm.tracking import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="fl-llm-bench-") as tmp:
-        cfg.server.rounds, cfg.tracking.progress = rounds, False
+        cfg.server.rounds = rounds
         run(cfg, Path(tmp) / "run")
         rows = read_metrics(Path(tmp) / "run")
     per_round = []
@@ -332,8 +332,10 @@ def bench(
             switched = True
         try:
             if name.startswith("fl_llm"):
-                packed = pack_length if name == "fl_llm_packed" else 0
-                row = fl_llm_step(model, tokenizer, cfg, enc, packed, steps, warmup)
+                if name == "fl_llm_packed":
+                    row = fl_llm_step(model, tokenizer, cfg, enc, pack_length, steps, warmup, cfg.client.batch_size)
+                else:  # padded: the padded baseline's batch
+                    row = fl_llm_step(model, tokenizer, cfg, enc, 0, steps, warmup, baseline_batch)
             else:
                 mode, batch = (
                     ("packed", cfg.client.batch_size) if name == "baseline_packed" else ("padded", baseline_batch)

@@ -1,5 +1,6 @@
-"""Packed batches: the same examples give the same loss and the same gradients as padded ones,
-no attention crosses an example boundary, and far fewer positions are computed."""
+"""Packed batches — rows (a block-diagonal mask) and one flat sequence (attention per example,
+`fl_llm.model.attention`) — give the same loss and the same gradients as padded ones, no
+attention crosses an example boundary, and far fewer positions are computed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from fl_llm.client.train import _answer_loss, _forward
-from fl_llm.data.batching import IGNORE, collate, pack
+from fl_llm.data.batching import IGNORE, collate, flatten, pack
+from fl_llm.model.attention import segments
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +92,91 @@ def test_pack_fills_rows_first_fit():
     # each answer (the last token) is predicted from the position before it
     for r, c, t in zip(batch["rows"], batch["cols"], batch["targets"]):
         assert batch["input_ids"][r, c + 1] == t
+
+
+def test_flat_sequence_equals_padded(model_and_data):
+    """The flat path the platforms take with the default attention: all 16 examples in one
+    sequence, no padding, the same loss and gradients as padded batches."""
+    model, enc, pad_id, _ = model_and_data
+    idx = np.arange(16)
+    padded, flat = collate(enc, idx, pad_id), flatten(enc, idx)
+    assert flat["input_ids"].shape == (1, sum(len(enc.input_ids[i]) for i in idx))
+    assert flat["cu_seq_lens"][-1] == flat["input_ids"].shape[1] and len(flat["cu_seq_lens"]) == 17
+    model.train()
+    loss_a, grads_a = _loss_and_grads(model, padded)
+    with segments(model):
+        loss_b, grads_b = _loss_and_grads(model, flat)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for name in grads_a:
+        np.testing.assert_allclose(grads_b[name].numpy(), grads_a[name].numpy(), rtol=2e-3, atol=1e-6)
+
+
+def test_flat_sequence_keeps_examples_apart(model_and_data):
+    import torch
+
+    model, enc, _, _ = model_and_data
+    batch = flatten(enc, np.arange(6))
+    first_end = int(batch["cu_seq_lens"][1])
+    changed = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+    changed["input_ids"][0, :first_end] = (changed["input_ids"][0, :first_end] + 7) % 1000 + 10
+    model.eval()
+    with torch.no_grad(), segments(model):
+        a, _ = _forward(model, batch, "cpu")
+        b, _ = _forward(model, changed, "cpu")
+    later = torch.from_numpy(batch["cols"] >= first_end)
+    torch.testing.assert_close(a[later], b[later], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[~later], b[~later])
+
+
+def test_segments_switches_back_and_refuses_unpacked_input(model_and_data):
+    """Outside the block the configured attention is back; inside, a batch without segment
+    bounds is refused instead of attending across examples."""
+    import torch
+
+    model, enc, pad_id, _ = model_and_data
+    base = model.get_base_model()
+    before = base.config._attn_implementation
+    with segments(model):
+        assert base.config._attn_implementation == "fl_llm_varlen"
+        with pytest.raises(RuntimeError, match="segment bounds"), torch.no_grad():
+            _forward(model, pack(enc, np.arange(4), pad_id, 1024), "cpu")
+    assert base.config._attn_implementation == before
+
+
+def test_local_train_flat_matches_rows():
+    """local_train with client.pack_length: the flat path (default sdpa) and the rows path
+    (eager attention, transformers' block-diagonal mask) train to the same adapter."""
+    import torch
+
+    from fl_llm.client.train import local_train
+    from fl_llm.config import load
+    from fl_llm.data import sources
+    from fl_llm.data.batching import encode
+    from fl_llm.model.adapters import apply_lora, get_adapter_state
+    from fl_llm.model.build import build_base
+
+    states, slots = [], []
+    for impl in ("sdpa", "eager"):
+        cfg = load(None, ["data.synthetic.train_examples=[64,64,64]", f"model.attn_implementation={impl}"])
+        base, tok = build_base(cfg.model, cfg.seed, num_labels=2)
+        model = apply_lora(base, cfg.model, cfg.seed)
+        enc = encode(sources.load_platform_data(cfg, 0).train, sources.task_of(cfg), tok, cfg.model.max_length)
+        out = local_train(
+            model,
+            enc,
+            steps=3,
+            batch_size=8,
+            lr=1e-2,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            rng=np.random.default_rng(0),
+            device=torch.device("cpu"),
+            pad_id=tok.pad_token_id,
+            pack_length=512,
+        )
+        assert base.config._attn_implementation == impl
+        states.append(get_adapter_state(model))
+        slots.append(out["slots"] / out["tokens"])
+    assert slots[0] == 1.0 and slots[1] >= 1.0  # flat: not one padded position
+    for k in states[0]:
+        np.testing.assert_allclose(states[0][k], states[1][k], rtol=1e-3, atol=1e-5)

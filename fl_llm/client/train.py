@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
 
-from fl_llm.data.batching import IGNORE, Encoded, collate, pack
+from fl_llm.data.batching import IGNORE, Encoded, collate, flatten, pack
+from fl_llm.model.attention import segments
 
 
 def resolve_device(want: str):
@@ -89,6 +91,10 @@ def _forward(model, batch: dict, device):
     if "rows" in batch:  # packed rows: hidden states, then the vocabulary only where an answer is
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "position_ids")}
+        if "cu_seq_lens" in batch:  # one flat sequence: the bounds for fl_llm.model.attention
+            bounds = torch.from_numpy(batch["cu_seq_lens"]).to(device)
+            longest = int(batch["max_length"])
+            inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
         hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packing
         rows, cols = (torch.from_numpy(batch[k]).to(device) for k in ("rows", "cols"))
         return base.get_output_embeddings()(hidden[rows, cols]).float(), targets
@@ -97,6 +103,11 @@ def _forward(model, batch: dict, device):
         return model(**inputs).logits.float(), targets
     inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "attention_mask", "position_ids")}
     return model(**inputs, logits_to_keep=batch["keep"]).logits.float(), targets
+
+
+def _configured_attention(model) -> str | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None)
 
 
 def _answer_loss(logits, targets, reduction: str):
@@ -169,7 +180,12 @@ def local_train(
     losses, dp_stats = [], []
     tokens, slots = 0, 0
     use_autocast = autocast and torch.device(device).type == "cuda"
+    # packed steps with the default attention: one flat sequence, attention within each example
+    flat = bool(pack_length) and dp is None and _configured_attention(model) == "sdpa"
+    scope = ExitStack()
     try:
+        if flat:
+            scope.enter_context(segments(model))
         for step, idx in enumerate(batches):
             if deadline is not None and time.monotonic() > deadline:
                 raise RoundDeadline(f"stopped after {step} of {steps} steps: past the round's deadline")
@@ -180,7 +196,12 @@ def local_train(
                     for p, a in zip(params, anchors):
                         p.grad.add_(p.detach() - a, alpha=prox_mu)
             else:
-                batch = pack(enc, idx, pad_id, pack_length) if pack_length else collate(enc, idx, pad_id)
+                if flat:
+                    batch = flatten(enc, idx)
+                elif pack_length:
+                    batch = pack(enc, idx, pad_id, pack_length)
+                else:
+                    batch = collate(enc, idx, pad_id)
                 slots += batch["input_ids"].size
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_autocast):
                     logits, targets = _forward(model, batch, device)
@@ -201,6 +222,7 @@ def local_train(
             if on_step is not None:
                 on_step(step)
     finally:
+        scope.close()
         if dp is not None:
             private.close()
     out = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(batches)}

@@ -162,3 +162,31 @@ def pack(enc: Encoded, idx: np.ndarray, pad_id: int, row_len: int) -> dict[str, 
         "cols": np.asarray(cols, dtype=np.int64),
         "targets": np.asarray(targets, dtype=np.int64),
     }
+
+
+def flatten(enc: Encoded, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The examples `idx` end to end in ONE sequence — no padding at all — for attention that
+    keeps each example to itself (`fl_llm.model.attention`): `cu_seq_lens` are the examples'
+    cumulative bounds (0, n₁, n₁+n₂, …) and `max_length` the longest; position ids restart per
+    example; answer targets as flat `rows` / `cols` / `targets`, as in `pack`."""
+    if enc.kind != "causal_lm":
+        raise ValueError("packing applies to causal LM examples")
+    members = [int(i) for i in idx]
+    lengths = [len(enc.input_ids[i]) for i in members]
+    ids = np.concatenate([enc.input_ids[i] for i in members])[None].astype(np.int64)
+    positions = np.concatenate([np.arange(n) for n in lengths])[None].astype(np.int64)
+    cols, targets, c = [], [], 0
+    for i, n in zip(members, lengths):
+        tokens, a = enc.input_ids[i], int(enc.answer_len[i])
+        cols.extend(c + n - 1 - a + j for j in range(a))
+        targets.extend(tokens[n - a + j] for j in range(a))
+        c += n
+    return {
+        "input_ids": ids,
+        "position_ids": positions,
+        "cu_seq_lens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+        "max_length": max(lengths),
+        "rows": np.zeros(len(cols), dtype=np.int64),
+        "cols": np.asarray(cols, dtype=np.int64),
+        "targets": np.asarray(targets, dtype=np.int64),
+    }

@@ -86,14 +86,70 @@ def tiny_llama(
     )
     cls = LlamaForSequenceClassification if model_cfg.kind == "seq_cls" else LlamaForCausalLM
     previous = torch.get_default_dtype()
+    large = _parameter_count(config) >= PARALLEL_INIT
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             torch.set_default_dtype(dtype or torch.float32)
-            model = cls(config)
+            if large:
+                with _no_init():
+                    model = cls(config)
+            else:
+                model = cls(config)
         finally:
             torch.set_default_dtype(previous)
+    if large:
+        _parallel_init(model, seed, config.initializer_range, config.pad_token_id)
     return model
+
+
+# From this many parameters the built-in model draws each tensor from its own seeded generator,
+# in parallel threads: torch's CPU generator is sequential, and one stream for 8B weights takes
+# minutes. Deterministic all the same; smaller models keep transformers' own initialisation.
+PARALLEL_INIT = 100_000_000
+
+
+def _parameter_count(config) -> int:
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h * config.num_key_value_heads // config.num_attention_heads
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return embeddings + layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _parallel_init(model, seed: int, std: float, pad_id: int | None) -> None:
+    """Matrices ~ N(0, std²) (the embedding's padding row zero), norms one, biases zero; tensor i
+    from generator (seed, i)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    model.tie_weights()
+    named = list(model.named_parameters())
+
+    def fill(i: int) -> None:
+        name, p = named[i]
+        with torch.no_grad():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+                return
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            # float32 draws, cast per row block: the same values whatever the weights' dtype
+            for rows in torch.arange(p.shape[0]).split(4096):
+                block = torch.randn(len(rows), *p.shape[1:], generator=g, device="cpu").mul_(std)
+                p[rows.to(p.device)] = block.to(p.device, p.dtype)
+            if name.endswith("embed_tokens.weight") and pad_id is not None:
+                p[pad_id] = 0
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, range(len(named))))
 
 
 def build_base(model_cfg: ModelConfig, seed: int, num_labels: int = 2):
