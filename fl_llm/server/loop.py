@@ -20,6 +20,7 @@ model untouched. A dead platform is restarted and rejoins the next round; one th
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +187,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     fed: Federation | None = None
     history: list[dict] = []
     info: dict = {}
+    metrics_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-llm-metrics")
     try:
         info = _require_all(backend.call(everyone, "describe", timeout_s=SETUP_TIMEOUT_S), "start")
         bad = [info[i]["user_error"] for i in everyone if info[i].get("user_error")]
@@ -317,6 +319,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 round_=rnd,
                 num_platforms=n,
                 extras=[trained.results[i].get("extra", {}) for i in accepted],
+                background=metrics_pool,  # aggregation_error: computed while the platforms evaluate
             )
             fed.global_state, fed.strategy_state = result.global_state, result.state
             if result.merge:
@@ -384,6 +387,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         raise
     finally:
         progress.phase("stopping the platforms")
+        metrics_pool.shutdown(wait=False, cancel_futures=True)
         backend.shutdown()
         progress.close()
 
@@ -536,7 +540,7 @@ def _control_handle(backend, strategy: Strategy, fed: Federation):
 
 
 def _strategy_metrics(metrics: dict, accepted: list[int], names: dict) -> dict:
-    out = {k: v for k, v in metrics.items() if k != "krum_kept"}
+    out = {k: (v.result() if isinstance(v, Future) else v) for k, v in metrics.items() if k != "krum_kept"}
     if "krum_kept" in metrics:
         out["krum_kept"] = [names[accepted[j]] for j in metrics["krum_kept"]]
     return out

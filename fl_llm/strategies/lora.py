@@ -41,11 +41,20 @@ def is_b(key: str) -> bool:
     return B_TAG in key
 
 
-def frob2_of_sum(bs: list[np.ndarray], as_: list[np.ndarray], coefs: list[float]) -> float:
-    """‖Σⱼ cⱼ·Bⱼ·Aⱼ‖²_F through the Gram matrices of the stacked factors (never d × k)."""
-    b = np.concatenate([c * bj.astype(np.float64) for c, bj in zip(coefs, bs)], axis=1)
+def product_gram(bs: list[np.ndarray], as_: list[np.ndarray]) -> np.ndarray:
+    """K[j, k] = ⟨Bⱼ·Aⱼ, Bₖ·Aₖ⟩_F for all pairs, through the Gram matrices of the stacked factors
+    (never a d × k product): ⟨BⱼAⱼ, BₖAₖ⟩ = Σ (BⱼᵀBₖ) ⊙ (AⱼAₖᵀ). Then ‖Σⱼ cⱼBⱼAⱼ‖² = cᵀKc."""
+    b = np.concatenate([bj.astype(np.float64) for bj in bs], axis=1)
     a = np.concatenate([aj.astype(np.float64) for aj in as_], axis=0)
-    return float(max(np.sum((b.T @ b) * (a @ a.T)), 0.0))
+    starts = np.cumsum([0] + [bj.shape[1] for bj in bs[:-1]])
+    blocks = (b.T @ b) * (a @ a.T)
+    return np.add.reduceat(np.add.reduceat(blocks, starts, axis=0), starts, axis=1)
+
+
+def frob2_of_sum(bs: list[np.ndarray], as_: list[np.ndarray], coefs: list[float]) -> float:
+    """‖Σⱼ cⱼ·Bⱼ·Aⱼ‖²_F."""
+    c = np.asarray(coefs, dtype=np.float64)
+    return float(max(c @ product_gram(bs, as_) @ c, 0.0))
 
 
 def aggregation_error(
@@ -60,21 +69,23 @@ def aggregation_error(
     `locals_` are the platforms' full adapters after local training (global + update), `new_global`
     the aggregated adapter and `merged` what a strategy folded into the base weights this round,
     as factors (B_m, A_m) per layer, so the base's change is B_m·A_m. None when there are no
-    LoRA layers or the target is zero.
+    LoRA layers or the target is zero. One Gram per layer serves numerator and denominator.
     """
     p = np.asarray(weights, dtype=np.float64)
     p = p / p.sum()
+    n = len(locals_)
     num = den = 0.0
     for layer in layers(new_global):
         ak, bk = a_key(new_global, layer), b_key(new_global, layer)
         bs = [loc[bk] for loc in locals_] + [new_global[bk]]
         as_ = [loc[ak] for loc in locals_] + [new_global[ak]]
-        coefs = [*p.tolist(), -1.0]
         if merged and layer in merged:
             bm, am = merged[layer]
-            bs, as_, coefs = [*bs, bm], [*as_, am], [*coefs, -1.0]
-        num += frob2_of_sum(bs, as_, coefs)
-        den += frob2_of_sum(bs[: len(locals_)], as_[: len(locals_)], p.tolist())
+            bs, as_ = [*bs, bm], [*as_, am]
+        c = np.concatenate([p, -np.ones(len(bs) - n)])
+        k = product_gram(bs, as_)
+        num += max(float(c @ k @ c), 0.0)
+        den += max(float(p @ k[:n, :n] @ p), 0.0)
     return float(np.sqrt(num / den)) if den > 0 else None
 
 

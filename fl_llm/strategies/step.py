@@ -82,13 +82,16 @@ def aggregate_round(
     round_: int,
     num_platforms: int,
     extras: list[dict] | None = None,
+    background=None,
 ) -> RoundResult:
     """The new global adapter (and state, base merge, metrics) from this round's valid updates.
 
     `updates` are in the global adapter's shapes and may carry a subset of its keys (FFA sends
-    no A, FedSA no B); keys nobody sent stay as they were.
+    no A, FedSA no B); keys nobody sent stay as they were. `background`: an executor that
+    computes the `aggregation_error` metric off the round's critical path (the metric is then a
+    future; nothing here mutates the arrays it reads).
     """
-    locals_ = local_states(global_state, updates)
+    locals_ = local_states(global_state, updates) if strategy.lora in ("fedex", "flora") else None
     if strategy.client == "scaffold":  # the paper averages uniformly
         weights = [1.0] * len(updates)
     metrics: dict = {}
@@ -114,5 +117,9 @@ def aggregate_round(
 
     # 5. how far the new global is from the exact average of the platforms' adapters
     if strategy.lora != "fedsa":  # FedSA keeps B apart on purpose: there is no single product
-        metrics["aggregation_error"] = aggregation_error(global_state, locals_, weights, new, merge)
+
+        def error() -> float | None:
+            return aggregation_error(global_state, locals_ or local_states(global_state, updates), weights, new, merge)
+
+        metrics["aggregation_error"] = background.submit(error) if background is not None else error()
     return RoundResult(new, state, merge, metrics)
