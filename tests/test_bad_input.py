@@ -137,8 +137,22 @@ def _no_cuda() -> bool:
     return not torch.cuda.is_available()
 
 
-if _no_cuda():  # on a GPU machine this config is fine
+if _no_cuda():  # on a GPU machine these configs are fine
     CASES.append(("cuda without a GPU", lambda t: ["run", "backend=local", "client.device=cuda"], "has no CUDA GPU"))
+    CASES.append(
+        (
+            "flex attention on a CPU",
+            lambda t: ["run", "backend=local", "model.attn_implementation=flex_attention"],
+            "trains only on a CUDA GPU",
+        )
+    )
+    CASES.append(
+        (
+            "flex attention on a CPU (bench)",
+            lambda t: ["bench", "model.attn_implementation=flex_attention", "--rounds=0"],
+            "trains only on a CUDA GPU",
+        )
+    )
 
 
 def _write(path, text):

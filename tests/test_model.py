@@ -203,3 +203,39 @@ def test_cosine_lr_schedule_decays_from_lr_to_a_tenth():
     assert lrs[2] == pytest.approx(2e-3 * 0.55)  # half way: 0.1 + 0.9 * 0.5
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert scheduled_lr(2e-3, "constant", 4, 5) == 2e-3 == scheduled_lr(2e-3, "cosine", 1, 1)
+
+
+def test_large_builtin_models_draw_each_tensor_in_parallel_deterministically(monkeypatch):
+    """Above PARALLEL_INIT parameters (here: every size) each tensor comes from its own seeded
+    generator: the same seed gives the same weights, another seed others; norms are one, the
+    padding row zero, embeddings tied, matrices N(0, 1/width)."""
+    from fl_llm.model import build
+
+    monkeypatch.setattr(build, "PARALLEL_INIT", 0)
+    cfg = load(None, ["model.tiny.vocab_size=9000"])
+    a, tok = build_base(cfg.model, 3)
+    b, _ = build_base(cfg.model, 3)
+    c, _ = build_base(cfg.model, 4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.layers.0.mlp.up_proj.weight"], sc["model.layers.0.mlp.up_proj.weight"])
+    assert a.get_input_embeddings().weight.shape == (9000, 128)
+    assert a.lm_head.weight is a.model.embed_tokens.weight
+    assert torch.all(a.model.embed_tokens.weight[tok.pad_token_id] == 0)
+    assert torch.all(a.model.norm.weight == 1) and torch.all(a.model.layers[1].input_layernorm.weight == 1)
+    w = a.model.layers[1].mlp.down_proj.weight
+    assert float(w.std()) == pytest.approx(128**-0.5, rel=0.05) and abs(float(w.mean())) < 0.01
+
+
+def test_compile_each_block_compiles_the_decoder_layers(cfg, monkeypatch):
+    """client.compile: exactly the transformer blocks are compiled, each with dynamic shapes
+    (torch.compile itself is replaced by a recorder: compiling takes minutes on a CPU)."""
+    from fl_llm.model.adapters import compile_each_block
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((self, kw)))
+    base, _ = build_base(cfg.model, cfg.seed)
+    model = apply_lora(base, cfg.model, cfg.seed)
+    compile_each_block(model)
+    assert [m for m, _ in compiled] == list(base.model.layers)
+    assert all(kw == {"dynamic": True} for _, kw in compiled)

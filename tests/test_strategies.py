@@ -263,3 +263,21 @@ def test_bad_strategy_configs_fail_at_load(overrides, words):
 def test_combined_robust_rule_and_server_optimizer_load():
     cfg = load(None, ["strategy.name=fedadam", "strategy.robust=trimmed_mean"])
     assert STRATEGIES[cfg.strategy.name].rule(cfg.strategy.robust) == "trimmed_mean"
+
+
+def test_aggregation_error_in_the_background_is_the_same_number():
+    """The driver computes aggregation_error on a thread while the platforms evaluate: a future
+    holding exactly the value computed in line."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    g, updates, w = _lora_round()
+    inline = aggregate_round(STRATEGIES["fedit"], P, g, updates, w, {}, seed=0, round_=1, num_platforms=4)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        deferred = aggregate_round(
+            STRATEGIES["fedit"], P, g, updates, w, {}, seed=0, round_=1, num_platforms=4, background=pool
+        )
+        future = deferred.metrics["aggregation_error"]
+        assert isinstance(future, Future)
+        assert future.result() == inline.metrics["aggregation_error"] > 0
+    for k in g:
+        np.testing.assert_array_equal(deferred.global_state[k], inline.global_state[k])
