@@ -74,4 +74,6 @@ def test_varlen_kernel_matches_one_attention_per_example(kv_heads):
     assert outs[0].shape == (1, total, 8, 64)
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
     for a, b in zip(grads[0], grads[1]):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+        # bf16 against float32: judged on the whole tensor (with grouped-query attention a key's
+        # gradient sums over the heads sharing it, and single elements round by up to ~0.1)
+        assert float((a - b).norm() / b.norm()) < 1e-2
