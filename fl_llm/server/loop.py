@@ -33,7 +33,6 @@ from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import AdapterState, save_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, resolve_name, save_base
-from fl_llm.privacy.secagg import SecAggError
 from fl_llm.progress import Progress
 from fl_llm.server import secure
 from fl_llm.server.backends import Collected, make_backend
@@ -51,7 +50,6 @@ from fl_llm.server.records import (
     too_few_message,
 )
 from fl_llm.strategies import STRATEGIES, Strategy
-from fl_llm.strategies.base import unflatten
 from fl_llm.strategies.lora import to_rank, update_to_global_rank
 from fl_llm.strategies.step import aggregate_round
 from fl_llm.trackers import Trackers
@@ -242,7 +240,15 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 training = sr.parties if sr else cohort
                 fed.downlink.send(training)
                 args = {
-                    i: (handle, rnd, attempt, timeout, control, fed.merges.payload(i), _masking(sr, i, fed, info))
+                    i: (
+                        handle,
+                        rnd,
+                        attempt,
+                        timeout,
+                        control,
+                        fed.merges.payload(i),
+                        secure.masking(sr, i, fed.privacy, info),
+                    )
                     for i in training
                 }
                 for i in training:
@@ -262,7 +268,9 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 #    survivors' shares then unmask their sum, or the attempt fails --------------
                 t = time.monotonic()
                 if sr:
-                    accepted, rejected, unmasked = _unmask(sr, backend, trained, fed.global_state, strategy, cfg)
+                    accepted, rejected, unmasked = secure.unmask_round(
+                        sr, backend, trained, fed.global_state, strategy, cfg
+                    )
                     for i, nbytes in sr.bytes_down.items():  # relayed keys, shares and lists
                         fed.downlink.add(i, nbytes)
                 else:
@@ -293,7 +301,9 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             #    client-level DP on their clipped, noised mean instead ----------------------------
             t = time.monotonic()
             if sr:  # only the (weighted, clipped) sum exists
-                updates, weights, dp_stats = _secure_mean(unmasked, accepted, fed, strategy, info, cfg, rnd)
+                updates, weights, dp_stats = secure.mean(
+                    unmasked, accepted, fed.global_state, fed.privacy, strategy, info, cfg, rnd
+                )
             else:
                 updates = [
                     update_to_global_rank(
@@ -356,7 +366,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             record.update(dp_stats)
             if sr:
                 record.pop("aggregation_error", None)  # needs the individual updates
-                record.update(_secagg_record(sr, trained, names))
+                record.update(secure.record(sr, trained, names))
             fed.privacy.metrics(record)
             _save_models(cfg, rd, fed, strategy, backend, in_run, base_name, global_rank, bool(result.merge))
             fed.round = rnd
@@ -451,84 +461,6 @@ def _validate(
         else:
             rejected[i] = f"update rejected: {why}"
     return accepted, rejected
-
-
-def _masking(sr: secure.SecureRound | None, i: int, fed: Federation, info: dict) -> dict | None:
-    """Platform i's inputs for masking its update: its weight nᵢ / max nⱼ (1 under client-level
-    DP, which also has it clip to C), and the shares addressed to it. None without secagg."""
-    if sr is None:
-        return None
-    if fed.privacy.level == "client":
-        return secure.upload_args(sr, i, 1.0, fed.privacy.clip)
-    return secure.upload_args(sr, i, _secure_weight(info, i), None)
-
-
-def _secure_weight(info: dict, i: int) -> float:
-    """wᵢ = nᵢ / max nⱼ: example-count weighting that keeps |wᵢ·Δᵢ| within the fixed-point range."""
-    return info[i]["num_train"] / max(d["num_train"] for d in info.values())
-
-
-def _upload_layout(global_state: AdapterState, strategy: Strategy) -> list[tuple[str, tuple[int, ...]]]:
-    """The (key, shape) order in which a platform flattens its update (sorted keys)."""
-    return [(k, global_state[k].shape) for k in sorted(strategy.upload_keys(global_state))]
-
-
-def _unmask(sr, backend, trained: Collected, global_state, strategy: Strategy, cfg: RunConfig):
-    """(platforms whose update is in the sum, {platform: why not}, (Σ, extras) or None)."""
-    for i, why in sr.failed.errors.items():  # dropped during the key exchange
-        trained.errors.setdefault(i, f"secure aggregation: {why}")
-    trained.late.extend(i for i in sr.failed.late if i not in trained.late)
-    trained.dead.extend(i for i in sr.failed.dead if i not in trained.dead)
-    size = sum(int(np.prod(shape)) for _, shape in _upload_layout(global_state, strategy))
-    extras = 1 if cfg.privacy.dp.level == "client" else 0
-    accepted, rejected = [], {}
-    for i in sorted(trained.results):
-        why = secure.check_masked(trained.results[i], size + extras, sr.ring)
-        if why:
-            rejected[i] = f"update rejected: {why}"
-        else:
-            accepted.append(i)
-    if len(accepted) < cfg.server.min_platforms:
-        return accepted, rejected, None
-    try:
-        masked = {i: trained.results[i]["masked"] for i in accepted}
-        unmasked = secure.close_round(sr, backend, masked, size, cfg.server.round_timeout_s)
-    except SecAggError as e:
-        return [], {**rejected, **{i: f"secure aggregation failed: {e}" for i in accepted}}, None
-    finally:
-        trained.dead.extend(i for i in sr.failed.dead if i not in trained.dead)
-        for i, r in trained.results.items():  # keys, shares and revealed shares went up too
-            r["bytes"] += sr.bytes_up.get(i, 0)
-    return accepted, rejected, unmasked
-
-
-def _secure_mean(unmasked, accepted: list[int], fed: Federation, strategy: Strategy, info: dict, cfg, rnd: int):
-    """The one update the strategy sees under secure aggregation: Σ wᵢΔᵢ / Σ wᵢ over the
-    survivors — or, under client-level DP, (Σ clip(Δᵢ) + noise) / m."""
-    total, extras = unmasked
-    layout = _upload_layout(fed.global_state, strategy)
-    if fed.privacy.level == "client":
-        mean, dp_stats = fed.privacy.private_sum(total, int(extras[0]), cfg.seed, rnd)
-        return [unflatten(mean, layout)], [1.0], dp_stats
-    weight = sum(_secure_weight(info, i) for i in accepted)
-    return [unflatten(total / weight, layout)], [1.0], {}
-
-
-def _secagg_record(sr: secure.SecureRound, trained: Collected, names: dict) -> dict:
-    """What the round log says about secure aggregation (aggregate numbers only)."""
-    clipped = [r["secagg_clipped"] for r in trained.results.values() if "secagg_clipped" in r]
-    return {
-        "secagg": {
-            "threshold": sr.threshold,
-            "ring_bits": sr.ring.bits,
-            "parties": len(sr.parties),
-            "dropped": [names[i] for i in sr.parties if i not in trained.results],
-            "clipped": max(clipped) if clipped else 0.0,
-            "seconds": round(sr.seconds, 4),
-            "bytes_up": {names[i]: b for i, b in sr.bytes_up.items()},
-            "bytes_down": {names[i]: b for i, b in sr.bytes_down.items()},
-        }
-    }
 
 
 def _control_handle(backend, strategy: Strategy, fed: Federation):

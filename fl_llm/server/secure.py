@@ -6,6 +6,10 @@ that unmask their sum — and never holds any platform's update. Protocol: fl_ll
     upload_args   step 2    what each platform needs to mask its update (inbox, weight, ring)
     close_round   step 3-4  survivors' shares → Σ wᵢ·q(Δᵢ) → the weighted mean, dequantized
 
+and what the round loop calls: masking (step 2's arguments per platform), unmask_round (checks
+the masked uploads, then close_round), mean (the one update the strategy sees), record (the
+round log's `secagg` object).
+
 Weights: platform i sends wᵢ·Δᵢ with wᵢ = nᵢ / max nⱼ (its example count over the largest, so
 |wᵢ| ≤ 1 keeps the fixed-point range); the driver divides the sum by Σ wᵢ over the survivors.
 Under client-level DP every wᵢ = 1 and each platform clips its own update to C; the driver
@@ -21,8 +25,11 @@ import numpy as np
 
 from fl_llm.compression import LEVELS
 from fl_llm.config import RunConfig
+from fl_llm.model.adapters import AdapterState
 from fl_llm.privacy.secagg import Ring, SecAggError, masked_sum, unmask
 from fl_llm.server.backends import Collected
+from fl_llm.strategies import Strategy
+from fl_llm.strategies.base import unflatten
 
 KEY_BYTES = 64  # two X25519 public keys
 
@@ -127,3 +134,86 @@ def close_round(
     )
     sr.seconds += time.monotonic() - t0
     return sr.ring.decode(total[:size]), total[size:].astype(np.int64)
+
+
+# --- the round loop's use of the above -------------------------------------------------------
+
+
+def masking(sr: SecureRound | None, i: int, privacy, info: dict) -> dict | None:
+    """Platform i's inputs for masking its update: its weight nᵢ / max nⱼ (1 under client-level
+    DP, which also has it clip to C), and the shares addressed to it. None without secagg."""
+    if sr is None:
+        return None
+    if privacy.level == "client":
+        return upload_args(sr, i, 1.0, privacy.clip)
+    return upload_args(sr, i, weight(info, i), None)
+
+
+def weight(info: dict, i: int) -> float:
+    """wᵢ = nᵢ / max nⱼ: example-count weighting that keeps |wᵢ·Δᵢ| within the fixed-point range."""
+    return info[i]["num_train"] / max(d["num_train"] for d in info.values())
+
+
+def upload_layout(global_state: AdapterState, strategy: Strategy) -> list[tuple[str, tuple[int, ...]]]:
+    """The (key, shape) order in which a platform flattens its update (sorted keys)."""
+    return [(k, global_state[k].shape) for k in sorted(strategy.upload_keys(global_state))]
+
+
+def unmask_round(sr: SecureRound, backend, trained: Collected, global_state, strategy: Strategy, cfg: RunConfig):
+    """(platforms whose update is in the sum, {platform: why not}, (Σ, extras) or None)."""
+    for i, why in sr.failed.errors.items():  # dropped during the key exchange
+        trained.errors.setdefault(i, f"secure aggregation: {why}")
+    trained.late.extend(i for i in sr.failed.late if i not in trained.late)
+    trained.dead.extend(i for i in sr.failed.dead if i not in trained.dead)
+    size = sum(int(np.prod(shape)) for _, shape in upload_layout(global_state, strategy))
+    extras = 1 if cfg.privacy.dp.level == "client" else 0
+    accepted, rejected = [], {}
+    for i in sorted(trained.results):
+        why = check_masked(trained.results[i], size + extras, sr.ring)
+        if why:
+            rejected[i] = f"update rejected: {why}"
+        else:
+            accepted.append(i)
+    if len(accepted) < cfg.server.min_platforms:
+        return accepted, rejected, None
+    try:
+        masked = {i: trained.results[i]["masked"] for i in accepted}
+        unmasked = close_round(sr, backend, masked, size, cfg.server.round_timeout_s)
+    except SecAggError as e:
+        return [], {**rejected, **{i: f"secure aggregation failed: {e}" for i in accepted}}, None
+    finally:
+        trained.dead.extend(i for i in sr.failed.dead if i not in trained.dead)
+        for i, r in trained.results.items():  # keys, shares and revealed shares went up too
+            r["bytes"] += sr.bytes_up.get(i, 0)
+    return accepted, rejected, unmasked
+
+
+def mean(
+    unmasked, accepted: list[int], global_state, privacy, strategy: Strategy, info: dict, cfg: RunConfig, rnd: int
+):
+    """The one update the strategy sees under secure aggregation: Σ wᵢΔᵢ / Σ wᵢ over the
+    survivors — or, under client-level DP, (Σ clip(Δᵢ) + noise) / m."""
+    total, extras = unmasked
+    layout = upload_layout(global_state, strategy)
+    if privacy.level == "client":
+        noised, dp_stats = privacy.private_sum(total, int(extras[0]), cfg.seed, rnd)
+        return [unflatten(noised, layout)], [1.0], dp_stats
+    total_weight = sum(weight(info, i) for i in accepted)
+    return [unflatten(total / total_weight, layout)], [1.0], {}
+
+
+def record(sr: SecureRound, trained: Collected, names: dict) -> dict:
+    """What the round log says about secure aggregation (aggregate numbers only)."""
+    clipped = [r["secagg_clipped"] for r in trained.results.values() if "secagg_clipped" in r]
+    return {
+        "secagg": {
+            "threshold": sr.threshold,
+            "ring_bits": sr.ring.bits,
+            "parties": len(sr.parties),
+            "dropped": [names[i] for i in sr.parties if i not in trained.results],
+            "clipped": max(clipped) if clipped else 0.0,
+            "seconds": round(sr.seconds, 4),
+            "bytes_up": {names[i]: b for i, b in sr.bytes_up.items()},
+            "bytes_down": {names[i]: b for i, b in sr.bytes_down.items()},
+        }
+    }
