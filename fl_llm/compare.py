@@ -135,7 +135,8 @@ def _result(cfg: RunConfig, metric: str, per_round: dict) -> dict:
     for mode in MODES:
         final = per_round[mode][-1]
         sizes = sizes_of(final)
-        keys = sorted({k for m in final.values() for k in m} - {"num_eval", "eval_seconds"})
+        numeric = {k for m in final.values() for k, v in m.items() if isinstance(v, (int, float))}
+        keys = sorted(numeric - {"num_eval", "eval_seconds"})
         modes[mode] = {
             "platforms": {name: {k: m.get(k) for k in keys} for name, m in final.items()},
             "average": {k: _weighted_average(final, sizes, k) for k in keys},

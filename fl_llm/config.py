@@ -138,8 +138,9 @@ class ClientConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto' uses a GPU when the actor has one")
     pack_length: int = opt(
         0,
-        "pack each step's examples into rows of this many tokens, no attention across examples (0 = pad "
-        "each example to the batch's longest instead); at least model.max_length",
+        "pack each step's examples instead of padding them, no attention across examples (0 = pad to the "
+        "batch's longest): one flat sequence with the default sdpa attention, rows of this many tokens with "
+        "other attention implementations; at least model.max_length",
         min=0,
     )
     gradient_checkpointing: bool = opt(
