@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fl_llm.data.batching import IGNORE, Encoded, collate, flatten, pack
+from fl_llm.model.adapters import base_of
 from fl_llm.model.attention import segments
 
 
@@ -89,7 +90,7 @@ def _forward(model, batch: dict, device):
 
     targets = torch.from_numpy(batch["targets"]).to(device)
     if "rows" in batch:  # packed rows: hidden states, then the vocabulary only where an answer is
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_of(model)
         inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "position_ids")}
         if "cu_seq_lens" in batch:  # one flat sequence: the bounds for fl_llm.model.attention
             bounds = torch.from_numpy(batch["cu_seq_lens"]).to(device)
@@ -106,8 +107,7 @@ def _forward(model, batch: dict, device):
 
 
 def _configured_attention(model) -> str | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base.config, "_attn_implementation", None)
+    return getattr(base_of(model).config, "_attn_implementation", None)
 
 
 def _answer_loss(logits, targets, reduction: str):

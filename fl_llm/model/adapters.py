@@ -75,6 +75,11 @@ def compile_each_block(model) -> None:
         block.compile(dynamic=True)
 
 
+def base_of(model):
+    """The transformers model inside a peft wrapper (or `model` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def state_key(param_name: str, adapter: str = "default") -> str:
     """The adapter-state key of a trainable parameter (peft drops the adapter name and the
     modules_to_save wrapper in saved adapters)."""

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from functools import cache
+
+from fl_llm.model.adapters import base_of
 
 NAME = "fl_llm_varlen"
 
 
+@cache
 def _torch_varlen():
     """(varlen_attn, its causal keyword arguments, whether it takes fewer key/value heads), or
-    None where this torch has no variable-length kernel."""
+    None where this torch has no variable-length kernel. Asked once per process (every layer of
+    every packed step calls it)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -79,7 +84,7 @@ def segments(model):
     """`model` (a transformers model, or a peft wrapper of one) attends with `segment_attention`
     inside the block; its configured implementation is back afterwards."""
     register()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     configs = {id(c): c for c in (m.config for m in base.modules() if hasattr(m, "config"))}.values()
     before = [(c, c._attn_implementation) for c in configs]
     for c, _ in before:
