@@ -1,0 +1,244 @@
+"""The checks of a run configuration that span several keys (fl_llm.config validates each key
+alone: type, range, allowed values). Called by `fl_llm.config.from_dict`, so no config that
+fails them ever reaches the driver or a platform.
+"""
+
+from __future__ import annotations
+
+from fl_llm.config import RunConfig
+from fl_llm.errors import UserError
+
+
+def check_cross_fields(cfg: RunConfig) -> None:
+    """What one key alone cannot say: settings that must agree with each other, and with the
+    task, strategy and privacy registries. Raises UserError naming the keys."""
+    tiny = cfg.model.tiny
+    if tiny.hidden_size % tiny.num_heads:
+        raise UserError(
+            f"config key 'model.tiny.num_heads' must divide model.tiny.hidden_size "
+            f"({tiny.hidden_size}), got {tiny.num_heads}"
+        )
+    if tiny.num_kv_heads and tiny.num_heads % tiny.num_kv_heads:
+        raise UserError(
+            f"config key 'model.tiny.num_kv_heads' must divide model.tiny.num_heads ({tiny.num_heads}), "
+            f"got {tiny.num_kv_heads}"
+        )
+    n = cfg.data.num_platforms
+    sizes = cfg.data.synthetic.train_examples
+    if cfg.data.source == "synthetic" and len(sizes) not in (1, n):
+        raise UserError(
+            f"config key 'data.synthetic.train_examples' must hold 1 or data.num_platforms ({n}) "
+            f"numbers, got {len(sizes)}"
+        )
+    if any(s < 1 for s in sizes):
+        raise UserError(f"config key 'data.synthetic.train_examples' must be >= 1 each, got {sizes}")
+    files = cfg.data.files
+    if cfg.data.source == "files":
+        if not files.paths:
+            raise UserError("config key 'data.files.paths' must list at least one file when data.source=files")
+        if files.eval_paths and len(files.eval_paths) != len(files.paths):
+            raise UserError(
+                f"config key 'data.files.eval_paths' must match data.files.paths one to one "
+                f"({len(files.paths)} files), got {len(files.eval_paths)}"
+            )
+        if cfg.data.partition.method == "natural" and not files.split_by and len(files.paths) != n:
+            raise UserError(
+                f"config key 'data.files.paths' lists {len(files.paths)} files but data.num_platforms is {n}; "
+                "give one file per platform, or set data.files.split_by or data.partition.method"
+            )
+        if files.split_values and len(files.split_values) != n:
+            raise UserError(
+                f"config key 'data.files.split_values' must hold data.num_platforms ({n}) values, "
+                f"got {len(files.split_values)}"
+            )
+    if cfg.server.platforms_per_round > n:
+        raise UserError(
+            f"config key 'server.platforms_per_round' must be <= data.num_platforms ({n}), "
+            f"got {cfg.server.platforms_per_round}"
+        )
+    cohort = cfg.server.platforms_per_round or n
+    if cfg.server.min_platforms > cohort:
+        raise UserError(
+            f"config key 'server.min_platforms' must be <= the platforms per round ({cohort}), "
+            f"got {cfg.server.min_platforms}"
+        )
+    faults = cfg.faults
+    for kind in ("kill", "error", "delay", "corrupt"):
+        for j, fault in enumerate(getattr(faults, kind)):
+            if fault.platform >= n:
+                raise UserError(
+                    f"config key 'faults.{kind}[{j}].platform' must be a platform index below "
+                    f"data.num_platforms ({n}), got {fault.platform}"
+                )
+    if cfg.model.quantization != "none" and cfg.model.name_or_path == "tiny":
+        raise UserError(
+            "config key 'model.quantization' needs pretrained weights to quantize (model.name_or_path: a local "
+            "directory or hub id); the built-in model is made in code"
+        )
+    if not cfg.model.lora.target_modules:
+        raise UserError("config key 'model.lora.target_modules' must name at least one module")
+    # Registries are imported lazily: they import torch-free modules only.
+    from fl_llm.data.tasks import TASKS
+    from fl_llm.strategies import STRATEGIES
+
+    if cfg.data.task not in TASKS:
+        raise UserError(f"config key 'data.task' must be one of {', '.join(TASKS)}, got {cfg.data.task!r}")
+    if cfg.data.verbalizer and len(set(cfg.data.verbalizer)) != len(cfg.data.verbalizer):
+        raise UserError(f"config key 'data.verbalizer' must hold distinct answers, got {cfg.data.verbalizer}")
+    if cfg.data.template is not None:
+        import string
+
+        try:
+            list(string.Formatter().parse(cfg.data.template))
+        except ValueError as e:
+            raise UserError(f"config key 'data.template' is not a valid template: {e}") from None
+    if cfg.strategy.name not in STRATEGIES:
+        raise UserError(f"config key 'strategy.name' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy.name!r}")
+    _check_strategy(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    _check_privacy(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    _check_secagg(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    _check_packing(cfg)
+    _check_hosts(cfg, STRATEGIES[cfg.strategy.name])
+
+
+def _check_hosts(cfg: RunConfig, strategy) -> None:
+    n = cfg.data.num_platforms
+    for j, pin in enumerate(cfg.ray.placement):
+        if pin.platform >= n:
+            raise UserError(
+                f"config key 'ray.placement[{j}].platform' must be a platform index below data.num_platforms "
+                f"({n}), got {pin.platform}"
+            )
+        if any(v <= 0 for v in pin.resources.values()):
+            raise UserError(f"config key 'ray.placement[{j}].resources' amounts must be > 0, got {pin.resources}")
+    if cfg.ray.platforms_per_gpu <= 1:
+        return
+    if cfg.ray.placement:
+        raise UserError(
+            "config key 'ray.placement' needs ray.platforms_per_gpu=1: a host actor holds several platforms, "
+            "so it cannot sit on each one's own node"
+        )
+    why = None
+    if strategy.lora in ("fedex", "flora"):
+        why = f"strategy.name={strategy.name} merges into each platform's frozen weights, which the host shares"
+    elif cfg.privacy.dp.level == "record":
+        why = "privacy.dp.level=record wraps each platform's model for per-example gradients"
+    elif strategy.client == "scaffold":
+        why = "strategy.name=scaffold keeps per-parameter control variates keyed to one adapter per model"
+    if why:
+        raise UserError(f"config key 'ray.platforms_per_gpu' must be 1 here: {why}")
+
+
+def _check_packing(cfg: RunConfig) -> None:
+    c = cfg.client
+    if not c.pack_length:
+        return
+    if cfg.model.kind != "causal_lm":
+        raise UserError("config key 'client.pack_length' needs model.kind=causal_lm (a classifier is not packed)")
+    if cfg.privacy.dp.level == "record":
+        raise UserError(
+            "config key 'client.pack_length' must be 0 with privacy.dp.level=record: DP-SGD clips each example's "
+            "gradient, and a packed row mixes several examples"
+        )
+    if c.pack_length < cfg.model.max_length:
+        raise UserError(
+            f"config key 'client.pack_length' must be at least model.max_length ({cfg.model.max_length}), "
+            f"got {c.pack_length}: every example has to fit one row"
+        )
+
+
+def _refuse_individual(cfg: RunConfig, strategy, setting: str, because: str) -> None:
+    """`setting` hides individual updates: refuse strategies that need them."""
+    if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
+        robust = f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else ""
+        raise UserError(
+            f"{setting} cannot run with strategy.name={strategy.name}{robust}: {because}, and this strategy "
+            "needs each platform's update (or control variate) in the clear; use a FedAvg-family, fedprox, "
+            "fedit, ffa or fedsa strategy"
+        )
+
+
+def _check_secagg(cfg: RunConfig, strategy, cohort: int) -> None:
+    sa = cfg.privacy.secagg
+    if not sa.enabled:
+        return
+    _refuse_individual(
+        cfg, strategy, "privacy.secagg.enabled=true", "secure aggregation reveals only the sum of the updates"
+    )
+    if cfg.compression.name in ("fp16", "bf16", "topk"):
+        raise UserError(
+            f"compression.name={cfg.compression.name} cannot run under secure aggregation: masked updates are "
+            "summed in an integer ring, where floating-point casts and per-platform top-k supports do not add up; "
+            "use compression.name=int8 or int4 (they narrow the ring) or none"
+        )
+    if cohort < 2:
+        raise UserError("privacy.secagg.enabled=true needs at least 2 platforms per round: a sum of one is the update")
+    if sa.threshold is not None and sa.threshold > cohort:
+        raise UserError(
+            f"config key 'privacy.secagg.threshold' must be at most the platforms per round ({cohort}), got {sa.threshold}"
+        )
+    if len(set(cfg.model.lora.ranks)) > 1:
+        raise UserError(
+            "privacy.secagg.enabled=true needs one LoRA rank for all platforms (model.lora.ranks): the masked "
+            "vectors of every platform must have the same length"
+        )
+
+
+def _check_privacy(cfg: RunConfig, strategy, cohort: int) -> None:
+    dp = cfg.privacy.dp
+    if dp.level == "none":
+        return
+    if dp.noise_multiplier is None and cfg.privacy.target_epsilon is None:
+        raise UserError(
+            f"privacy.dp.level={dp.level} needs a noise level: set privacy.target_epsilon (the noise is "
+            "calibrated to it) or privacy.dp.noise_multiplier"
+        )
+    if dp.adaptive_clip and dp.level != "client":
+        raise UserError("config key 'privacy.dp.adaptive_clip' applies to privacy.dp.level=client only")
+    if dp.level == "client":
+        _refuse_individual(
+            cfg, strategy, "privacy.dp.level=client", "DP-FedAvg noises the plain mean of clipped updates"
+        )
+        if dp.adaptive_clip and dp.noise_multiplier is not None and dp.noise_multiplier >= cohort / 10:
+            raise UserError(
+                f"privacy.dp.adaptive_clip needs privacy.dp.noise_multiplier below m/10 = {cohort / 10:g} "
+                f"(m = {cohort} platforms per round; Andrew et al. 2021 spend σ_b = m/20 on the clip count), "
+                f"got {dp.noise_multiplier}"
+            )
+
+
+def _check_strategy(cfg: RunConfig, strategy, cohort: int) -> None:
+    st, n = cfg.strategy, cfg.data.num_platforms
+    if strategy.robust and st.robust not in ("none", strategy.robust):
+        raise UserError(
+            f"config key 'strategy.robust' is {st.robust!r} but strategy.name={strategy.name} already is the "
+            f"{strategy.robust} rule; use strategy.name=fedavg strategy.robust={st.robust}"
+        )
+    if strategy.lora in ("fedex", "flora"):
+        if st.robust != "none":
+            raise UserError(
+                f"config key 'strategy.robust' must be none with strategy.name={strategy.name}: it is exact only "
+                "for the plain weighted mean of the factors"
+            )
+        if st.server_lr not in (None, 1.0):
+            raise UserError(
+                f"config key 'strategy.server_lr' must be null or 1 with strategy.name={strategy.name}: its "
+                "merge into the base weights is exact only for the plain average"
+            )
+    if strategy.client == "scaffold" and cfg.model.lora.ranks and len(set(cfg.model.lora.ranks)) > 1:
+        raise UserError("strategy.name=scaffold needs one LoRA rank for all platforms (model.lora.ranks)")
+    if strategy.client == "scaffold" and cfg.client.optimizer != "sgd":
+        raise UserError(
+            "config key 'client.optimizer' must be sgd with strategy.name=scaffold: its control variates "
+            "(option II) assume plain SGD local steps; set client.optimizer=sgd (and a larger client.lr)"
+        )
+    if strategy.rule(st.robust) == "krum" and cohort <= 2 * st.krum_byzantine + 2:
+        raise UserError(
+            f"strategy krum with strategy.krum_byzantine={st.krum_byzantine} needs more than "
+            f"{2 * st.krum_byzantine + 2} platforms per round, the cohort has {cohort}"
+        )
+    ranks = cfg.model.lora.ranks
+    if ranks and (len(ranks) != n or min(ranks) < 1):
+        raise UserError(
+            f"config key 'model.lora.ranks' must hold data.num_platforms ({n}) ranks >= 1, or be empty; got {ranks}"
+        )
