@@ -180,3 +180,13 @@ def test_local_train_flat_matches_rows():
     assert slots[0] == 1.0 and slots[1] >= 1.0  # flat: not one padded position
     for k in states[0]:
         np.testing.assert_allclose(states[0][k], states[1][k], rtol=1e-3, atol=1e-5)
+
+
+def test_kernel_bound_is_a_power_of_two_upper_bound():
+    """The varlen kernel gets an upper bound on the longest example, from few distinct values (a
+    compiled block specialises on it): every length maps to the smallest power of two ≥ it."""
+    from fl_llm.model.attention import kernel_bound
+
+    bounds = {n: kernel_bound(n) for n in range(1, 2049)}
+    assert all(b >= n and b < 2 * n and b & (b - 1) == 0 for n, b in bounds.items())
+    assert len(set(bounds.values())) == 12  # 1, 2, 4, …, 2048

@@ -11,7 +11,7 @@ import numpy as np
 
 from fl_llm.data.batching import IGNORE, Encoded, collate, flatten, pack
 from fl_llm.model.adapters import base_of
-from fl_llm.model.attention import segments
+from fl_llm.model.attention import kernel_bound, segments
 
 
 def resolve_device(want: str):
@@ -94,7 +94,7 @@ def _forward(model, batch: dict, device):
         inputs = {k: torch.from_numpy(batch[k]).to(device) for k in ("input_ids", "position_ids")}
         if "cu_seq_lens" in batch:  # one flat sequence: the bounds for fl_llm.model.attention
             bounds = torch.from_numpy(batch["cu_seq_lens"]).to(device)
-            longest = int(batch["max_length"])
+            longest = kernel_bound(int(batch["max_length"]))
             inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
         hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # a cache disables packing
         rows, cols = (torch.from_numpy(batch[k]).to(device) for k in ("rows", "cols"))

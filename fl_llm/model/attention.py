@@ -38,6 +38,14 @@ def _torch_varlen():
     return varlen_attn, causal, "enable_gqa" in params
 
 
+def kernel_bound(longest: int) -> int:
+    """The longest-segment argument handed to the kernel: `longest` rounded up to a power of two.
+    FlashAttention needs only an upper bound (it sizes the launch grid; blocks past a segment's end
+    exit at once), and a handful of distinct values keeps a compiled block (client.compile) from
+    recompiling for every step's longest example — torch.compile specialises on Python ints."""
+    return 1 << max(0, longest - 1).bit_length()
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface: query (1, H, T, D), key/value (1, Hkv, T, D);
     returns ((1, T, H, D), None)."""
