@@ -42,7 +42,7 @@ def kernel_bound(longest: int) -> int:
     """The longest-segment argument handed to the kernel: `longest` rounded up to a power of two.
     FlashAttention needs only an upper bound (it sizes the launch grid; blocks past a segment's end
     exit at once), and a handful of distinct values keeps a compiled block (client.compile) from
-    recompiling for every step's longest example — torch.compile specialises on Python ints."""
+    recompiling for every step's longest example, should torch.compile specialise on the int."""
     return 1 << max(0, longest - 1).bit_length()
 
 
