@@ -94,11 +94,12 @@ def check_cross_fields(cfg: RunConfig) -> None:
             raise UserError(f"config key 'data.template' is not a valid template: {e}") from None
     if cfg.strategy.name not in STRATEGIES:
         raise UserError(f"config key 'strategy.name' must be one of {', '.join(STRATEGIES)}, got {cfg.strategy.name!r}")
-    _check_strategy(cfg, STRATEGIES[cfg.strategy.name], cohort)
-    _check_privacy(cfg, STRATEGIES[cfg.strategy.name], cohort)
-    _check_secagg(cfg, STRATEGIES[cfg.strategy.name], cohort)
+    strategy = STRATEGIES[cfg.strategy.name]
+    _check_strategy(cfg, strategy, cohort)
+    _check_privacy(cfg, strategy, cohort)
+    _check_secagg(cfg, strategy, cohort)
     _check_packing(cfg)
-    _check_hosts(cfg, STRATEGIES[cfg.strategy.name])
+    _check_hosts(cfg, strategy)
 
 
 def _check_hosts(cfg: RunConfig, strategy) -> None:
