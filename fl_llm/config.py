@@ -131,6 +131,13 @@ class ClientConfig:
     lr_schedule: Literal["constant", "cosine"] = opt(
         "cosine", "learning rate over the rounds: constant, or cosine decay from lr to lr/10 at the last round"
     )
+    loss: Literal["lm", "verbalizer"] = opt(
+        "lm",
+        "causal LM only. lm: cross-entropy over the whole vocabulary at the answer tokens (the model learns to "
+        "say the answer); verbalizer: over the task's answer words at the first answer token (a classifier read "
+        "off the LM head, as in PET, Schick & Schuetze, EACL 2021), so every gradient goes to telling the answers "
+        "apart, which holds up better under DP noise. eval_loss is the loss trained on",
+    )
     optimizer: Literal["adamw", "sgd"] = opt("adamw", "local optimizer (SCAFFOLD needs sgd)")
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", min=0)

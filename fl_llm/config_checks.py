@@ -100,6 +100,11 @@ def check_cross_fields(cfg: RunConfig) -> None:
     _check_secagg(cfg, strategy, cohort)
     _check_packing(cfg)
     _check_hosts(cfg, strategy)
+    if cfg.client.loss == "verbalizer" and cfg.model.kind != "causal_lm":
+        raise UserError(
+            "config key 'client.loss' must be lm with model.kind=seq_cls: a classifier's loss is already over "
+            "its classes (verbalizer reads the answer words off a causal LM's head)"
+        )
 
 
 def _check_hosts(cfg: RunConfig, strategy) -> None:

@@ -122,6 +122,11 @@ CASES = [
         "model.quantization=4bit needs a CUDA GPU",
     ),
     (
+        "verbalizer loss on a classifier",
+        lambda t: ["run", "model.kind=seq_cls", "data.task=review", "client.loss=verbalizer"],
+        "'client.loss' must be lm with model.kind=seq_cls",
+    ),
+    (
         "placement of a missing platform",
         lambda t: ["run", "ray.placement=[{platform: 5, resources: {x: 1}}]"],
         "'ray.placement[0].platform' must be a platform index below",

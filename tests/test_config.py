@@ -71,6 +71,7 @@ def test_int_is_accepted_for_float_and_integral_float_for_int():
         ("server.platforms_per_round=9", ["server.platforms_per_round", "data.num_platforms"]),
         ("data.synthetic.train_examples=[1,2]", ["data.synthetic.train_examples", "1 or data.num_platforms"]),
         ("model.tiny.num_heads=3", ["model.tiny.num_heads", "divide"]),
+        ("client.loss=hinge", ["client.loss", "'lm'", "'verbalizer'"]),
         ("tracking.progress=maybe", ["tracking.progress", "true/false"]),
         ("server=3", ["server", "mapping"]),
         ("norounds", ["KEY=VALUE"]),

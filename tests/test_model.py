@@ -195,6 +195,41 @@ def test_padded_and_unpadded_scores_agree(cfg):
     assert together["loss_sum"] == pytest.approx(alone["loss_sum"], rel=1e-5)
 
 
+def test_verbalizer_loss_is_the_log_loss_of_the_answer_probabilities(cfg):
+    """client.loss=verbalizer: the cross-entropy over the answer words alone, at the answer —
+    the same number as the log loss of the scored answer probabilities."""
+    from fl_llm.client.train import evaluate, example_losses
+
+    model, tok = _model(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    task = TASKS["recommendation"]
+    enc = encode(TWO_RECORDS, task, tok, max_length=256, first_token=True)
+    ans = answer_token_ids(task, tok)
+    kw = {"batch_size": 2, "device": "cpu", "pad_id": tok.pad_token_id}
+    words = evaluate(model, enc, answer_ids=ans, words=ans, **kw)
+    vocab = evaluate(model, enc, answer_ids=ans, **kw)
+    truth = words["probs"][np.arange(2), enc.labels]
+    assert words["loss_sum"] == pytest.approx(float(-np.log(truth).sum()), rel=1e-5)
+    assert vocab["loss_sum"] > words["loss_sum"]  # the whole vocabulary spreads the mass wider
+    per_example = example_losses(model, enc, np.arange(2), words=ans, **kw)
+    np.testing.assert_allclose(per_example, -np.log(truth), rtol=1e-5)
+
+
+def test_verbalizer_encoding_keeps_the_first_answer_token_only():
+    tok = load_builtin_tokenizer()
+    from dataclasses import replace
+
+    task = replace(TASKS["recommendation"], verbalizer=(" not for them at all", " yes they will"))
+    full = encode(TWO_RECORDS, task, tok, max_length=256)
+    first = encode(TWO_RECORDS, task, tok, max_length=256, first_token=True)
+    assert (full.answer_len > 1).all() and (first.answer_len == 1).all()
+    for a, b, n in zip(full.input_ids, first.input_ids, full.answer_len):
+        assert list(b) == list(a[: len(a) - n + 1])  # the same prompt, then the first answer token
+
+
 def test_cosine_lr_schedule_decays_from_lr_to_a_tenth():
     from fl_llm.client.train import scheduled_lr
 

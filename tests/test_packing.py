@@ -111,6 +111,30 @@ def test_flat_sequence_equals_padded(model_and_data):
         np.testing.assert_allclose(grads_b[name].numpy(), grads_a[name].numpy(), rtol=2e-3, atol=1e-6)
 
 
+def test_verbalizer_loss_is_the_same_padded_packed_and_flat(model_and_data):
+    """client.loss=verbalizer reads the answer words off whichever layout the step uses."""
+    import torch
+
+    from fl_llm.data.batching import answer_token_ids
+    from fl_llm.data.tasks import TASKS
+    from fl_llm.model.tokenizer import load_builtin_tokenizer
+
+    model, enc, pad_id, max_len = model_and_data
+    words = answer_token_ids(TASKS["recommendation"], load_builtin_tokenizer())
+    idx = np.arange(16)
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            _answer_loss(*_forward(model, b, "cpu"), "mean", words)
+            for b in (collate(enc, idx, pad_id), pack(enc, idx, pad_id, 2 * max_len))
+        ]
+        with segments(model):
+            losses.append(_answer_loss(*_forward(model, flatten(enc, idx), "cpu"), "mean", words))
+    assert float(losses[0]) < 5.0  # two words: the loss is a log-loss, not over 8192 tokens
+    assert float(losses[1]) == pytest.approx(float(losses[0]), rel=1e-5)
+    assert float(losses[2]) == pytest.approx(float(losses[0]), rel=1e-5)
+
+
 def test_flat_sequence_keeps_examples_apart(model_and_data):
     import torch
 

@@ -233,18 +233,52 @@ def test_audit_statistics_catch_a_leaking_model():
     assert audit_stats.tpr_at_fpr(np.array([3.0, 2.0, 0.5]), np.array([1.0, 0.0]), 0.0) == pytest.approx(2 / 3)
 
 
-def test_audit_at_small_epsilon_stays_within_its_bound(tmp_path, capsys):
+# one platform, 100 records seen ~30 times each, a loss on the answer words alone: the tiny model
+# memorises them (train loss -> 0.07, held-out 1.4)
+MEMORISE = [
+    "data.num_platforms=1",
+    "data.synthetic.train_examples=[100]",
+    "data.synthetic.eval_examples=100",
+    "client.loss=verbalizer",
+    "client.local_steps=10",
+    "server.rounds=20",
+    "client.lr=0.005",
+]
+
+
+def test_audit_sees_memorisation_and_dp_at_small_epsilon_hides_it(tmp_path, capsys):
     from fl_llm.cli import main
 
-    run(load(None, [*LOCAL, "privacy.dp.level=record", "privacy.target_epsilon=1"]), tmp_path)
-    assert main(["audit", str(tmp_path), "--max-examples", "80"]) == 0
-    result = json.loads((tmp_path / "audit.json").read_text())
-    assert result["bound_holds"] and set(result["platforms"]) == {"fashion-mall", "gadget-hub", "home-market"}
-    for p in result["platforms"].values():
-        assert p["epsilon"] <= 1.0 and set(p["attacks"]) == {"loss", "reference"}
-        for a in p["attacks"].values():
-            assert a["epsilon_lower_bound"] <= p["epsilon"] and 0 <= a["auc"] <= 1
+    aucs = {}
+    for name, extra in (("plain", []), ("dp", ["privacy.dp.level=record", "privacy.target_epsilon=1"])):
+        run(load(None, [*LOCAL, *MEMORISE, *extra]), tmp_path / name)
+        assert main(["audit", str(tmp_path / name)]) == 0
+        result = json.loads((tmp_path / name / "audit.json").read_text())
+        assert result["bound_holds"] and set(result["platforms"]) == {"fashion-mall"}
+        p = result["platforms"]["fashion-mall"]
+        assert set(p["attacks"]) == {"loss", "reference"} and p["members"] == p["nonmembers"] >= 90
+        for a in p["attacks"].values():  # no DP: no ε (null), nothing to bound
+            assert (p["epsilon"] is None or a["epsilon_lower_bound"] <= p["epsilon"]) and 0 <= a["auc"] <= 1
+        aucs[name] = p["attacks"]["loss"]["auc"]
+        if name == "dp":
+            assert p["epsilon"] <= 1.0
+    assert aucs["plain"] > 0.7  # the attack has power against a model that memorised
+    assert aucs["dp"] < aucs["plain"] - 0.1
     assert "reference" in capsys.readouterr().out
+
+
+def test_audit_samples_match_the_label_mix():
+    """Members and non-members hold the same number of each label, else a loss attack also
+    scores the label mix (a model that says "No" to all gives lower loss to more "No"s)."""
+    rng = np.random.default_rng(0)
+    train, held_out = rng.random(500) < 0.3, rng.random(200) < 0.1
+    members, nonmembers = audit_stats.label_matched_samples(train, held_out, 1000, rng)
+    assert len(set(members)) == len(members) == len(nonmembers) == 200
+    for label in (0, 1):
+        assert (train[members] == label).sum() == (held_out[nonmembers] == label).sum()
+    assert int(held_out[nonmembers].sum()) == int(held_out.sum())  # every held-out row is used
+    few, _ = audit_stats.label_matched_samples(train, held_out, 50, rng)
+    assert len(few) <= 50 and abs(train[few].mean() - held_out.mean()) < 0.05
 
 
 def test_record_level_dp_trains_a_classifier_head_too():

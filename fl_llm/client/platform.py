@@ -110,9 +110,11 @@ class Platform:
         self.base_version = 0  # how many of the driver's base merges this process has applied
         self.pad_id = self.tokenizer.pad_token_id
         self.answer_ids = answer_token_ids(self.task, self.tokenizer) if kind == "causal_lm" else []
+        verbalizer = self.cfg.client.loss == "verbalizer"
+        self.loss_words = self.answer_ids if verbalizer else None  # None: the whole vocabulary
         max_len = self.cfg.model.max_length
-        self.train_set = encode(data.train, self.task, self.tokenizer, max_len, kind)
-        self.eval_set = encode(data.eval, self.task, self.tokenizer, max_len, kind)
+        self.train_set = encode(data.train, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
+        self.eval_set = encode(data.eval, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
         if len(self.train_set) == 0 or len(self.eval_set) == 0:
             self.user_error = (
                 f"platform {self.name!r} has {len(self.train_set)} training and {len(self.eval_set)} "
@@ -284,6 +286,7 @@ class Platform:
                 dp=dp,
                 pack_length=c.pack_length,
                 autocast=self.cfg.model.dtype == "bfloat16",
+                words=self.loss_words,
             )
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
@@ -408,6 +411,7 @@ class Platform:
 
         self._load_global(global_state, base)
         kw = {"batch_size": self.cfg.client.eval_batch_size, "device": self.device, "pad_id": self.pad_id}
+        kw["words"] = self.loss_words
         return example_losses(self.model, self.train_set, train_idx, **kw), example_losses(
             self.model, self.eval_set, eval_idx, **kw
         )
@@ -426,6 +430,7 @@ class Platform:
             batch_size=self.cfg.client.eval_batch_size,
             device=self.device,
             pad_id=self.pad_id,
+            words=self.loss_words,
         )
         probs = out["probs"]
         scores = probs[:, 1] if probs.shape[1] == 2 else probs

@@ -110,12 +110,23 @@ def _configured_attention(model) -> str | None:
     return getattr(base_of(model).config, "_attn_implementation", None)
 
 
-def _answer_loss(logits, targets, reduction: str):
+def _answer_loss(logits, targets, reduction: str, words: list[int] | None = None):
+    """Cross-entropy at the answer positions (targets elsewhere are IGNORE). `words`: the answer
+    words' first-token ids — the softmax runs over those alone and each target becomes its word's
+    index (client.loss=verbalizer; the examples were encoded with their first answer token only).
+    reduction='none' keeps the targets' shape."""
     import torch
 
-    return torch.nn.functional.cross_entropy(
+    if words is not None:
+        logits = logits[..., torch.as_tensor(words, device=logits.device)]
+        index = torch.full_like(targets, IGNORE)
+        for k, token in enumerate(words):
+            index[targets == token] = k
+        targets = index
+    loss = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction=reduction
     )
+    return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
 def local_train(
@@ -138,6 +149,7 @@ def local_train(
     dp: DpSgd | None = None,
     pack_length: int = 0,
     autocast: bool = False,
+    words: list[int] | None = None,
 ) -> dict:
     """Train the trainable (adapter) parameters for `steps` optimizer steps; returns train metrics.
 
@@ -151,7 +163,8 @@ def local_train(
     examples into rows of that many tokens (`fl_llm.data.batching.pack`) instead of padding them;
     the same examples, the same loss, fewer wasted positions. Metrics count the useful (non-pad)
     `tokens` and the `slots` (positions computed, padding included). `autocast`: bf16 autocast
-    of the forward pass on a GPU (for a bf16 base model).
+    of the forward pass on a GPU (for a bf16 base model). `words`: the verbalizer loss over these
+    answer-word token ids (`_answer_loss`); None: the whole vocabulary.
     """
     import torch
 
@@ -174,7 +187,7 @@ def local_train(
         from fl_llm.privacy.dp import poisson_batch
 
         batches = [poisson_batch(len(enc), dp.sample_rate, rng) for _ in range(steps)]
-        private = _PrivateGradients(model, params, dp, expected_batch=dp.sample_rate * len(enc))
+        private = _PrivateGradients(model, params, dp, expected_batch=dp.sample_rate * len(enc), words=words)
     else:
         batches = batch_indices(len(enc), batch_size, steps, rng)
     losses, dp_stats = [], []
@@ -205,7 +218,7 @@ def local_train(
                 slots += batch["input_ids"].size
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_autocast):
                     logits, targets = _forward(model, batch, device)
-                loss = _answer_loss(logits, targets, "mean")
+                loss = _answer_loss(logits, targets, "mean", words)
                 objective = loss + proximal_term(params, anchors, prox_mu) if prox_mu else loss
                 objective.backward()
                 loss = float(loss.detach())
@@ -242,7 +255,7 @@ class _PrivateGradients:
     platform moves the base before wrapping it with LoRA) — wrapping first is the known Opacus +
     peft failure that leaves the adapter frozen."""
 
-    def __init__(self, model, params, dp: DpSgd, expected_batch: float):
+    def __init__(self, model, params, dp: DpSgd, expected_batch: float, words: list[int] | None = None):
         import warnings
 
         import torch
@@ -252,7 +265,7 @@ class _PrivateGradients:
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
-        self.params, self.dp, self.expected = params, dp, expected_batch
+        self.params, self.dp, self.expected, self.words = params, dp, expected_batch, words
         self.generator = torch.Generator().manual_seed(dp.noise_seed)
 
     def step(self, enc: Encoded, idx: np.ndarray, pad_id: int, device) -> tuple[float | None, dict]:
@@ -263,7 +276,7 @@ class _PrivateGradients:
         loss = None
         if len(idx):
             logits, targets = _forward(self.module, collate(enc, idx, pad_id), device)
-            total = _answer_loss(logits, targets, "sum")
+            total = _answer_loss(logits, targets, "sum", self.words)
             total.backward()
             loss = float(total.detach()) / max(int((targets != IGNORE).sum()), 1)
             per_example = [p.grad_sample for p in self.params]
@@ -283,8 +296,11 @@ class _PrivateGradients:
             p.grad_sample = None
 
 
-def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, device, pad_id) -> dict:
-    """Answer-token loss and the probability of each answer at the end of the prompt.
+def evaluate(
+    model, enc: Encoded, *, answer_ids: list[int], batch_size: int, device, pad_id, words: list[int] | None = None
+) -> dict:
+    """Answer-token loss (over `words` alone when given, as in training) and the probability of
+    each answer at the end of the prompt.
 
     Returns `loss_sum`, `tokens` and `probs` (examples x answers, normalised over the answers).
     """
@@ -297,7 +313,7 @@ def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, dev
             idx = np.arange(start, min(start + batch_size, len(enc)))
             batch = collate(enc, idx, pad_id)
             logits, targets = _forward(model, batch, device)
-            loss_sum += float(_answer_loss(logits, targets, "sum"))
+            loss_sum += float(_answer_loss(logits, targets, "sum", words))
             tokens += int((targets != IGNORE).sum())
             if "keep" in batch:
                 rows = torch.arange(len(idx), device=logits.device)
@@ -309,8 +325,11 @@ def evaluate(model, enc: Encoded, *, answer_ids: list[int], batch_size: int, dev
     return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}
 
 
-def example_losses(model, enc: Encoded, idx: np.ndarray, *, batch_size: int, device, pad_id) -> np.ndarray:
-    """Mean answer-token NLL of each example in `idx` (the membership audit's raw material)."""
+def example_losses(
+    model, enc: Encoded, idx: np.ndarray, *, batch_size: int, device, pad_id, words: list[int] | None = None
+) -> np.ndarray:
+    """Mean answer-token NLL of each example in `idx` (the membership audit's raw material), with
+    the loss the run trained on (`words`: the verbalizer loss)."""
     import torch
 
     model.eval()
@@ -319,9 +338,7 @@ def example_losses(model, enc: Encoded, idx: np.ndarray, *, batch_size: int, dev
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
             logits, targets = _forward(model, collate(enc, rows, pad_id), device)
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
-            ).reshape(targets.shape)
+            nll = _answer_loss(logits, targets, "none", words)
             counts = (targets != IGNORE).sum(-1).clamp(min=1) if targets.dim() > 1 else 1
             out.append((nll.sum(-1) / counts if targets.dim() > 1 else nll).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)

@@ -59,11 +59,17 @@ def encode_classifier(records: list[dict], task: Task, tokenizer, max_length: in
     return Encoded(rows, np.zeros(len(rows), dtype=np.int64), labels, _groups(records), "seq_cls")
 
 
-def encode(records: list[dict], task: Task, tokenizer, max_length: int, kind: str = "causal_lm") -> Encoded:
+def encode(
+    records: list[dict], task: Task, tokenizer, max_length: int, kind: str = "causal_lm", first_token: bool = False
+) -> Encoded:
+    """Prompt + answer token ids per record (the prompt cut from the left to fit max_length);
+    `first_token`: only the answer's first token, the one a verbalizer loss scores."""
     if kind == "seq_cls":
         return encode_classifier(records, task, tokenizer, max_length)
     prompts = tokenizer([task.prompt(r) for r in records], add_special_tokens=False)["input_ids"]
     answers = tokenizer([task.answer(r) for r in records], add_special_tokens=False)["input_ids"]
+    if first_token:
+        answers = [a[:1] for a in answers]
     rows, alen = [], []
     for p, a in zip(prompts, answers):
         keep = max(1, max_length - len(a))

@@ -24,6 +24,24 @@ import numpy as np
 from fl_llm.metrics import roc_auc
 
 
+def label_matched_samples(
+    member_labels: np.ndarray, nonmember_labels: np.ndarray, max_examples: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(member indices, non-member indices), sorted, with the same number of each label on both
+    sides and at most `max_examples` a side. Otherwise a loss attack also scores the label mix:
+    a model that says "No" to everyone gives lower loss to whichever sample holds more "No"s."""
+    member_labels, nonmember_labels = np.asarray(member_labels), np.asarray(nonmember_labels)
+    classes = np.union1d(member_labels, nonmember_labels)
+    avail = {c: min(int((member_labels == c).sum()), int((nonmember_labels == c).sum())) for c in classes}
+    scale = min(1.0, max_examples / max(sum(avail.values()), 1))
+    members, nonmembers = [], []
+    for c in classes:
+        n = int(avail[c] * scale)
+        members.append(rng.choice(np.flatnonzero(member_labels == c), n, replace=False))
+        nonmembers.append(rng.choice(np.flatnonzero(nonmember_labels == c), n, replace=False))
+    return np.sort(np.concatenate(members)).astype(np.int64), np.sort(np.concatenate(nonmembers)).astype(np.int64)
+
+
 def roc_counts(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(true positives, false positives) for every threshold "score ≥ t", t over all scores."""
     thresholds = np.unique(np.concatenate([members, nonmembers]))[::-1]

@@ -1,7 +1,8 @@
 """`fl-llm audit RUN_DIR`: membership inference against a finished run's global model.
 
 For each platform, in this process (the audit runs where the data is, like training did):
-members are its training records, non-members its held-out records; the attacks score both
+members are its training records, non-members its held-out records, drawn with the same number
+of each label on both sides (`label_matched_samples`); the attacks score both
 with the base model (the round-0 adapter) and with the trained global model exactly as it was
 evaluated (base merges, FedSA's own B included), then `fl_llm.privacy.audit` turns the scores
 into AUC, TPR at low FPR and the audited ε, checked against the run's privacy ledger.
@@ -18,7 +19,7 @@ import numpy as np
 from fl_llm import checkpoint
 from fl_llm.config import RunConfig, load, to_dict
 from fl_llm.errors import UserError
-from fl_llm.privacy.audit import attack_report, record_level_guarantee
+from fl_llm.privacy.audit import attack_report, label_matched_samples, record_level_guarantee
 from fl_llm.tracking import write_json
 
 
@@ -76,9 +77,8 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
         if progress:
             progress(f"auditing {plat.name}")
         rng = np.random.default_rng([cfg.seed, i, 0xA0D])
-        k = min(len(plat.train_set), len(plat.eval_set), max_examples)
-        members = np.sort(rng.permutation(len(plat.train_set))[:k])
-        nonmembers = np.sort(rng.permutation(len(plat.eval_set))[:k])
+        members, nonmembers = label_matched_samples(plat.train_set.labels, plat.eval_set.labels, max_examples, rng)
+        k = len(members)
         base_m, base_n = plat.example_losses(plat.initial_adapter(), None, members, nonmembers)
         plat.import_state(platform_state.get(i, {}))
         ft_m, ft_n = plat.example_losses(final, merges.payload(i) if merges else None, members, nonmembers)
