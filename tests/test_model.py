@@ -34,6 +34,16 @@ def _model(cfg, seed=0):
     return apply_lora(base, cfg.model, seed), tok
 
 
+def _trained_looking_model(cfg, seed: int):
+    """The tiny model with a non-zero B (a fresh adapter's B is zero: the base model's output)."""
+    model, tok = _model(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+    return model, tok
+
+
 def _batch(tok):
     ids = tok(
         ["Customer liked: Kava coffee 4.5★. Answer: Yes", "这个手机很好用 Answer: No"],
@@ -179,11 +189,7 @@ def test_padded_and_unpadded_scores_agree(cfg):
     """Left padding with explicit positions must not change a row's prediction."""
     from fl_llm.client.train import evaluate
 
-    model, tok = _model(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    model, tok = _trained_looking_model(cfg, 0)
     task = TASKS["recommendation"]
     recs = TWO_RECORDS
     enc = encode(recs, task, tok, max_length=256)
@@ -200,11 +206,7 @@ def test_verbalizer_loss_is_the_log_loss_of_the_answer_probabilities(cfg):
     the same number as the log loss of the scored answer probabilities."""
     from fl_llm.client.train import evaluate, example_losses
 
-    model, tok = _model(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    model, tok = _trained_looking_model(cfg, 1)
     task = TASKS["recommendation"]
     enc = encode(TWO_RECORDS, task, tok, max_length=256, first_token=True)
     ans = answer_token_ids(task, tok)
