@@ -92,6 +92,32 @@ def test_submitted_default_job_succeeds_and_writes_its_run_dir(ray_head, tmp_pat
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_submit_retries_while_the_job_agent_is_not_up(tmp_path):
+    """Right after `ray start` the head answers "No available agent": submit.sh tries again; any
+    other failure is final."""
+    fake, count = tmp_path / "ray", tmp_path / "count"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n"
+        'if [ "$FAIL" = other ]; then echo "RuntimeError: bad config" >&2; exit 1; fi\n'
+        'if [ $n -lt 3 ]; then echo "RuntimeError: No available agent to submit job, please try again later.." >&2; exit 1; fi\n'
+        "echo \"Job 'raysubmit_x' succeeded\"\n"
+    )
+    fake.chmod(0o755)
+    ok = subprocess.run(
+        ["bash", str(REPO / "launch" / "submit.sh")], env={**_env(), "RAY": str(fake)}, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "succeeded" in ok.stdout and count.read_text().strip() == "3"
+    count.unlink()
+    bad = subprocess.run(
+        ["bash", str(REPO / "launch" / "submit.sh")],
+        env={**_env(), "RAY": str(fake), "FAIL": "other"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "bad config" in bad.stdout and count.read_text().strip() == "1"
+
+
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """A local multi-node Ray cluster (ray.cluster_utils): a head offering `site-a` and a second
