@@ -131,7 +131,9 @@ def test_platforms_sharing_one_base_model_match_one_actor_each(ray_run, tmp_path
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
         for name in a["platforms"]:
             assert b["platforms"][name]["auc"] == pytest.approx(a["platforms"][name]["auc"], abs=1e-6)
-    cfg = load(None, [*SMALL, "ray.platforms_per_gpu=2", "faults.kill=[{platform: 0, round: 1}]"])
+    cfg = load(
+        None, [*SMALL, "ray.platforms_per_gpu=2", "client.local_steps=3", "faults.kill=[{platform: 0, round: 1}]"]
+    )
     run(cfg, tmp_path / "killed")
     first, second = read_metrics(tmp_path / "killed")
     assert sorted(first["restarted"]) == ["fashion-mall", "gadget-hub"]  # host 0 held platforms 0 and 1

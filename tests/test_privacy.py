@@ -181,13 +181,14 @@ def test_record_level_dp_trains_the_adapter_and_reports_epsilon(tmp_path):
 
 
 def test_budget_stops_the_run_before_it_is_passed_and_survives_resume(tmp_path):
-    fixed = [*LOCAL, "privacy.dp.level=record", "privacy.dp.noise_multiplier=2.0", "privacy.target_epsilon=3"]
-    eps_per_round = epsilon(Mechanism(2.0, 16 / 80), 12, 1e-5)  # the smallest platform spends fastest
-    rounds_allowed = max(k for k in range(1, 20) if epsilon(Mechanism(2.0, 16 / 80), 12 * k, 1e-5) <= 3)
-    assert eps_per_round < 3 and rounds_allowed < 6
+    budget = ["privacy.dp.noise_multiplier=2.0", "privacy.target_epsilon=1.8", "client.local_steps=4"]
+    fixed = [*LOCAL, "privacy.dp.level=record", *budget]
+    eps_per_round = epsilon(Mechanism(2.0, 16 / 80), 4, 1e-5)  # the smallest platform spends fastest
+    rounds_allowed = max(k for k in range(1, 20) if epsilon(Mechanism(2.0, 16 / 80), 4 * k, 1e-5) <= 1.8)
+    assert eps_per_round < 1.8 and 2 <= rounds_allowed < 6
     summary = run(load(None, [*fixed, "server.rounds=6"]), tmp_path / "a")
     assert summary["rounds"] == rounds_allowed and "privacy budget" in summary["stopped"]
-    assert max(summary["privacy"]["epsilon"].values()) <= 3
+    assert max(summary["privacy"]["epsilon"].values()) <= 1.8
     # the ledger is carried through resume: the resumed run books on top of it, and stops the same
     run(load(None, [*fixed, "server.rounds=1"]), tmp_path / "b")
     resumed = run(load(None, [*fixed, "server.rounds=6"]), tmp_path / "b", resume=True)

@@ -21,6 +21,7 @@ from fl_llm.tracking import read_metrics
 from tests.conftest import REPO, SMALL
 
 NAMES = ["fashion-mall", "gadget-hub", "home-market"]  # the synthetic platforms, by index
+STEPS = "client.local_steps=4"  # what these tests watch is the round, not the training in it
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _finite_adapter(run_dir):
 def test_platform_process_exiting_mid_training(ray_instance, tmp_path):
     """faults.kill: os._exit inside the training loop. The round completes with the others; the
     platform gets a new process and trains again the next round."""
-    summary, rows = _run(tmp_path / "r", "server.rounds=3", "faults.kill=[{platform: 1, round: 2}]")
+    summary, rows = _run(tmp_path / "r", "server.rounds=3", STEPS, "faults.kill=[{platform: 1, round: 2}]")
     assert [r["round"] for r in rows] == [1, 2, 3]
     r2 = rows[1]
     assert list(r2["failed"]) == [NAMES[1]] and "died" in r2["failed"][NAMES[1]]
@@ -80,7 +81,7 @@ def test_platform_killed_from_outside_with_ray_kill(ray_instance, tmp_path):
 
     t = threading.Thread(target=killer)
     t.start()
-    summary, rows = _run(out, "server.rounds=2", "faults.delay=[{platform: 1, seconds: 30, rounds: [2]}]")
+    summary, rows = _run(out, "server.rounds=2", STEPS, "faults.delay=[{platform: 1, seconds: 30, rounds: [2]}]")
     t.join()
     assert "died" in rows[1]["failed"][NAMES[1]] and rows[1]["restarted"] == [NAMES[1]]
     assert rows[1]["seconds"]["train"] < 25  # nobody waited for the killed platform's sleep
@@ -91,6 +92,7 @@ def test_straggler_is_left_out_and_carries_on(ray_instance, tmp_path):
     summary, rows = _run(
         tmp_path / "r",
         "server.rounds=2",
+        STEPS,
         "server.round_timeout_s=10",
         "faults.delay=[{platform: 0, seconds: 120, rounds: [1]}]",
     )
@@ -148,11 +150,14 @@ def test_too_few_updates_retry_the_round(tmp_path):
     assert all(p["participated"] for p in row["platforms"].values())  # the retry had everyone
 
 
+FOUR_ROUNDS = ["server.rounds=4", STEPS]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_instance, tmp_path_factory):
     """The reference: 4 rounds, never stopped."""
     path = tmp_path_factory.mktemp("uninterrupted")
-    _, rows = _run(path, "server.rounds=4")
+    _, rows = _run(path, *FOUR_ROUNDS)
     return path, rows
 
 
@@ -160,7 +165,7 @@ def test_stopped_run_resumes_to_the_same_adapter_bytes(uninterrupted, tmp_path):
     """Round 3 cannot go on (a platform dies, all are required, too_few=stop): the run stops with
     the reason; resumed without the fault it ends exactly where the uninterrupted run did."""
     full_dir, full = uninterrupted
-    stop = ["server.rounds=4", "server.min_platforms=3", "server.too_few=stop", "faults.kill=[{platform: 0, round: 3}]"]
+    stop = [*FOUR_ROUNDS, "server.min_platforms=3", "server.too_few=stop", "faults.kill=[{platform: 0, round: 3}]"]
     with pytest.raises(RunFailed, match="round 3: fewer than server.min_platforms"):
         _run(tmp_path / "cut", *stop)
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
@@ -183,7 +188,7 @@ def test_driver_killed_mid_run_resumes_to_the_same_bytes(ray_instance, uninterru
     local Ray starts would cost this test half its time)."""
     full_dir, _ = uninterrupted
     address = ray_instance.get_runtime_context().gcs_address
-    overrides = [*SMALL, "server.rounds=4", "server.round_timeout_s=120", f"ray.address={address}"]
+    overrides = [*SMALL, *FOUR_ROUNDS, "server.round_timeout_s=120", f"ray.address={address}"]
     out = tmp_path / "killed"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "fl_llm", "run", *overrides, f"output_dir={out}"]
