@@ -181,14 +181,15 @@ def test_record_level_dp_trains_the_adapter_and_reports_epsilon(tmp_path):
 
 
 def test_budget_stops_the_run_before_it_is_passed_and_survives_resume(tmp_path):
-    budget = ["privacy.dp.noise_multiplier=2.0", "privacy.target_epsilon=1.8", "client.local_steps=4"]
+    z, target, steps = 2.0, 1.8, 4
+    smallest = Mechanism(z, 16 / 80)  # the smallest platform (80 rows, batch 16) spends fastest
+    budget = [f"privacy.dp.noise_multiplier={z}", f"privacy.target_epsilon={target}", f"client.local_steps={steps}"]
     fixed = [*LOCAL, "privacy.dp.level=record", *budget]
-    eps_per_round = epsilon(Mechanism(2.0, 16 / 80), 4, 1e-5)  # the smallest platform spends fastest
-    rounds_allowed = max(k for k in range(1, 20) if epsilon(Mechanism(2.0, 16 / 80), 4 * k, 1e-5) <= 1.8)
-    assert eps_per_round < 1.8 and 2 <= rounds_allowed < 6
+    rounds_allowed = max(k for k in range(1, 20) if epsilon(smallest, steps * k, 1e-5) <= target)
+    assert epsilon(smallest, steps, 1e-5) < target and 2 <= rounds_allowed < 6
     summary = run(load(None, [*fixed, "server.rounds=6"]), tmp_path / "a")
     assert summary["rounds"] == rounds_allowed and "privacy budget" in summary["stopped"]
-    assert max(summary["privacy"]["epsilon"].values()) <= 1.8
+    assert max(summary["privacy"]["epsilon"].values()) <= target
     # the ledger is carried through resume: the resumed run books on top of it, and stops the same
     run(load(None, [*fixed, "server.rounds=1"]), tmp_path / "b")
     resumed = run(load(None, [*fixed, "server.rounds=6"]), tmp_path / "b", resume=True)

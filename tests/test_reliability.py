@@ -22,6 +22,7 @@ from tests.conftest import REPO, SMALL
 
 NAMES = ["fashion-mall", "gadget-hub", "home-market"]  # the synthetic platforms, by index
 STEPS = "client.local_steps=4"  # what these tests watch is the round, not the training in it
+BASE = [*SMALL, "server.round_timeout_s=120"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def ray_instance():
 
 
 def _run(path, *overrides, resume=False):
-    cfg = load(None, [*SMALL, "server.round_timeout_s=120", *overrides])
+    cfg = load(None, [*BASE, *overrides])
     summary = run(cfg, path, resume=resume)
     return summary, read_metrics(path)
 
@@ -188,7 +189,7 @@ def test_driver_killed_mid_run_resumes_to_the_same_bytes(ray_instance, uninterru
     local Ray starts would cost this test half its time)."""
     full_dir, _ = uninterrupted
     address = ray_instance.get_runtime_context().gcs_address
-    overrides = [*SMALL, *FOUR_ROUNDS, "server.round_timeout_s=120", f"ray.address={address}"]
+    overrides = [*BASE, *FOUR_ROUNDS, f"ray.address={address}"]
     out = tmp_path / "killed"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     cmd = [sys.executable, "-m", "fl_llm", "run", *overrides, f"output_dir={out}"]
