@@ -106,6 +106,7 @@ def _resume_config(run_dir: str, args: list[str]):
 
 
 def cmd_run(ns) -> int:
+    from fl_llm.model.adapters import load_init_adapter
     from fl_llm.model.build import check_model_source
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed, run
@@ -118,6 +119,7 @@ def cmd_run(ns) -> int:
         path, overrides = _split_config_args(ns.args)
         cfg = config_mod.load(path, overrides)
     check_model_source(cfg.model)
+    load_init_adapter(cfg.model)  # a bad model.init_adapter fails before any actor starts
     if not ns.resume:
         run_dir = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
@@ -147,6 +149,7 @@ def cmd_run(ns) -> int:
 
 def cmd_compare(ns) -> int:
     from fl_llm.compare import compare
+    from fl_llm.model.adapters import load_init_adapter
     from fl_llm.model.build import check_model_source
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed
@@ -156,6 +159,7 @@ def cmd_compare(ns) -> int:
     if ns.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     check_model_source(cfg.model)
+    load_init_adapter(cfg.model)
     if not cfg.output_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-compare-{stamp}"})

@@ -73,6 +73,11 @@ class ModelConfig:
         "attention kernel: sdpa (PyTorch's), eager, flex_attention (GPU: skips the blocks a packed row's "
         "block-diagonal mask hides) or flash_attention_2 (needs the flash-attn package; varlen for packed rows)",
     )
+    init_adapter: str | None = opt(
+        None,
+        "a PEFT adapter directory (e.g. an earlier run's adapter/) that round 0 starts from instead of a fresh "
+        "LoRA init — a warm start from training on public data; it must fit this base model and rank",
+    )
     tiny: TinyModelConfig = section(TinyModelConfig, "shape of the built-in tiny model")
     lora: LoraSettings = section(LoraSettings, "LoRA adapter settings")
 
@@ -85,6 +90,12 @@ class SyntheticConfig:
     eval_examples: int = opt(300, "held-out evaluation examples per platform", min=10)
     history_liked: int = opt(3, "liked items shown per prompt", min=1, max=20)
     history_disliked: int = opt(2, "disliked items shown per prompt", min=0, max=20)
+    world_seed: int | None = opt(
+        None,
+        "seed of the synthetic world (catalog, platforms' customers); null = the run seed. Another value "
+        "keeps the model's init and draws other data: e.g. public data for a warm start (model.init_adapter)",
+        min=0,
+    )
 
 
 @dataclass

@@ -131,6 +131,7 @@ CASES = [
         lambda t: ["run", "ray.placement=[{platform: 5, resources: {x: 1}}]"],
         "'ray.placement[0].platform' must be a platform index below",
     ),
+    ("warm start from nothing", lambda t: ["run", f"model.init_adapter={t}"], "holds no adapter_model.safetensors"),
     ("audit nothing", lambda t: ["audit", str(t / "no-run")], "no such run directory"),
     ("audit not a run", lambda t: ["audit", str(t)], "not a run directory"),
 ]

@@ -304,3 +304,24 @@ def test_record_level_dp_trains_a_classifier_head_too():
     head = [k for k in out["update"] if "lora" not in k]
     assert head and all(np.abs(out["update"][k]).max() > 0 for k in head)
     assert out["metrics"]["dp_steps"] == 3
+
+
+def test_warm_start_from_public_data_resumes_exactly_where_that_run_ended(tmp_path, capsys):
+    """The DP recipe of training on public data first: a run on another synthetic world
+    (data.synthetic.world_seed) hands its adapter to the private run (model.init_adapter), whose
+    round 0 is then exactly that model. An adapter of another rank fails with one message and
+    leaves no run dir."""
+    from fl_llm.cli import main
+
+    quick = [*LOCAL, "client.local_steps=4", "server.rounds=1"]
+    public = run(load(None, [*quick, "data.synthetic.world_seed=7"]), tmp_path / "public")
+    warm = [*quick, f"model.init_adapter={tmp_path / 'public' / 'adapter'}"]
+    again = run(load(None, [*warm, "data.synthetic.world_seed=7"]), tmp_path / "again")
+    assert again["initial"]["eval_loss"] == pytest.approx(public["final"]["eval_loss"], abs=1e-6)
+    private = run(load(None, [*warm, "privacy.dp.level=record", "privacy.target_epsilon=8"]), tmp_path / "dp")
+    fresh = run(load(None, quick), tmp_path / "fresh")
+    # the public model on the private world: neither the fresh init nor the public run's figure
+    assert private["initial"]["eval_loss"] != pytest.approx(fresh["initial"]["eval_loss"], abs=1e-3)
+    assert private["initial"]["eval_loss"] != pytest.approx(public["final"]["eval_loss"], abs=1e-3)
+    assert main(["run", *warm, "model.lora.r=4", f"output_dir={tmp_path / 'r4'}"]) == 2
+    assert "does not fit this model" in capsys.readouterr().err and not (tmp_path / "r4").exists()

@@ -159,3 +159,15 @@ def test_real_data_configs_load_their_platforms():
 
         prompt = task_of(cfg).prompt(data.train[0])
         assert "{" not in prompt
+
+
+def test_world_seed_draws_other_data_for_the_same_run_seed():
+    """data.synthetic.world_seed: null is the run seed's world; another value, other customers."""
+    small = ["data.synthetic.train_examples=[40]", "data.synthetic.eval_examples=10"]
+    prompts = {
+        ws: [r["candidate"] + r["liked"] for r in load_platform_data(load(None, [*small, *ws]), 0).train]
+        for ws in ((), ("data.synthetic.world_seed=3",), ("data.synthetic.world_seed=4",))
+    }
+    assert len({tuple(p) for p in prompts.values()}) == 3
+    same = load_platform_data(load(None, [*small, "seed=4"]), 0).train
+    assert [r["candidate"] + r["liked"] for r in same] == prompts[("data.synthetic.world_seed=4",)]

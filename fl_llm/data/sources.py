@@ -39,6 +39,12 @@ def task_of(cfg: RunConfig) -> Task:
 POOLED = -1  # every platform's data in one place: the centralized upper bound of `fl-llm compare`
 
 
+def world_seed(cfg: RunConfig) -> int:
+    """The synthetic world's seed: data.synthetic.world_seed, or the run seed."""
+    ws = cfg.data.synthetic.world_seed
+    return cfg.seed if ws is None else ws
+
+
 def load_platform_data(cfg: RunConfig, platform: int) -> PlatformData:
     """The train and held-out records of one platform (all of them pooled for `POOLED`)."""
     if platform == POOLED:
@@ -67,7 +73,7 @@ def _synthetic(cfg: RunConfig, platform: int) -> PlatformData:
     n = cfg.data.num_platforms
     sizes = cfg.data.synthetic.train_examples
     sizes = sizes * n if len(sizes) == 1 else sizes
-    world = synthetic.make_world(cfg.seed, n)
+    world = synthetic.make_world(world_seed(cfg), n)
     if cfg.data.partition.method == "natural":
         return PlatformData(
             world.platform_names[platform],

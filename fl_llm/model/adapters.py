@@ -139,3 +139,39 @@ def save_adapter(
     with atomic_dir(out_dir) as tmp:
         cfg.save_pretrained(tmp)
         save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+
+
+def load_init_adapter(model_cfg: ModelConfig, like: AdapterState | None = None) -> AdapterState | None:
+    """model.init_adapter's tensors (None when unset), checked against `like` — the fresh init of
+    this model — so that an adapter from another base, rank or target set fails with one message
+    before any training."""
+    from safetensors.numpy import load_file
+
+    from fl_llm.errors import UserError
+
+    if model_cfg.init_adapter is None:
+        return None
+    where = Path(model_cfg.init_adapter).expanduser()
+    file = where / "adapter_model.safetensors"
+    if not file.is_file():
+        raise UserError(
+            f"model.init_adapter: {str(where)!r} holds no adapter_model.safetensors "
+            "(point it at a PEFT adapter directory, e.g. an earlier run's adapter/)"
+        )
+    state = {k: np.asarray(v, np.float32) for k, v in load_file(str(file)).items()}
+    if like is not None:
+        missing, extra = sorted(set(like) - set(state)), sorted(set(state) - set(like))
+        wrong = sorted(k for k in set(like) & set(state) if like[k].shape != state[k].shape)
+        if missing or extra or wrong:
+            if missing:
+                detail = f"missing {missing[:2]}"
+            elif extra:
+                detail = f"unexpected {extra[:2]}"
+            else:
+                detail = f"{wrong[0]} is {state[wrong[0]].shape}, this model's is {like[wrong[0]].shape}"
+            raise UserError(
+                f"model.init_adapter {str(where)!r} does not fit this model ({detail}): it must come from "
+                "the same base model (for model.name_or_path=tiny: the same seed and model.tiny shape), "
+                "LoRA rank and target modules"
+            )
+    return state
