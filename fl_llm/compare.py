@@ -27,7 +27,7 @@ from pathlib import Path
 from fl_llm.client.platform import Platform
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import POOLED, task_of
-from fl_llm.model.adapters import load_init_adapter
+from fl_llm.model.adapters import starting_adapter
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
 from fl_llm.server.loop import SETUP_TIMEOUT_S, run
@@ -95,9 +95,7 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
     try:
         info = backend.call(ids, "describe", timeout_s=SETUP_TIMEOUT_S).results
         names = {i: info[i]["name"] for i in ids}
-        init = backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S).results[0]
-        warm = load_init_adapter(cfg.model, like=init)
-        init = init if warm is None else warm
+        init = starting_adapter(cfg.model, backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S).results[0])
         pooled_cfg = to_dict(dataclasses.replace(cfg, backend="local"))
         pooled_cfg["client"]["batch_size"] = cfg.client.batch_size * n
         pooled = Platform(pooled_cfg, POOLED)

@@ -175,3 +175,9 @@ def load_init_adapter(model_cfg: ModelConfig, like: AdapterState | None = None) 
                 "LoRA rank and target modules"
             )
     return state
+
+
+def starting_adapter(model_cfg: ModelConfig, fresh: AdapterState) -> AdapterState:
+    """What round 0 starts from: model.init_adapter (checked against `fresh`), else `fresh`."""
+    warm = load_init_adapter(model_cfg, like=fresh)
+    return fresh if warm is None else warm

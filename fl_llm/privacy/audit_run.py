@@ -19,7 +19,7 @@ import numpy as np
 from fl_llm import checkpoint
 from fl_llm.config import RunConfig, load, to_dict
 from fl_llm.errors import UserError
-from fl_llm.model.adapters import load_init_adapter
+from fl_llm.model.adapters import starting_adapter
 from fl_llm.privacy.audit import attack_report, label_matched_samples, record_level_guarantee
 from fl_llm.tracking import write_json
 
@@ -80,9 +80,8 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
         rng = np.random.default_rng([cfg.seed, i, 0xA0D])
         members, nonmembers = label_matched_samples(plat.train_set.labels, plat.eval_set.labels, max_examples, rng)
         k = len(members)
-        start = plat.initial_adapter()  # the reference: the model before private training
-        warm = load_init_adapter(cfg.model, like=start)
-        base_m, base_n = plat.example_losses(start if warm is None else warm, None, members, nonmembers)
+        start = starting_adapter(cfg.model, plat.initial_adapter())  # the model before private training
+        base_m, base_n = plat.example_losses(start, None, members, nonmembers)
         plat.import_state(platform_state.get(i, {}))
         ft_m, ft_n = plat.example_losses(final, merges.payload(i) if merges else None, members, nonmembers)
         eps, delta = _ledger_epsilon(ledger, plat.name)

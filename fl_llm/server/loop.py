@@ -31,7 +31,7 @@ from fl_llm.compression import decompress
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
-from fl_llm.model.adapters import AdapterState, load_init_adapter, save_adapter, state_nbytes
+from fl_llm.model.adapters import AdapterState, save_adapter, starting_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, resolve_name, save_base
 from fl_llm.progress import Progress
 from fl_llm.server import secure
@@ -419,8 +419,7 @@ def _start_fresh(
     """Round 0: the initial adapter (identical on every platform: same seed, or model.init_adapter),
     evaluated."""
     fresh: AdapterState = _require_all(backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S), "initialise")[0]
-    warm = load_init_adapter(cfg.model, like=fresh)  # model.init_adapter: a warm start
-    global_state = fresh if warm is None else warm
+    global_state = starting_adapter(cfg.model, fresh)  # or model.init_adapter: a warm start
     fed = Federation(
         round=0,
         global_state=global_state,
