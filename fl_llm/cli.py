@@ -119,8 +119,8 @@ def cmd_run(ns) -> int:
         path, overrides = _split_config_args(ns.args)
         cfg = config_mod.load(path, overrides)
     check_model_source(cfg.model)
-    load_init_adapter(cfg.model)  # a bad model.init_adapter fails before any actor starts
-    if not ns.resume:
+    if not ns.resume:  # a resumed run starts from its checkpoint, not from model.init_adapter
+        load_init_adapter(cfg.model)  # a bad one fails before any actor starts
         run_dir = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
     progress.info(
