@@ -71,6 +71,7 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
     if cfg.privacy.dp.level != "none" and ledger_path.is_file():
         ledger = json.loads(ledger_path.read_text(encoding="utf-8"))
     platforms = {}
+    start = None  # the model before private training: the same adapter for every platform
     for i in range(cfg.data.num_platforms):
         plat = Platform(to_dict(cfg), i)
         if plat.user_error:
@@ -80,7 +81,8 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
         rng = np.random.default_rng([cfg.seed, i, 0xA0D])
         members, nonmembers = label_matched_samples(plat.train_set.labels, plat.eval_set.labels, max_examples, rng)
         k = len(members)
-        start = starting_adapter(cfg.model, plat.initial_adapter())  # the model before private training
+        if start is None:  # model.init_adapter is read once, not once per platform
+            start = starting_adapter(cfg.model, plat.initial_adapter())
         base_m, base_n = plat.example_losses(start, None, members, nonmembers)
         plat.import_state(platform_state.get(i, {}))
         ft_m, ft_n = plat.example_losses(final, merges.payload(i) if merges else None, members, nonmembers)
