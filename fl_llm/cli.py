@@ -105,9 +105,18 @@ def _resume_config(run_dir: str, args: list[str]):
     return config_mod.load(path / "config.yaml", args), path
 
 
-def cmd_run(ns) -> int:
+def _check_model(cfg, warm_start: bool = True) -> None:
+    """The base model's source and, unless resuming, model.init_adapter: a bad one fails before
+    any actor starts."""
     from fl_llm.model.adapters import load_init_adapter
     from fl_llm.model.build import check_model_source
+
+    check_model_source(cfg.model)
+    if warm_start:
+        load_init_adapter(cfg.model)
+
+
+def cmd_run(ns) -> int:
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed, run
 
@@ -118,9 +127,8 @@ def cmd_run(ns) -> int:
     else:
         path, overrides = _split_config_args(ns.args)
         cfg = config_mod.load(path, overrides)
-    check_model_source(cfg.model)
-    if not ns.resume:  # a resumed run starts from its checkpoint, not from model.init_adapter
-        load_init_adapter(cfg.model)  # a bad one fails before any actor starts
+    _check_model(cfg, warm_start=not ns.resume)  # a resumed run starts from its checkpoint
+    if not ns.resume:
         run_dir = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
     progress.info(
@@ -149,8 +157,6 @@ def cmd_run(ns) -> int:
 
 def cmd_compare(ns) -> int:
     from fl_llm.compare import compare
-    from fl_llm.model.adapters import load_init_adapter
-    from fl_llm.model.build import check_model_source
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed
 
@@ -158,8 +164,7 @@ def cmd_compare(ns) -> int:
     cfg = config_mod.load(path, overrides)
     if ns.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
-    check_model_source(cfg.model)
-    load_init_adapter(cfg.model)
+    _check_model(cfg)
     if not cfg.output_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-compare-{stamp}"})

@@ -72,6 +72,7 @@ class RunDir:
         self.summary = self.path / "summary.json"
         self.platforms = self.path / "platforms.json"
         self.adapter = self.path / "adapter"
+        self.init_adapter = self.path / "init_adapter"  # model.init_adapter as the run read it
         self.base_model = self.path / "base_model"
         self.checkpoints = self.path / "checkpoints"
 

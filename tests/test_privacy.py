@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -323,6 +324,11 @@ def test_warm_start_from_public_data_resumes_exactly_where_that_run_ended(tmp_pa
     # the public model on the private world: neither the fresh init nor the public run's figure
     assert private["initial"]["eval_loss"] != pytest.approx(fresh["initial"]["eval_loss"], abs=1e-3)
     assert private["initial"]["eval_loss"] != pytest.approx(public["final"]["eval_loss"], abs=1e-3)
-    assert main(["audit", str(tmp_path / "dp")]) == 0  # against the warm start, the model before DP
+    # the run keeps its own copy of the warm start: the audit measures against it even when the
+    # public run is gone (or retrained)
+    assert (tmp_path / "dp" / "init_adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "fresh" / "init_adapter").exists()
     assert main(["run", *warm, "model.lora.r=4", f"output_dir={tmp_path / 'r4'}"]) == 2
     assert "does not fit this model" in capsys.readouterr().err and not (tmp_path / "r4").exists()
+    shutil.rmtree(tmp_path / "public")
+    assert main(["audit", str(tmp_path / "dp")]) == 0  # against the warm start, the model before DP

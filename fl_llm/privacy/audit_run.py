@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,8 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"audit {str(run_dir)!r}: not a run directory (it has no config.yaml)")
     cfg = load(run_dir / "config.yaml")
+    if (run_dir / "init_adapter").is_dir():  # the run's own copy of its warm start (older runs: the original)
+        cfg = replace(cfg, model=replace(cfg.model, init_adapter=str(run_dir / "init_adapter")))
     final, merges, platform_state = _final_model(run_dir, cfg)
     ledger_path = run_dir / "privacy.json"
     ledger = None

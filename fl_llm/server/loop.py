@@ -208,6 +208,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             progress.info(f"resuming after round {fed.round} from {resume_from}")
         else:
             fed = _start_fresh(cfg, backend, everyone, progress, primary, merge_scale)
+            if cfg.model.init_adapter:  # the run's own copy: the audit's reference, whatever happens to the original
+                save_adapter(fed.global_state, cfg.model, rd.init_adapter, base_name, rank=global_rank)
             fed.privacy = Privacy.start(cfg, info)
         progress.info(fed.privacy.describe())
         handle = backend.put(fed.global_state)
