@@ -252,7 +252,7 @@ MEMORISE = [
 def test_audit_sees_memorisation_and_dp_at_small_epsilon_hides_it(tmp_path, capsys):
     from fl_llm.cli import main
 
-    aucs = {}
+    aucs, gaps = {}, {}
     for name, extra in (("plain", []), ("dp", ["privacy.dp.level=record", "privacy.target_epsilon=1"])):
         run(load(None, [*LOCAL, *MEMORISE, *extra]), tmp_path / name)
         assert main(["audit", str(tmp_path / name)]) == 0
@@ -263,10 +263,15 @@ def test_audit_sees_memorisation_and_dp_at_small_epsilon_hides_it(tmp_path, caps
         for a in p["attacks"].values():  # no DP: no ε (null), nothing to bound
             assert (p["epsilon"] is None or a["epsilon_lower_bound"] <= p["epsilon"]) and 0 <= a["auc"] <= 1
         aucs[name] = p["attacks"]["loss"]["auc"]
+        gaps[name] = p["mean_loss"]["nonmembers"] - p["mean_loss"]["members"]
         if name == "dp":
             assert p["epsilon"] <= 1.0
-    assert aucs["plain"] > 0.7  # the attack has power against a model that memorised
-    assert aucs["dp"] < aucs["plain"] - 0.1
+    print("memorisation audit:", aucs, gaps)
+    # the model memorised (members' loss far below non-members') and the attack sees it; DP at
+    # ε = 1 leaves little of that gap and less for the attack (the AUC's standard error on these
+    # 100 + 100 records, which come in lists of 5 per customer, is ≈ 0.09: only a wide margin counts)
+    assert gaps["plain"] > 0.3 and aucs["plain"] > 0.6
+    assert gaps["dp"] < gaps["plain"] / 3 and aucs["dp"] < aucs["plain"]
     assert "reference" in capsys.readouterr().out
 
 
