@@ -22,7 +22,7 @@ from fl_llm.config import RunConfig, load, to_dict
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import starting_adapter
 from fl_llm.privacy.audit import attack_report, label_matched_samples, record_level_guarantee
-from fl_llm.tracking import write_json
+from fl_llm.tracking import RunDir, write_json
 
 
 def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, dict]:
@@ -66,8 +66,9 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"audit {str(run_dir)!r}: not a run directory (it has no config.yaml)")
     cfg = load(run_dir / "config.yaml")
-    if (run_dir / "init_adapter").is_dir():  # the run's own copy of its warm start (older runs: the original)
-        cfg = replace(cfg, model=replace(cfg.model, init_adapter=str(run_dir / "init_adapter")))
+    own_copy = RunDir(run_dir).init_adapter  # the run's copy of its warm start (older runs: the original)
+    if own_copy.is_dir():
+        cfg = replace(cfg, model=replace(cfg.model, init_adapter=str(own_copy)))
     final, merges, platform_state = _final_model(run_dir, cfg)
     ledger_path = run_dir / "privacy.json"
     ledger = None
