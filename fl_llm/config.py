@@ -53,6 +53,11 @@ class LoraSettings:
         "module names (or ['all-linear']) that get adapters",
     )
     ranks: list[int] = opt([], "LoRA rank per platform (empty = r everywhere); the global adapter has the largest rank")
+    trainable_modules: list[str] = opt(
+        [],
+        "which of target_modules the platforms train (empty = all); the others keep the factors they start "
+        "from (model.init_adapter). Under DP: fewer noised weights, for modules whose gradients carry little",
+    )
 
 
 @dataclass
@@ -149,7 +154,15 @@ class ClientConfig:
         "off the LM head, as in PET, Schick & Schuetze, EACL 2021), so every gradient goes to telling the answers "
         "apart, which holds up better under DP noise. eval_loss is the loss trained on",
     )
-    optimizer: Literal["adamw", "sgd"] = opt("adamw", "local optimizer (SCAFFOLD needs sgd)")
+    optimizer: Literal["adamw", "sgd", "dp_adambc"] = opt(
+        "adamw",
+        "local optimizer (SCAFFOLD needs sgd). dp_adambc: AdamW with DP-SGD's known noise variance taken out "
+        "of its second moment (DP-AdamBC, Tang et al., AAAI 2024), its moments kept from round to round on "
+        "each platform; for record-level DP (without it, plain AdamW)",
+    )
+    adambc_floor: float = opt(
+        0.3, "dp_adambc: the smallest denominator, as a fraction κ of the noise std (1 = AdamW's there)", gt=0
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", min=0)
     eval_batch_size: int = opt(64, "examples per evaluation forward pass", min=1)

@@ -77,6 +77,12 @@ def check_cross_fields(cfg: RunConfig) -> None:
         )
     if not cfg.model.lora.target_modules:
         raise UserError("config key 'model.lora.target_modules' must name at least one module")
+    extra = [m for m in cfg.model.lora.trainable_modules if m not in cfg.model.lora.target_modules]
+    if extra and cfg.model.lora.target_modules != ["all-linear"]:
+        raise UserError(
+            f"config key 'model.lora.trainable_modules' must name modules of model.lora.target_modules "
+            f"({', '.join(cfg.model.lora.target_modules)}); got {', '.join(extra)}"
+        )
     # Registries are imported lazily: they import torch-free modules only.
     from fl_llm.data.tasks import TASKS
     from fl_llm.strategies import STRATEGIES

@@ -149,6 +149,86 @@ def test_dp_with_infinite_clip_and_zero_noise_equals_plain_training():
     assert np.allclose(zero_noise["w"], 2.0)
 
 
+def test_trainable_modules_train_and_noise_only_the_named_modules():
+    """model.lora.trainable_modules under record-level DP with FFA: the named modules' B moves
+    (noised), every other module's factors stay exactly where they started; an unknown module is
+    a config error."""
+    from fl_llm.client.platform import Platform
+    from fl_llm.config import to_dict
+    from fl_llm.errors import UserError
+
+    extra = ["strategy.name=ffa", "privacy.dp.level=record", "privacy.target_epsilon=8"]
+    plat = Platform(to_dict(load(None, [*LOCAL, *extra, "model.lora.trainable_modules=[q_proj,up_proj]"])), 0)
+    start = plat.initial_adapter()
+    start = {k: v + (0.01 if ".lora_B." in k else 0.0) for k, v in start.items()}  # a warm start: B ≠ 0
+    update = plat.train(start, 1)["update"]
+    assert update, "FFA sends B"
+    for key, delta in update.items():
+        trained = ".q_proj." in key or ".up_proj." in key
+        assert (np.abs(delta).max() > 0) == trained, key
+    with pytest.raises(UserError, match="trainable_modules"):
+        load(None, ["model.lora.trainable_modules=[q_proj,lm_head]"])
+
+
+def test_adambc_is_adamw_without_noise_and_takes_the_noise_out_of_the_second_moment():
+    """DP-AdamBC (Tang et al. 2024): with σ² = 0 it is torch's AdamW step for step; with σ² its
+    first step is lr·g/√max(g² − σ², κ²σ²); moments carried across two calls equal one long run."""
+    import torch
+
+    from fl_llm.client.train import AdamBC
+    from fl_llm.privacy.dp import adambc_denominator
+
+    v = torch.tensor([0.0, 1.0, 4.0, 10.0])
+    assert torch.allclose(adambc_denominator(v, 0.0, 0.3), v.sqrt() + 1e-8)
+    assert torch.allclose(adambc_denominator(v, 4.0, 0.5, eps=0.0), torch.tensor([1.0, 1.0, 1.0, 6.0**0.5]))
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=gen) for _ in range(6)]
+
+    def run(make, steps, p=None):
+        p = torch.nn.Parameter(torch.ones(5, 3)) if p is None else p
+        opt = make([p])
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+        return p, opt
+
+    ref, _ = run(lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), grads)
+    ours, _ = run(lambda ps: AdamBC(ps, lr=0.01, weight_decay=0.1, noise_var=0.0, floor=0.3), grads)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+    sigma, kappa, lr = 0.5, 0.3, 0.01
+    g = torch.tensor([[2 * sigma, -0.5 * sigma, 0.1 * sigma]])
+    p, _ = run(
+        lambda ps: AdamBC(ps, lr=lr, weight_decay=0.0, noise_var=sigma**2, floor=kappa),
+        [g],
+        torch.nn.Parameter(torch.zeros(1, 3)),
+    )
+    expect = -lr * g / torch.sqrt(torch.clamp(g**2 - sigma**2, min=(kappa * sigma) ** 2))
+    assert torch.allclose(p.detach(), expect, rtol=1e-5)
+    assert abs(float(p.detach()[0, 0])) > lr  # |g| > σ: a larger step than AdamW's lr·sign(g)
+
+    make = lambda st: lambda ps: AdamBC(ps, lr=lr, weight_decay=0.0, noise_var=0.04, floor=kappa, state=st)  # noqa: E731
+    whole, _ = run(make(None), grads)
+    half, opt = run(make(None), grads[:3])
+    rest, _ = run(make(opt.state()), grads[3:], half)
+    assert torch.allclose(rest, whole, atol=1e-7)
+
+
+def test_dp_adambc_trains_and_keeps_its_moments_in_the_platform_checkpoint(tmp_path):
+    """client.optimizer=dp_adambc under record-level DP: trains, and each platform's moments live
+    on across rounds (t counts every local step) inside the run's checkpoint."""
+    from fl_llm import checkpoint
+
+    extra = ["privacy.dp.level=record", "privacy.target_epsilon=8", "client.optimizer=dp_adambc"]
+    summary = run(load(None, [*LOCAL, *extra]), tmp_path)
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
+    _, state = checkpoint.load(checkpoint.latest(tmp_path / "checkpoints"))
+    for moments in (s["adambc"] for s in state["platform_state"].values()):
+        assert moments["t"] == 2 * 12 and np.abs(moments["v"][0]).max() > 0
+
+
 def test_adaptive_clipping_follows_the_quantile():
     z_update, sigma_b = adaptive_noise_multipliers(0.5, 100)
     assert sigma_b == 5 and z_update > 0.5  # the clip count takes a share of the budget

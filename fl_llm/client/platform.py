@@ -125,13 +125,15 @@ class Platform:
 
     def _activate(self) -> None:
         """Make this platform's adapter the one the model runs and trains (several platforms may
-        share the model); FFA keeps its A frozen."""
+        share the model); FFA keeps its A frozen, model.lora.trainable_modules the other modules'."""
         if self.adapter != "default" or len(self.model.peft_config) > 1:
             self.model.set_adapter(self.adapter)
-        if self.strategy.lora == "ffa":
-            for name, param in self.model.named_parameters():
-                if f".lora_A.{self.adapter}." in name:
-                    param.requires_grad_(False)
+        train = set(self.cfg.model.lora.trainable_modules)
+        for name, param in self.model.named_parameters():
+            if f".lora_A.{self.adapter}." in name and self.strategy.lora == "ffa":
+                param.requires_grad_(False)
+            elif train and ".lora_" in name and name.split(".lora_")[0].rsplit(".", 1)[-1] not in train:
+                param.requires_grad_(False)
 
     def _record_level_dp(self) -> tuple[float, float]:
         """(q, z) of this platform's DP-SGD: q = batch / |data|; z as configured, or the smallest
@@ -274,6 +276,8 @@ class Platform:
                 batch_size=c.batch_size,
                 lr=lr,
                 optimizer=c.optimizer,
+                adambc_floor=c.adambc_floor,
+                optimizer_state=self.persistent.get("adambc") if dp is not None else None,
                 weight_decay=c.weight_decay,
                 max_grad_norm=c.max_grad_norm,
                 rng=batch_rng,
@@ -288,6 +292,9 @@ class Platform:
                 autocast=self.cfg.model.dtype == "bfloat16",
                 words=self.loss_words,
             )
+        moments = metrics.pop("optimizer_state", None)
+        if moments is not None and dp is not None:  # computed from noised gradients only: DP covers them
+            self.persistent["adambc"] = moments
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
         result = {"num_examples": len(self.train_set), "metrics": metrics}

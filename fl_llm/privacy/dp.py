@@ -6,6 +6,9 @@
     client level   DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language
                    Models", ICLR 2018): clip each platform's update to C, sum with uniform weights,
                    add N(0, (z·C)²), divide by the expected cohort size m
+    DP-AdamBC      Tang et al., "DP-AdamBC: Your DP-Adam Is Actually DP-SGD (Unless You Apply Bias
+                   Correction)", AAAI 2024: AdamW after DP-SGD's noise, with the noise's known
+                   variance taken out of the second moment (post-processing: no ε spent)
     adaptive clip  Andrew et al., "Differentially Private Learning with Adaptive Clipping",
                    NeurIPS 2021: move C geometrically toward the γ-quantile of the update norms,
                    from a noised count of the updates that were not clipped
@@ -54,6 +57,16 @@ def private_gradient(per_example: list, clip: float, noise_multiplier: float, ex
         noise = torch.normal(0.0, 1.0, size=s.shape, generator=generator).to(s.device, s.dtype) if std else 0.0
         out.append((s + std * noise) / expected_batch)
     return out, stats
+
+
+def adambc_denominator(v_hat, noise_var: float, floor: float, eps: float = 1e-8):
+    """DP-AdamBC's denominator (torch): √max(v̂ − σ², (κσ)²) + ε, for v̂ AdamW's bias-corrected
+    second moment and σ² = (z·C / (q·N))² the variance DP-SGD's noise adds to each coordinate of
+    the mean gradient. Under DP, v̂ ≈ g² + σ²: AdamW divides by the noise and becomes SGD with
+    lr/σ wherever |g| < σ; taking σ² out restores the per-coordinate scaling. The floor κ·σ caps
+    the step where v̂ is no larger than the noise (κ = 1: plain AdamW's denominator there).
+    σ² = 0 (no DP): AdamW's own √v̂ + ε."""
+    return (v_hat - noise_var).clamp(min=floor * floor * noise_var).sqrt() + eps
 
 
 def poisson_batch(n: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:
