@@ -158,7 +158,8 @@ class ClientConfig:
         "adamw",
         "local optimizer (SCAFFOLD needs sgd). dp_adambc: AdamW with DP-SGD's known noise variance taken out "
         "of its second moment (DP-AdamBC, Tang et al., AAAI 2024), its moments kept from round to round on "
-        "each platform; for record-level DP (without it, plain AdamW)",
+        "each platform (checkpointed: twice the trained weights' size per platform); for record-level DP "
+        "(without it, plain AdamW)",
     )
     adambc_floor: float = opt(
         0.3, "dp_adambc: the smallest denominator, as a fraction κ of the noise std (1 = AdamW's there)", gt=0

@@ -64,7 +64,7 @@ def adambc_denominator(v_hat, noise_var: float, floor: float, eps: float = 1e-8)
     second moment and σ² = (z·C / (q·N))² the variance DP-SGD's noise adds to each coordinate of
     the mean gradient. Under DP, v̂ ≈ g² + σ²: AdamW divides by the noise and becomes SGD with
     lr/σ wherever |g| < σ; taking σ² out restores the per-coordinate scaling. The floor κ·σ caps
-    the step where v̂ is no larger than the noise (κ = 1: plain AdamW's denominator there).
+    the step where v̂ is no larger than the noise (κ = 1: about AdamW's denominator there).
     σ² = 0 (no DP): AdamW's own √v̂ + ε."""
     return (v_hat - noise_var).clamp(min=floor * floor * noise_var).sqrt() + eps
 
