@@ -175,8 +175,7 @@ def test_adambc_is_adamw_without_noise_and_takes_the_noise_out_of_the_second_mom
     first step is lr·g/√max(g² − σ², κ²σ²); moments carried across two calls equal one long run."""
     import torch
 
-    from fl_llm.client.train import AdamBC
-    from fl_llm.privacy.dp import adambc_denominator
+    from fl_llm.privacy.dp import AdamBC, adambc_denominator
 
     v = torch.tensor([0.0, 1.0, 4.0, 10.0])
     assert torch.allclose(adambc_denominator(v, 0.0, 0.3), v.sqrt() + 1e-8)

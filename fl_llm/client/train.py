@@ -73,49 +73,6 @@ def batch_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator)
     return out
 
 
-class AdamBC:
-    """AdamW (decoupled weight decay, β = (0.9, 0.999)) with DP-AdamBC's denominator
-    (`fl_llm.privacy.dp.adambc_denominator`). `state` (t and the moments m, v per parameter, numpy)
-    carries the moments from one round to the next: a second moment estimated from 5 noisy
-    steps is itself mostly noise."""
-
-    def __init__(self, params, *, lr, weight_decay, noise_var, floor, eps=1e-8, state=None):
-        import torch
-
-        self.params, self.lr, self.weight_decay = params, lr, weight_decay
-        self.noise_var, self.floor, self.eps, self.betas = noise_var, floor, eps, (0.9, 0.999)
-        self.t = int(state["t"]) if state else 0
-        if state:
-            self.m = [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state["m"], params)]
-            self.v = [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state["v"], params)]
-        else:
-            self.m = [torch.zeros_like(p) for p in params]
-            self.v = [torch.zeros_like(p) for p in params]
-
-    def step(self) -> None:
-        import torch
-
-        from fl_llm.privacy.dp import adambc_denominator
-
-        self.t += 1
-        b1, b2 = self.betas
-        with torch.no_grad():
-            for p, m, v in zip(self.params, self.m, self.v):
-                g = p.grad
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = adambc_denominator(v / (1 - b2**self.t), self.noise_var, self.floor, self.eps)
-                p.mul_(1 - self.lr * self.weight_decay)
-                p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def state(self) -> dict:
-        return {"t": self.t, "m": [a.cpu().numpy() for a in self.m], "v": [a.cpu().numpy() for a in self.v]}
-
-
 @dataclass(frozen=True)
 class DpSgd:
     """Record-level DP-SGD settings of one platform's local training."""
@@ -210,9 +167,9 @@ def local_train(
     `tokens` and the `slots` (positions computed, padding included). `autocast`: bf16 autocast
     of the forward pass on a GPU (for a bf16 base model). `words`: the verbalizer loss over these
     answer-word token ids (`_answer_loss`); None: the whole vocabulary. `optimizer`: adamw, sgd,
-    or dp_adambc (`AdamBC`: under `dp`, AdamW with the noise's variance taken out of its second
-    moment; `adambc_floor` its κ; it starts from `optimizer_state` and returns its moments as
-    the metrics' `optimizer_state`, for the caller to keep).
+    or dp_adambc (`fl_llm.privacy.dp.AdamBC`: under `dp`, AdamW with the noise's variance taken
+    out of its second moment; `adambc_floor` its κ; it starts from `optimizer_state` and returns
+    its moments as the metrics' `optimizer_state`, for the caller to keep).
     """
     import torch
 
@@ -222,10 +179,13 @@ def local_train(
     adapter = getattr(model, "active_adapter", "default")
     named = [(state_key(n, adapter), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    expected = dp.sample_rate * len(enc) if dp is not None else 0.0  # DP-SGD's expected batch q·N
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     elif optimizer == "dp_adambc":  # σ² of DP-SGD's noise on each coordinate of the mean gradient
-        noise_var = (dp.noise_multiplier * dp.clip / (dp.sample_rate * len(enc))) ** 2 if dp is not None else 0.0
+        from fl_llm.privacy.dp import AdamBC
+
+        noise_var = (dp.noise_multiplier * dp.clip / expected) ** 2 if dp is not None else 0.0
         opt = AdamBC(
             params,
             lr=lr,
@@ -245,7 +205,7 @@ def local_train(
         from fl_llm.privacy.dp import poisson_batch
 
         batches = [poisson_batch(len(enc), dp.sample_rate, rng) for _ in range(steps)]
-        private = _PrivateGradients(model, params, dp, expected_batch=dp.sample_rate * len(enc), words=words)
+        private = _PrivateGradients(model, params, dp, expected_batch=expected, words=words)
     else:
         batches = batch_indices(len(enc), batch_size, steps, rng)
     losses, dp_stats = [], []
@@ -298,7 +258,7 @@ def local_train(
             private.close()
     out = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(batches)}
     out.update(tokens=tokens, slots=slots or tokens)
-    if isinstance(opt, AdamBC):
+    if optimizer == "dp_adambc":
         out["optimizer_state"] = opt.state()
     if dp is not None:
         out["dp_steps"] = len(batches)

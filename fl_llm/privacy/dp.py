@@ -69,6 +69,47 @@ def adambc_denominator(v_hat, noise_var: float, floor: float, eps: float = 1e-8)
     return (v_hat - noise_var).clamp(min=floor * floor * noise_var).sqrt() + eps
 
 
+class AdamBC:
+    """AdamW (decoupled weight decay, β = (0.9, 0.999)) with DP-AdamBC's denominator
+    (`adambc_denominator`). `state` (t and the moments m, v per parameter, numpy)
+    carries the moments from one round to the next: a second moment estimated from 5 noisy
+    steps is itself mostly noise."""
+
+    def __init__(self, params, *, lr, weight_decay, noise_var, floor, eps=1e-8, state=None):
+        import torch
+
+        self.params, self.lr, self.weight_decay = params, lr, weight_decay
+        self.noise_var, self.floor, self.eps, self.betas = noise_var, floor, eps, (0.9, 0.999)
+        self.t = int(state["t"]) if state else 0
+        if state:
+            self.m = [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state["m"], params)]
+            self.v = [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state["v"], params)]
+        else:
+            self.m = [torch.zeros_like(p) for p in params]
+            self.v = [torch.zeros_like(p) for p in params]
+
+    def step(self) -> None:
+        import torch
+
+        self.t += 1
+        b1, b2 = self.betas
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v):
+                g = p.grad
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = adambc_denominator(v / (1 - b2**self.t), self.noise_var, self.floor, self.eps)
+                p.mul_(1 - self.lr * self.weight_decay)
+                p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state(self) -> dict:
+        return {"t": self.t, "m": [a.cpu().numpy() for a in self.m], "v": [a.cpu().numpy() for a in self.v]}
+
+
 def poisson_batch(n: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:
     """Indices of a Poisson-sampled batch: each of n examples independently with probability q."""
     return np.flatnonzero(rng.random(n) < sample_rate)
