@@ -5,6 +5,7 @@
     fl-llm run backend=local                    # same platforms in this process, for debugging
     fl-llm run --resume runs/default-20261125-101500   # continue a stopped run from its checkpoint
     fl-llm compare [CONFIG] [KEY=VALUE ...]     # local-only vs federated vs centralized
+    fl-llm compare --strategies fedit,fedex,ffa # aggregation strategies, eval loss round by round
     fl-llm bench [CONFIG] [KEY=VALUE ...]       # throughput vs plain transformers + peft, federation overhead
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
@@ -157,6 +158,7 @@ def cmd_run(ns) -> int:
 
 def cmd_compare(ns) -> int:
     from fl_llm.compare import compare
+    from fl_llm.compare_strategies import compare_strategies, strategy_configs
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed
 
@@ -165,25 +167,33 @@ def cmd_compare(ns) -> int:
     if ns.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     _check_model(cfg)
+    names = [n.strip() for n in ns.strategies.split(",") if n.strip()] if ns.strategies is not None else []
+    per_strategy = strategy_configs(cfg, names) if ns.strategies is not None else None
     if not cfg.output_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-compare-{stamp}"})
+        kind = "strategies" if per_strategy else "compare"
+        cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-{kind}-{stamp}"})
     out = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
+    what = f"strategies {', '.join(names)}" if per_strategy else "local-only vs federated vs centralized"
     progress.info(
-        f"fl_llm compare '{cfg.name}': local-only vs federated vs centralized, task {cfg.data.task}"
+        f"fl_llm compare '{cfg.name}': {what}, task {cfg.data.task}"
         + (f", seeds {cfg.seed}..{cfg.seed + ns.seeds - 1}" if ns.seeds > 1 else "")
         + f"\nout: {out}"
     )
     try:
-        compare(cfg, out, progress, seeds=ns.seeds)
+        if per_strategy:
+            compare_strategies(per_strategy, out, progress, seeds=ns.seeds)
+        else:
+            compare(cfg, out, progress, seeds=ns.seeds)
     except UserError:
         shutil.rmtree(out, ignore_errors=True)
         raise
     except RunFailed as e:
         print(f"fl-llm: compare failed: {e}", file=sys.stderr)
         return 1
-    progress.info(f"wrote {out / 'comparison.json'} and {out / 'comparison.png'}")
+    stem = "strategies" if per_strategy else "comparison"
+    progress.info(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
 
 
@@ -222,7 +232,9 @@ def cmd_strategies(ns) -> int:
     print(
         "\nstrategy.robust=norm_bound|median|trimmed_mean|krum combines a robust rule with any server optimizer\n"
         "(e.g. strategy.name=fedadam strategy.robust=trimmed_mean); model.lora.ranks=[4, 8, 16] gives each\n"
-        "platform its own LoRA rank (FLoRA stacks them exactly; the others zero-pad to the largest)."
+        "platform its own LoRA rank (FLoRA stacks them exactly; the others zero-pad to the largest).\n"
+        "To choose on your own data: fl-llm compare --strategies fedit,fedex,ffa [CONFIG] [--seeds 3]\n"
+        "runs the job once per strategy and prints the eval loss round by round against the first."
     )
     return 0
 
@@ -321,11 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the config three ways with the same budget — each platform alone (local-only), "
         "federated, and centralized on pooled data (an upper bound, for measurement only) — print a table "
         "per platform and write comparison.json and comparison.png in the output dir. With --seeds N the "
-        "whole comparison is repeated for seeds seed..seed+N-1 and reported as mean ± standard deviation.",
+        "whole comparison is repeated for seeds seed..seed+N-1 and reported as mean ± standard deviation. "
+        "With --strategies A,B,... it compares aggregation strategies instead: the same federated job once "
+        "per strategy, eval loss per round, the aggregation error, and the rounds each strategy is below "
+        "the first one; writes strategies.json and strategies.png.",
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat over N seeds (default 1)")
+    p.add_argument(
+        "--strategies",
+        metavar="A,B,...",
+        help="compare these strategy.name values, the first as the baseline "
+        "(e.g. fedit,fedex,flora,ffa); see fl-llm strategies",
+    )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser(
         "audit",

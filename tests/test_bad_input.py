@@ -86,6 +86,22 @@ CASES = [
     ),
     ("resume changes the model", lambda t: ["run", "--resume", str(_run_dir(t)), "client.lr=0.1"], "cannot change"),
     ("compare seeds", lambda t: ["compare", "--seeds", "0"], "--seeds must be >= 1"),
+    (
+        "compare an unknown strategy",
+        lambda t: ["compare", "--strategies", "fedit,fedx"],
+        "--strategies fedx: config key 'strategy.name' must be one of",
+    ),
+    ("compare one strategy", lambda t: ["compare", "--strategies", "fedit"], "needs at least two names"),
+    (
+        "compare a strategy twice",
+        lambda t: ["compare", "--strategies", "fedit,ffa,fedit"],
+        "names fedit more than once",
+    ),
+    (
+        "compare a strategy the config cannot run",
+        lambda t: ["compare", "--strategies", "fedit,fedex", "privacy.secagg.enabled=true"],
+        "--strategies fedex: ",
+    ),
     ("dp without a noise level", lambda t: ["run", "privacy.dp.level=record"], "needs a noise level"),
     (
         "client dp hiding nothing from a robust rule",

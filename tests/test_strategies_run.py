@@ -118,3 +118,46 @@ def test_platforms_with_different_ranks(name, tmp_path):
     assert rows[0]["eval_loss"] < summary["initial"]["eval_loss"]
     if name == "flora":
         assert rows[0]["aggregation_error"] < 1e-5
+
+
+def test_compare_strategies_round_by_round(tmp_path):
+    """`fl-llm compare --strategies`: the same job once per strategy and seed, in its own run dir;
+    the summary's means, baseline counts and aggregation errors are those of the runs' metrics."""
+    from fl_llm.compare_strategies import compare_strategies, format_strategies_table, strategy_configs
+
+    cfgs = strategy_configs(load(None, [*TINY, "server.rounds=2", "seed=5"]), ["fedit", "fedex"])
+    result = compare_strategies(cfgs, tmp_path / "cmp", seeds=2)
+    assert result["seeds"] == [5, 6] and result["baseline"] == "fedit"
+    assert json.loads((tmp_path / "cmp" / "strategies.json").read_text()) == result
+    assert (tmp_path / "cmp" / "strategies.png").stat().st_size > 1000
+    for name in ("fedit", "fedex"):
+        rows = [read_metrics(tmp_path / "cmp" / name / f"seed-{s}") for s in (5, 6)]
+        got = result["strategies"][name]
+        for k in range(2):
+            assert got["eval_loss"][k] == pytest.approx(np.mean([r[k]["eval_loss"] for r in rows]))
+            assert got["auc"][k] == pytest.approx(np.mean([r[k]["auc"] for r in rows]))
+    fedit, fedex = result["strategies"]["fedit"], result["strategies"]["fedex"]
+    assert min(fedit["aggregation_error"]) > 1e-4 and max(fedex["aggregation_error"]) < 1e-5
+    assert fedit["rounds_below_baseline_per_seed"] == [0, 0]  # never below itself
+    table = format_strategies_table(result)
+    assert "below fedit" in table and "(baseline)" in table and "mean over seeds 5..6" in table
+
+
+def test_strategy_summary_counts_rounds_below_the_baseline():
+    from fl_llm.compare_strategies import format_strategies_table, summarise
+
+    def rows(*losses):
+        return [{"eval_loss": v, "auc": 0.5, "aggregation_error": 0.0} for v in losses]
+
+    curves = {
+        "fedit": [rows(1.0, 0.8, 0.6), rows(1.0, 0.9, 0.7)],
+        "fedex": [rows(0.9, 0.9, 0.5), rows(0.95, 0.85, 0.9)],
+    }
+    s = summarise(curves, "auc", [0, 1])["strategies"]["fedex"]
+    assert s["rounds_below_baseline_per_seed"] == [2, 2]  # seed 0: rounds 1, 3; seed 1: rounds 1, 2
+    assert s["rounds_below_baseline"] == 1  # mean curves: 0.925 < 1.0, 0.875 > 0.85, 0.7 > 0.65
+    assert s["eval_loss"] == pytest.approx([0.925, 0.875, 0.7])
+    assert s["eval_loss_std"][0] == pytest.approx(np.std([0.9, 0.95], ddof=1))
+    many = summarise({k: [rows(*([1.0] * 30))] for k in ("fedit", "ffa")}, "auc", [0])
+    header = format_strategies_table(many).splitlines()[1].split()
+    assert header[1] == "1" and header[10] == "30"  # 10 columns, the first and last round among them

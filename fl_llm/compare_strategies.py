@@ -1,0 +1,170 @@
+"""`fl-llm compare --strategies a,b,...`: which aggregation strategy, round by round.
+
+The same job — config, data, split, seed, rounds, local steps, learning rate — run once per
+strategy; only `strategy.name` changes. Each run is a normal run dir,
+`<output dir>/<strategy>/seed-<s>/`. Per round it reads the held-out eval loss, the task's primary
+metric and the aggregation error (‖Σ pᵢBᵢAᵢ − B·A‖ / ‖Σ pᵢBᵢAᵢ‖, zero for the exact LoRA methods),
+averages them over seeds, and counts the rounds in which each strategy's eval loss is below the
+first strategy's — the baseline (e.g. `--strategies fedit,fedex,flora,ffa` compares the exact
+LoRA methods with FedIT). Writes `strategies.json` and `strategies.png` in the output dir.
+
+Every strategy's config is checked before anything runs, so a name that does not exist, or one
+that cannot run with the rest of the config, stops the comparison at once (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fl_llm import config as config_mod
+from fl_llm.config import RunConfig
+from fl_llm.data.sources import task_of
+from fl_llm.errors import UserError
+from fl_llm.progress import Progress
+from fl_llm.server.loop import run
+from fl_llm.tracking import read_metrics, write_json
+
+
+def strategy_configs(cfg: RunConfig, names: list[str]) -> dict[str, RunConfig]:
+    """One checked config per strategy name; raises UserError for an unknown, repeated or
+    incompatible name before any run starts."""
+    if len(names) < 2:
+        raise UserError(f"--strategies needs at least two names separated by commas, got {','.join(names)!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"--strategies names {', '.join(repeated)} more than once")
+    base = config_mod.to_dict(cfg)
+    out = {}
+    for name in names:
+        try:
+            out[name] = config_mod.from_dict({**base, "strategy": {**base["strategy"], "name": name}})
+        except UserError as e:
+            raise UserError(f"--strategies {name}: {e}") from None
+    return out
+
+
+def compare_strategies(
+    cfgs: dict[str, RunConfig], out_dir: Path, progress: Progress | None = None, seeds: int = 1
+) -> dict:
+    """Run every strategy for seeds seed..seed+seeds-1 (seed by seed, so the first complete
+    comparison comes early) and summarise; see the module docstring."""
+    progress = progress or Progress(enabled=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = next(iter(cfgs.values()))
+    seed_list = list(range(first.seed, first.seed + seeds))
+    curves: dict[str, list[list[dict]]] = {name: [] for name in cfgs}
+    total, done = len(cfgs) * seeds, 0
+    try:
+        for s in seed_list:
+            for name, cfg in cfgs.items():
+                done += 1
+                progress.info(f"==== {name}, seed {s} (run {done} of {total}) ====")
+                run_dir = out_dir / name / f"seed-{s}"
+                run(dataclasses.replace(cfg, seed=s), run_dir, progress)
+                curves[name].append(read_metrics(run_dir))
+    finally:
+        progress.close()
+    result = summarise(curves, task_of(first).primary, seed_list)
+    write_json(out_dir / "strategies.json", result)
+    _plot(result, out_dir / "strategies.png", first.data.task)
+    progress.info(format_strategies_table(result))
+    return result
+
+
+def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]) -> dict:
+    """Per strategy: the mean (and sd, over seeds) of eval loss, `metric` and aggregation error per
+    round; per seed, the rounds with an eval loss below the baseline's (the first strategy)."""
+    import numpy as np
+
+    def per_round(rows_per_seed: list[list[dict]], key: str) -> np.ndarray:
+        n = min(len(rows) for rows in rows_per_seed)  # a run stopped early (e.g. a DP budget) is cut to the shortest
+        return np.array([[float(r.get(key, float("nan"))) for r in rows[:n]] for rows in rows_per_seed])
+
+    baseline = next(iter(curves))
+    base_loss = per_round(curves[baseline], "eval_loss")
+    out = {}
+    for name, rows_per_seed in curves.items():
+        loss = per_round(rows_per_seed, "eval_loss")
+        n = min(loss.shape[1], base_loss.shape[1])
+        below = (loss[:, :n] < base_loss[:, :n]).sum(axis=1)
+        mean_below = int((loss[:, :n].mean(axis=0) < base_loss[:, :n].mean(axis=0)).sum())
+        sd = loss.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(loss.shape[1])
+        out[name] = {
+            "eval_loss": loss.mean(axis=0).tolist(),
+            "eval_loss_std": sd.tolist(),
+            metric: per_round(rows_per_seed, metric).mean(axis=0).tolist(),
+            "aggregation_error": np.nanmean(per_round(rows_per_seed, "aggregation_error"), axis=0).tolist(),
+            "final_eval_loss_per_seed": loss[:, -1].tolist(),
+            f"final_{metric}_per_seed": per_round(rows_per_seed, metric)[:, -1].tolist(),
+            "rounds_below_baseline_per_seed": below.tolist(),
+            "rounds_below_baseline": mean_below,
+            "rounds_compared": n,
+        }
+    return {"metric": metric, "seeds": seeds, "baseline": baseline, "strategies": out}
+
+
+def format_strategies_table(result: dict, max_columns: int = 10) -> str:
+    """Eval loss per round (mean over seeds), the final metric, the aggregation error in the first
+    and last round, and the rounds below the baseline. Long runs show `max_columns` rounds,
+    evenly spaced, always with the first and the last."""
+    metric, baseline, seeds = result["metric"], result["baseline"], result["seeds"]
+    strategies = result["strategies"]
+    rounds = max(len(s["eval_loss"]) for s in strategies.values())
+    if rounds <= max_columns:
+        shown = list(range(rounds))
+    else:
+        shown = sorted({round(k * (rounds - 1) / (max_columns - 1)) for k in range(max_columns)})
+    width = max(8, *(len(n) for n in strategies))
+    over = f"mean over seeds {seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    head = f"{'round':<{width}}  " + " ".join(f"{r + 1:>6}" for r in shown)
+    lines = [
+        f"held-out eval loss per round ({over}); lower is better",
+        head + f"  {'final ' + metric:>14}  {'agg. error first/last':>21}  below {baseline}",
+    ]
+    for name, s in strategies.items():
+        loss = s["eval_loss"]
+        cells = " ".join(f"{loss[r]:>6.3f}" if r < len(loss) else f"{'-':>6}" for r in shown)
+        err = s["aggregation_error"]
+        err_cell = f"{_percent(err[0])} / {_percent(err[-1])}" if err and err[0] == err[0] else "-"
+        if name == baseline:
+            below = "(baseline)"
+        else:
+            per_seed = ", ".join(str(b) for b in s["rounds_below_baseline_per_seed"])
+            below = f"{s['rounds_below_baseline']} of {s['rounds_compared']}" + (
+                f" (per seed {per_seed})" if len(seeds) > 1 else ""
+            )
+        lines.append(f"{name:<{width}}  {cells}  {s[metric][-1]:>14.4f}  {err_cell:>21}  {below}")
+    return "\n".join(lines)
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}%" if x >= 1e-3 or x == 0 else f"{100 * x:.2g}%"
+
+
+def _plot(result: dict, path: Path, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, s in result["strategies"].items():
+        ys, sd = s["eval_loss"], s["eval_loss_std"]
+        xs = range(1, len(ys) + 1)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        if len(result["seeds"]) > 1:
+            ax.fill_between(
+                xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)], color=line.get_color(), alpha=0.12
+            )
+    seeds = result["seeds"]
+    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    ax.set_title(f"{task}: aggregation strategies{over}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("eval loss (held-out, averaged over platforms)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
