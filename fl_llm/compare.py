@@ -244,27 +244,33 @@ def _format_seeds_table(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
+    labels = {"local": "local-only", "federated": "federated", "centralized": "centralized (upper bound)"}
+    series = {labels[m]: (result["modes"][m]["per_round"], result["modes"][m].get("per_round_std")) for m in MODES}
+    seeds = result["seeds"]
+    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    title = f"{result['task']}: local-only vs federated vs centralized{over}"
+    plot_per_round(series, path, title, f"{result['metric']} (held-out, averaged over platforms)")
+
+
+def plot_per_round(series: dict[str, tuple[list, list | None]], path: Path, title: str, ylabel: str) -> None:
+    """One line per label over the rounds; where a standard deviation is given (a mean over
+    seeds), one standard deviation is shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    labels = {"local": "local-only", "federated": "federated", "centralized": "centralized (upper bound)"}
-    for mode in MODES:
-        ys = result["modes"][mode]["per_round"]
+    for label, (ys, sd) in series.items():
         xs = range(1, len(ys) + 1)
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=labels[mode])
-        sd = result["modes"][mode].get("per_round_std")
-        if sd:  # mean over seeds: shade one standard deviation
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if sd:
             lo = [y - d for y, d in zip(ys, sd)]
             hi = [y + d for y, d in zip(ys, sd)]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("round")
-    ax.set_ylabel(f"{result['metric']} (held-out, averaged over platforms)")
-    seeds = result["seeds"]
-    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
-    ax.set_title(f"{result['task']}: local-only vs federated vs centralized{over}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

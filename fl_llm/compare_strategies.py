@@ -18,6 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from fl_llm import config as config_mod
+from fl_llm.compare import plot_per_round
 from fl_llm.config import RunConfig
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
@@ -144,27 +145,10 @@ def _percent(x: float) -> str:
 
 
 def _plot(result: dict, path: Path, task: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for name, s in result["strategies"].items():
-        ys, sd = s["eval_loss"], s["eval_loss_std"]
-        xs = range(1, len(ys) + 1)
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        if len(result["seeds"]) > 1:
-            ax.fill_between(
-                xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)], color=line.get_color(), alpha=0.12
-            )
-    seeds = result["seeds"]
-    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
-    ax.set_title(f"{task}: aggregation strategies{over}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("eval loss (held-out, averaged over platforms)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    several = len(result["seeds"]) > 1
+    series = {
+        name: (s["eval_loss"], s["eval_loss_std"] if several else None) for name, s in result["strategies"].items()
+    }
+    over = f", mean ± sd over {len(result['seeds'])} seeds" if several else ""
+    title = f"{task}: aggregation strategies{over}"
+    plot_per_round(series, path, title, "eval loss (held-out, averaged over platforms)")
