@@ -76,7 +76,10 @@ def compare_strategies(
 
 def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]) -> dict:
     """Per strategy: the mean (and sd, over seeds) of eval loss, `metric` and aggregation error per
-    round; per seed, the rounds with an eval loss below the baseline's (the first strategy)."""
+    round; per seed, the rounds with an eval loss below the baseline's (the first strategy). With
+    several seeds the difference to the baseline is paired by seed (same data, split and initial
+    adapter), and the rounds where its mean is more than two standard errors below (or above) zero
+    are listed: a strategy "below" by 0.0001 is not better."""
     import numpy as np
 
     def per_round(rows_per_seed: list[list[dict]], key: str) -> np.ndarray:
@@ -92,6 +95,8 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]
         below = (loss[:, :n] < base_loss[:, :n]).sum(axis=1)
         mean_below = int((loss[:, :n].mean(axis=0) < base_loss[:, :n].mean(axis=0)).sum())
         sd = loss.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(loss.shape[1])
+        diff = loss[:, :n] - base_loss[:, :n]
+        se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.full(n, np.nan)
         out[name] = {
             "eval_loss": loss.mean(axis=0).tolist(),
             "eval_loss_std": sd.tolist(),
@@ -102,6 +107,10 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]
             "rounds_below_baseline_per_seed": below.tolist(),
             "rounds_below_baseline": mean_below,
             "rounds_compared": n,
+            "difference_to_baseline": diff.mean(axis=0).tolist(),
+            "difference_to_baseline_se": se.tolist(),
+            "rounds_clearly_below_baseline": [r + 1 for r in range(n) if diff[:, r].mean() < -2 * se[r]],
+            "rounds_clearly_above_baseline": [r + 1 for r in range(n) if diff[:, r].mean() > 2 * se[r]],
         }
     return {"metric": metric, "seeds": seeds, "baseline": baseline, "strategies": out}
 
@@ -137,11 +146,30 @@ def format_strategies_table(result: dict, max_columns: int = 10) -> str:
                 f" (per seed {per_seed})" if len(seeds) > 1 else ""
             )
         lines.append(f"{name:<{width}}  {cells}  {s[metric][-1]:>14.4f}  {err_cell:>21}  {below}")
+    if len(seeds) > 1:
+        lines.append(
+            f"paired by seed, eval loss more than 2 standard errors below / above {baseline}'s (mean difference):"
+        )
+        for name, s in strategies.items():
+            if name != baseline:
+                below, above = (
+                    _rounds(s[f"rounds_clearly_{k}_baseline"], s["difference_to_baseline"]) for k in ("below", "above")
+                )
+                lines.append(f"  {name:<{width}}  below in {below}; above in {above}")
     return "\n".join(lines)
 
 
+def _rounds(rounds: list[int], diff: list[float]) -> str:
+    """'rounds 1 (-0.030), 5 (-0.001)': which rounds, by how much on average."""
+    if not rounds:
+        return "no round"
+    return ("round " if len(rounds) == 1 else "rounds ") + ", ".join(f"{r} ({diff[r - 1]:+.3f})" for r in rounds)
+
+
 def _percent(x: float) -> str:
-    return f"{100 * x:.1f}%" if x >= 1e-3 or x == 0 else f"{100 * x:.2g}%"
+    if x < 1e-8:  # rounding in float32 factors: exact
+        return "0%"
+    return f"{100 * x:.1f}%" if x >= 1e-3 else f"{100 * x:.2g}%"
 
 
 def _plot(result: dict, path: Path, task: str) -> None:

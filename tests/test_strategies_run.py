@@ -158,6 +158,13 @@ def test_strategy_summary_counts_rounds_below_the_baseline():
     assert s["rounds_below_baseline"] == 1  # mean curves: 0.925 < 1.0, 0.875 > 0.85, 0.7 > 0.65
     assert s["eval_loss"] == pytest.approx([0.925, 0.875, 0.7])
     assert s["eval_loss_std"][0] == pytest.approx(np.std([0.9, 0.95], ddof=1))
+    # paired by seed: round 1 differs by -0.1 and -0.05 (mean -0.075, s.e. 0.025: clearly below);
+    # rounds 2 and 3 by +0.1/-0.05 and -0.1/+0.2 (means inside two standard errors)
+    assert s["difference_to_baseline"] == pytest.approx([-0.075, 0.025, 0.05])
+    assert s["difference_to_baseline_se"][0] == pytest.approx(0.025)
+    assert s["rounds_clearly_below_baseline"] == [1] and s["rounds_clearly_above_baseline"] == []
+    table = format_strategies_table(summarise(curves, "auc", [0, 1]))
+    assert "fedex     below in round 1 (-0.075); above in no round" in table
     many = summarise({k: [rows(*([1.0] * 30))] for k in ("fedit", "ffa")}, "auc", [0])
     header = format_strategies_table(many).splitlines()[1].split()
     assert header[1] == "1" and header[10] == "30"  # 10 columns, the first and last round among them
