@@ -43,9 +43,12 @@ built-in model, base_model/.
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
+    """The one argument without '=' is the config file, wherever it stands (`fl-llm compare
+    --seeds 2 seed=3 my.yaml` works too); the others are KEY=VALUE overrides, applied in order."""
+    paths = [a for a in args if "=" not in a]
+    if len(paths) > 1:
+        raise UserError(f"one config file at most, got {', '.join(map(repr, paths))}; overrides look like KEY=VALUE")
+    return (paths[0] if paths else None), [a for a in args if "=" in a]
 
 
 def _config_keys_help() -> str:
@@ -93,7 +96,7 @@ def _resume_config(run_dir: str, args: list[str]):
         raise UserError(f"--resume {run_dir!r}: no such run directory")
     if not (path / "config.yaml").is_file():
         raise UserError(f"--resume {run_dir!r}: not a run directory (it has no config.yaml)")
-    if args and "=" not in args[0]:
+    if any("=" not in a for a in args):
         raise UserError("--resume continues with the run's own config.yaml; give only KEY=VALUE overrides")
     for text in args:
         key = text.split("=", 1)[0].strip()

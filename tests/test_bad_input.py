@@ -86,6 +86,7 @@ CASES = [
     ),
     ("resume changes the model", lambda t: ["run", "--resume", str(_run_dir(t)), "client.lr=0.1"], "cannot change"),
     ("compare seeds", lambda t: ["compare", "--seeds", "0"], "--seeds must be >= 1"),
+    ("two config files", lambda t: ["run", "a.yaml", "server.rounds=2", "b.yaml"], "one config file at most"),
     (
         "compare an unknown strategy",
         lambda t: ["compare", "--strategies", "fedit,fedx"],

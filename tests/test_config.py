@@ -120,6 +120,14 @@ def test_cli_missing_model_dir_is_a_user_error(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_config_file_may_stand_among_the_overrides(capsys):
+    """`fl-llm compare --seeds 2 seed=3 configs/x.yaml ...` reads the file wherever it stands;
+    overrides still win over it."""
+    assert main(["config", "server.rounds=2", str(REPO / "configs" / "synthetic_ctr.yaml"), "seed=3"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["task"] == "ctr" and cfg["server"]["rounds"] == 2 and cfg["seed"] == 3
+
+
 def test_help_lists_every_config_key(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
