@@ -84,7 +84,10 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]
 
     def per_round(rows_per_seed: list[list[dict]], key: str) -> np.ndarray:
         n = min(len(rows) for rows in rows_per_seed)  # a run stopped early (e.g. a DP budget) is cut to the shortest
-        return np.array([[float(r.get(key, float("nan"))) for r in rows[:n]] for rows in rows_per_seed])
+        # None (e.g. FedSA's aggregation error: B is never averaged) reads as nan
+        return np.array(
+            [[float(r.get(key) if r.get(key) is not None else "nan") for r in rows[:n]] for rows in rows_per_seed]
+        )
 
     baseline = next(iter(curves))
     base_loss = per_round(curves[baseline], "eval_loss")
@@ -101,7 +104,10 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]
             "eval_loss": loss.mean(axis=0).tolist(),
             "eval_loss_std": sd.tolist(),
             metric: per_round(rows_per_seed, metric).mean(axis=0).tolist(),
-            "aggregation_error": np.nanmean(per_round(rows_per_seed, "aggregation_error"), axis=0).tolist(),
+            "aggregation_error": [
+                float(np.nanmean(c)) if np.isfinite(c).any() else float("nan")
+                for c in per_round(rows_per_seed, "aggregation_error").T
+            ],
             "final_eval_loss_per_seed": loss[:, -1].tolist(),
             f"final_{metric}_per_seed": per_round(rows_per_seed, metric)[:, -1].tolist(),
             "rounds_below_baseline_per_seed": below.tolist(),

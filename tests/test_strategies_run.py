@@ -165,6 +165,8 @@ def test_strategy_summary_counts_rounds_below_the_baseline():
     assert s["rounds_clearly_below_baseline"] == [1] and s["rounds_clearly_above_baseline"] == []
     table = format_strategies_table(summarise(curves, "auc", [0, 1]))
     assert "fedex     below in round 1 (-0.075); above in no round" in table
+    fedsa = [[{**r, "aggregation_error": None} for r in rows(0.9, 0.8, 0.7)]] * 2  # FedSA logs no error
+    assert summarise({**curves, "fedsa": fedsa}, "auc", [0, 1])["strategies"]["fedsa"]["eval_loss"][2] == 0.7
     many = summarise({k: [rows(*([1.0] * 30))] for k in ("fedit", "ffa")}, "auc", [0])
     header = format_strategies_table(many).splitlines()[1].split()
     assert header[1] == "1" and header[10] == "30"  # 10 columns, the first and last round among them
