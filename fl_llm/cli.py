@@ -170,15 +170,16 @@ def cmd_compare(ns) -> int:
     if ns.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     _check_model(cfg)
-    names = [n.strip() for n in ns.strategies.split(",") if n.strip()] if ns.strategies is not None else []
-    per_strategy = strategy_configs(cfg, names) if ns.strategies is not None else None
+    per_strategy = None  # {name: config} with --strategies
+    if ns.strategies is not None:
+        per_strategy = strategy_configs(cfg, [n.strip() for n in ns.strategies.split(",") if n.strip()])
     if not cfg.output_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         kind = "strategies" if per_strategy else "compare"
         cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-{kind}-{stamp}"})
     out = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
-    what = f"strategies {', '.join(names)}" if per_strategy else "local-only vs federated vs centralized"
+    what = f"strategies {', '.join(per_strategy)}" if per_strategy else "local-only vs federated vs centralized"
     progress.info(
         f"fl_llm compare '{cfg.name}': {what}, task {cfg.data.task}"
         + (f", seeds {cfg.seed}..{cfg.seed + ns.seeds - 1}" if ns.seeds > 1 else "")

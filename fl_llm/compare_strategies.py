@@ -85,38 +85,35 @@ def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]
     def per_round(rows_per_seed: list[list[dict]], key: str) -> np.ndarray:
         n = min(len(rows) for rows in rows_per_seed)  # a run stopped early (e.g. a DP budget) is cut to the shortest
         # None (e.g. FedSA's aggregation error: B is never averaged) reads as nan
-        return np.array(
-            [[float(r.get(key) if r.get(key) is not None else "nan") for r in rows[:n]] for rows in rows_per_seed]
-        )
+        return np.array([[np.nan if r.get(key) is None else float(r[key]) for r in rows[:n]] for rows in rows_per_seed])
 
     baseline = next(iter(curves))
     base_loss = per_round(curves[baseline], "eval_loss")
     out = {}
     for name, rows_per_seed in curves.items():
-        loss = per_round(rows_per_seed, "eval_loss")
+        loss, scores = per_round(rows_per_seed, "eval_loss"), per_round(rows_per_seed, metric)
         n = min(loss.shape[1], base_loss.shape[1])
-        below = (loss[:, :n] < base_loss[:, :n]).sum(axis=1)
-        mean_below = int((loss[:, :n].mean(axis=0) < base_loss[:, :n].mean(axis=0)).sum())
-        sd = loss.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(loss.shape[1])
-        diff = loss[:, :n] - base_loss[:, :n]
+        diff = loss[:, :n] - base_loss[:, :n]  # paired: the same seed's data, split and initial adapter
+        mean_diff = diff.mean(axis=0)
         se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.full(n, np.nan)
+        sd = loss.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(loss.shape[1])
         out[name] = {
             "eval_loss": loss.mean(axis=0).tolist(),
             "eval_loss_std": sd.tolist(),
-            metric: per_round(rows_per_seed, metric).mean(axis=0).tolist(),
+            metric: scores.mean(axis=0).tolist(),
             "aggregation_error": [
                 float(np.nanmean(c)) if np.isfinite(c).any() else float("nan")
                 for c in per_round(rows_per_seed, "aggregation_error").T
             ],
             "final_eval_loss_per_seed": loss[:, -1].tolist(),
-            f"final_{metric}_per_seed": per_round(rows_per_seed, metric)[:, -1].tolist(),
-            "rounds_below_baseline_per_seed": below.tolist(),
-            "rounds_below_baseline": mean_below,
+            f"final_{metric}_per_seed": scores[:, -1].tolist(),
+            "rounds_below_baseline_per_seed": (diff < 0).sum(axis=1).tolist(),
+            "rounds_below_baseline": int((mean_diff < 0).sum()),
             "rounds_compared": n,
-            "difference_to_baseline": diff.mean(axis=0).tolist(),
+            "difference_to_baseline": mean_diff.tolist(),
             "difference_to_baseline_se": se.tolist(),
-            "rounds_clearly_below_baseline": [r + 1 for r in range(n) if diff[:, r].mean() < -2 * se[r]],
-            "rounds_clearly_above_baseline": [r + 1 for r in range(n) if diff[:, r].mean() > 2 * se[r]],
+            "rounds_clearly_below_baseline": [r + 1 for r in range(n) if mean_diff[r] < -2 * se[r]],
+            "rounds_clearly_above_baseline": [r + 1 for r in range(n) if mean_diff[r] > 2 * se[r]],
         }
     return {"metric": metric, "seeds": seeds, "baseline": baseline, "strategies": out}
 

@@ -81,12 +81,12 @@ class AdamBC:
         self.params, self.lr, self.weight_decay = params, lr, weight_decay
         self.noise_var, self.floor, self.eps, self.betas = noise_var, floor, eps, (0.9, 0.999)
         self.t = int(state["t"]) if state else 0
-        if state:
-            self.m = [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state["m"], params)]
-            self.v = [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state["v"], params)]
-        else:
-            self.m = [torch.zeros_like(p) for p in params]
-            self.v = [torch.zeros_like(p) for p in params]
+        self.m, self.v = (
+            [torch.from_numpy(np.asarray(a, np.float32)).to(p.device) for a, p in zip(state[k], params)]
+            if state
+            else [torch.zeros_like(p) for p in params]
+            for k in ("m", "v")
+        )
 
     def step(self) -> None:
         import torch
