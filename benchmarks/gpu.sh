@@ -22,18 +22,30 @@ stage() {  # stage NAME SECONDS fl-llm-bench-args...
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$py" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } >>"$log" 2>&1
+# GPU memory in GiB decides what the 8B step stage can hold without gradient checkpointing:
+# on an 80 GB card the padded variants (92 GiB on an H200) cannot run, so they get their own
+# stage with checkpointing, as in the padded 8B anchor.
+mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+big=$([ "${mem:-0}" -gt 100000 ] && echo 1 || echo 0)
 # 0. the variable-length attention kernel against one attention per example (forward, backward)
 echo "== varlen ($(date +%T))" | tee -a "$log"
 timeout 40 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k varlen >>"$log" 2>&1
 echo "== varlen: exit $?" | tee -a "$log"
-# 1. TinyLlama-1.1B shape: fl_llm's step (packed, padded) against plain transformers + peft
-stage 1b 70 "${lora[@]}" client.batch_size=64 --shape 1b --rounds 0
-# 2. Llama-3-8B shape, one platform: the four step variants
-stage 8b 80 "${lora[@]}" client.batch_size=32 --shape 8b --rounds 0 --steps 5 --warmup 2
-# 3. 8 platforms of the Llama-3-8B shape on one GPU, one resident base: a short federated run
-#    (10 local steps: enough training per round for the ≤3% overhead target to be measurable)
+# 1. 8 platforms of the Llama-3-8B shape on one GPU, one resident base: a short federated run
+#    (10 local steps: enough training per round for the <=3% overhead target to be measurable)
 stage 8b_8_platforms 300 configs/llama8b_8_platforms.yaml --shape 8b --variants fl_llm_packed --rounds 3 \
   --steps 2 --warmup 1 client.local_steps=10 "data.synthetic.train_examples=[256]" data.synthetic.eval_examples=16
+# 2. TinyLlama-1.1B shape: fl_llm's step (packed, padded) against plain transformers + peft
+stage 1b 70 "${lora[@]}" client.batch_size=64 --shape 1b --rounds 0
+# 3. Llama-3-8B shape, one platform: the step variants (packed at batch 32 needs ~72 GiB)
+if [ "$big" = 1 ]; then
+  stage 8b 80 "${lora[@]}" client.batch_size=32 --shape 8b --rounds 0 --steps 5 --warmup 2
+else
+  stage 8b 80 "${lora[@]}" client.batch_size=24 --shape 8b --rounds 0 --steps 5 --warmup 2 \
+    --variants baseline_packed,fl_llm_packed
+  stage 8b_checkpointing 80 "${lora[@]}" client.batch_size=32 client.gradient_checkpointing=true --shape 8b \
+    --rounds 0 --steps 5 --warmup 2 --variants baseline_padded,fl_llm_packed
+fi
 # optional: compiled blocks, flex attention, QLoRA (EXTRA=1; minutes of compilation)
 if [ "${EXTRA:-0}" = 1 ]; then
   stage 1b_compile 300 "${lora[@]}" client.batch_size=64 client.compile=true --shape 1b --rounds 0 --variants fl_llm_packed
