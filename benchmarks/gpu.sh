@@ -3,6 +3,9 @@
 # its own time limit so that a short GPU lease still returns what finished:
 #   bash benchmarks/gpu.sh RESULTS_DIR
 # writes RESULTS_DIR/<stage>.json (fl-llm bench's JSON) and RESULTS_DIR/all.log.
+# On the lent GPU machine fl_llm needs Ray, datasets and cryptography carried in:
+#   bash ../shared/device/make-bundle.sh cryptography==50.0.2 cffi pycparser
+# then carry .devpkgs and run: . .devpkgs/setup.sh && bash benchmarks/gpu.sh $OUT
 set -u
 out=${1:-bench-results}
 mkdir -p "$out"

@@ -320,6 +320,9 @@ def bench(
         "lengths": {"mean": float(lengths.mean()), "p50": float(np.median(lengths)), "max": int(lengths.max())},
         "step": {},
     }
+    if not variants:  # only the federated run
+        result["federation"] = federation(cfg, rounds)
+        return result
     model, tokenizer, n_base = _model(cfg, device)
     result["base_parameters"] = n_base
     peak = peak_flops(peak_tflops, hw)

@@ -55,12 +55,24 @@ def _join(tree: Any, arrays) -> Any:
 
 def save(root: Path, round_: int, state: dict, keep: int = 2) -> Path:
     """Write `state` (nested dicts/lists of arrays, numbers, strings) as round `round_`'s checkpoint."""
+    return write(root, round_, freeze(state), keep)
+
+
+def freeze(state: dict) -> tuple[Any, list[np.ndarray]]:
+    """`state` as (its JSON-able skeleton, its arrays): a snapshot whose containers later changes
+    to `state` cannot reach, for `write` on another thread. The arrays are shared, not copied —
+    fl_llm never changes an array in place once it is part of the driver's state."""
+    arrays: list[np.ndarray] = []
+    return _split(state, arrays), arrays
+
+
+def write(root: Path, round_: int, frozen: tuple[Any, list[np.ndarray]], keep: int = 2) -> Path:
+    """Write a `freeze`d state as round `round_`'s checkpoint (temp dir, then rename)."""
+    skeleton, arrays = frozen
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    arrays: list[np.ndarray] = []
-    skeleton = _split(state, arrays)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-round-{round_:05d}-", dir=root))
     with open(tmp / "arrays.npz", "wb") as f:
         np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})

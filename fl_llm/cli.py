@@ -270,9 +270,11 @@ def cmd_bench(ns) -> int:
     from fl_llm.bench import VARIANTS, bench, shape_overrides, summary_lines
     from fl_llm.client.train import device_problem, resolve_device
 
-    variants = [v for v in ns.variants.split(",") if v]
-    if not variants or not set(variants) <= set(VARIANTS):
-        raise UserError(f"--variants: a comma-separated subset of {', '.join(VARIANTS)}, got {ns.variants!r}")
+    variants = [] if ns.variants == "none" else [v for v in ns.variants.split(",") if v]
+    if (not variants and ns.variants != "none") or not set(variants) <= set(VARIANTS):
+        raise UserError(f"--variants: a comma-separated subset of {', '.join(VARIANTS)}, or none, got {ns.variants!r}")
+    if not variants and ns.rounds == 0:
+        raise UserError("--variants none --rounds 0 measures nothing")
     if ns.baseline_batch < 1 or (ns.baseline_rows is not None and ns.baseline_rows < 0):
         raise UserError("--baseline-batch must be at least 1 and --baseline-rows at least 0")
 
@@ -390,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         default="baseline_packed,baseline_padded,fl_llm_packed,fl_llm_padded",
-        help="which step measurements to run, comma-separated (default all four)",
+        help="which step measurements to run, comma-separated (default all four); none: only the federated run",
     )
     p.add_argument(
         "--baseline-batch", type=int, default=16, help="examples per padded baseline step (default 16, the issue's)"

@@ -54,6 +54,17 @@ def test_bench_cli_writes_every_figure(tmp_path, capsys):
     assert "useful tokens/s" in capsys.readouterr().out
 
 
+def test_bench_variants_none_times_only_the_federation(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "backend=local", "data.synthetic.train_examples=[24]", "data.synthetic.eval_examples=10"]
+    code = main([*argv, "client.local_steps=2", "--variants=none", "--rounds=2", f"--out={out}"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["step"] == {} and "ratio" not in result and len(result["federation"]["rounds"]) == 2
+    assert "overhead" in capsys.readouterr().out
+    assert main([*argv, "--variants=none", "--rounds=0"]) == 2
+
+
 def _has_cuda() -> bool:
     import torch
 

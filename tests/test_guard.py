@@ -134,3 +134,44 @@ def test_checkpoint_write_is_a_rename(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(root, 1, {"x": np.ones(3)})
     assert checkpoint.latest(root) is None
+
+
+def test_a_frozen_checkpoint_is_the_state_when_frozen(tmp_path):
+    """The writer thread writes a snapshot: the driver's later changes to the state's containers
+    (the next round's history line, a new base merge, a replaced global adapter) do not reach it."""
+    state = {"history": [{"round": 1}], "global_state": {"x": np.ones(3, np.float32)}, "merges": [], "round": 1}
+    frozen = checkpoint.freeze(state)
+    state["history"].append({"round": 2})
+    state["merges"].append({"x": np.zeros(1)})
+    state["global_state"]["x"] = np.full(3, 7.0, np.float32)
+    state["round"] = 2
+    _, back = checkpoint.load(checkpoint.write(tmp_path, 1, frozen))
+    assert back["history"] == [{"round": 1}] and back["merges"] == [] and back["round"] == 1
+    assert back["global_state"]["x"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_round_writer_keeps_order_and_raises_a_failed_write_on_the_driver(tmp_path):
+    import threading
+    import time
+
+    from fl_llm.server.writer import RoundWriter
+
+    done, release = [], threading.Event()
+    writer = RoundWriter()
+    writer.submit(lambda: (release.wait(5), done.append(1)))
+    assert done == []  # the driver went on while round 1 was being written
+    release.set()
+    writer.submit(lambda: done.append(2))  # waits for round 1 first: at most one round pending
+    assert done[0] == 1
+    writer.wait()
+    assert done == [1, 2]
+
+    def broken():
+        time.sleep(0.05)
+        raise OSError("disk full")
+
+    writer.submit(broken)
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(lambda: done.append(3))
+    assert done == [1, 2]  # nothing after a failed write
+    writer.close()

@@ -3,7 +3,7 @@
     setup:  start the platforms (each loads its own data); a fresh run evaluates the initial
             adapter, a resumed run (`--resume`) picks up its newest checkpoint
     round:  sample -> broadcast -> local training (deadline) -> validate -> aggregate
-            -> evaluate -> log, save, checkpoint
+            -> evaluate -> log, save, checkpoint (written on a thread while the next round trains)
             (secure aggregation adds a key and share exchange before training, and the
             unmasking of the sum after it: the driver never holds one platform's update)
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from fl_llm.server.records import (
     run_summary,
     too_few_message,
 )
+from fl_llm.server.writer import RoundWriter
 from fl_llm.strategies import STRATEGIES, Strategy
 from fl_llm.strategies.lora import to_rank, update_to_global_rank
 from fl_llm.strategies.step import aggregate_round
@@ -186,6 +188,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     history: list[dict] = []
     info: dict = {}
     metrics_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-llm-metrics")
+    writer = RoundWriter()
     try:
         info = _require_all(backend.call(everyone, "describe", timeout_s=SETUP_TIMEOUT_S), "start")
         bad = [info[i]["user_error"] for i in everyone if info[i].get("user_error")]
@@ -355,8 +358,10 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             restarted += _restart(backend, evals.dead, fed)
             secs["evaluate"] = time.monotonic() - t
 
-            # 7. Log the round, save the evaluated model, checkpoint the whole state -------------
+            # 7. Log the round, save the evaluated model, checkpoint the whole state: written in
+            #    that order on the writer thread, while the next round trains -----------------
             t = time.monotonic()
+            writer.wait()  # the previous round's files first: a slow disk is the driver's time
             record = round_record(rnd, primary, names, cohort, trained, accepted, rejected, evals, fed.downlink)
             record.update(
                 restarted=[names[i] for i in restarted],
@@ -370,7 +375,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 record.pop("aggregation_error", None)  # needs the individual updates
                 record.update(secure.record(sr, trained, names))
             fed.privacy.metrics(record)
-            _save_models(cfg, rd, fed, strategy, backend, in_run, base_name, global_rank, bool(result.merge))
+            if strategy.lora == "fedsa":  # each platform writes its own adapter
+                backend.call(in_run, "save_personal", str(rd.path / "personal"), base_name, timeout_s=SETUP_TIMEOUT_S)
             fed.round = rnd
             due = cfg.checkpoint.every and (rnd % cfg.checkpoint.every == 0 or rnd == cfg.server.rounds)
             if due:
@@ -380,15 +386,27 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             record["adapter_bytes"] = fed.downlink.size
             record["seconds"] = {k: round(v, 4) for k, v in secs.items()}
             history.append(record)
-            if due:  # before the metrics line: a crash in between is redone from the checkpoint
-                elapsed = fed.elapsed_s + time.monotonic() - t_start
-                checkpoint.save(rd.checkpoints, rnd, fed.to_checkpoint(elapsed, history), keep=cfg.checkpoint.keep)
-            rd.log_round(record)
+            elapsed = fed.elapsed_s + time.monotonic() - t_start
+            writer.submit(
+                partial(
+                    _write_round,
+                    cfg,
+                    rd,
+                    rnd,
+                    model=None if strategy.lora == "fedsa" else fed.global_state,
+                    deltas=fed.merges.base_weight_deltas() if result.merge else None,
+                    base_name=base_name,
+                    rank=global_rank,
+                    frozen=checkpoint.freeze(fed.to_checkpoint(elapsed, history)) if due else None,
+                    record=record,
+                )
+            )
             trackers.round(record)
             if fed.privacy.ledger is not None:
                 write_json(rd.path / "privacy.json", fed.privacy.ledger.report())
             progress.round_line(record, cfg.server.rounds)
     except RunFailed as e:
+        writer.close()  # the rounds that ended are on disk before the failure is recorded
         if fed is not None:
             summary = run_summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
             write_json(rd.summary, {**summary, "status": "failed", "error": str(e)})
@@ -399,6 +417,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         raise
     finally:
         progress.phase("stopping the platforms")
+        writer.close()
         metrics_pool.shutdown(wait=False, cancel_futures=True)
         backend.shutdown()
         progress.close()
@@ -480,17 +499,22 @@ def _strategy_metrics(metrics: dict, accepted: list[int], names: dict) -> dict:
     return out
 
 
-def _save_models(cfg, rd: RunDir, fed: Federation, strategy: Strategy, backend, in_run, base_name, rank, merged):
-    """Save exactly what was evaluated: the global adapter (standard PEFT) — or, for FedSA, each
-    platform's own adapter, written by the platform — and, once merges exist, the base weights
-    with them folded in (built-in model: base_model/; otherwise base_delta.safetensors)."""
-    if strategy.lora == "fedsa":
-        backend.call(in_run, "save_personal", str(rd.path / "personal"), base_name, timeout_s=SETUP_TIMEOUT_S)
-    else:
-        save_adapter(fed.global_state, cfg.model, rd.adapter, base_name, rank=rank)
-    if not merged:
-        return
-    deltas = fed.merges.base_weight_deltas()
+def _write_round(cfg, rd: RunDir, rnd: int, *, model, deltas, base_name, rank, frozen, record) -> None:
+    """Round `rnd`'s files, on the writer thread: exactly what was evaluated — the global adapter
+    (standard PEFT; None for FedSA, whose platforms wrote their own) and, once merges exist, the
+    base weights with them folded in (built-in model: base_model/; otherwise
+    base_delta.safetensors) — then the checkpoint, then the metrics line: a crash in between is
+    redone from the checkpoint."""
+    if model is not None:
+        save_adapter(model, cfg.model, rd.adapter, base_name, rank=rank)
+    if deltas is not None:
+        _save_base_deltas(cfg, rd, deltas)
+    if frozen is not None:
+        checkpoint.write(rd.checkpoints, rnd, frozen, keep=cfg.checkpoint.keep)
+    rd.log_round(record)
+
+
+def _save_base_deltas(cfg, rd: RunDir, deltas: dict[str, np.ndarray]) -> None:
     if is_builtin(cfg.model):
         save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task_of(cfg).verbalizer), deltas=deltas)
     else:

@@ -63,7 +63,13 @@ def normalized(weights) -> np.ndarray:
 def weighted_mean(updates: list[AdapterState], weights) -> AdapterState:
     """Σ pᵢ·Δᵢ with pᵢ = weights normalised to sum to 1, per tensor, in float64 then float32."""
     p = normalized(weights)
-    return {k: sum(pi * u[k].astype(np.float64) for pi, u in zip(p, updates)).astype(np.float32) for k in updates[0]}
+    out = {}
+    for k in updates[0]:  # one float64 accumulator per tensor, one temporary per update
+        acc = np.multiply(updates[0][k], p[0], dtype=np.float64)
+        for pi, u in zip(p[1:], updates[1:]):
+            acc += np.multiply(u[k], pi, dtype=np.float64)
+        out[k] = acc.astype(np.float32)
+    return out
 
 
 def flatten(updates: list[AdapterState]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:

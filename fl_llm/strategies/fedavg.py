@@ -17,7 +17,7 @@ from fl_llm.strategies.base import AdapterState, StrategyState, weighted_mean
 
 def fedavg_apply(x: AdapterState, delta: AdapterState, state: StrategyState, *, lr: float):
     """x ← x + η·Δ on the keys Δ has; no state."""
-    new = {k: (v + np.float32(lr) * delta[k]).astype(np.float32) if k in delta else v for k, v in x.items()}
+    new = {k: (v + np.float32(lr) * delta[k]).astype(np.float32, copy=False) if k in delta else v for k, v in x.items()}
     return new, state
 
 
