@@ -32,8 +32,21 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` in its own process group, on free ports; ended by its group id."""
+    """`ray start --head --block` in its own process group, on free ports; ended by its group id.
+    Every port is a free one: the agents' defaults (52365 and others) are taken when another Ray
+    instance runs on this machine, and the head then never accepts a job."""
     gcs, dashboard, client = _free_port(), _free_port(), _free_port()
+    agents = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
     logs = tmp_path_factory.mktemp("ray-head")
     head = subprocess.Popen(
         [
@@ -44,6 +57,7 @@ def ray_head(tmp_path_factory):
             f"--port={gcs}",
             f"--dashboard-port={dashboard}",
             f"--ray-client-server-port={client}",
+            *agents,
             "--num-cpus=2",
             "--include-dashboard=true",
             "--disable-usage-stats",
