@@ -33,28 +33,36 @@ def update_norm(update: dict[str, np.ndarray]) -> float:
 
 def check_update(update, reference: dict[str, np.ndarray], max_norm: float | None = None) -> str | None:
     """None if `update` may be aggregated into `reference`'s model, else the reason it may not."""
+    return judge_update(update, reference, max_norm)[0]
+
+
+def judge_update(
+    update, reference: dict[str, np.ndarray], max_norm: float | None = None
+) -> tuple[str | None, float | None]:
+    """(`check_update`'s verdict, the update's L2 norm — None when its form is wrong): the norm
+    the check computes anyway, for the round's record."""
     if not isinstance(update, dict):
-        return f"update is a {type(update).__name__}, not a mapping of tensors"
+        return f"update is a {type(update).__name__}, not a mapping of tensors", None
     missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
     if missing or extra:
-        return f"wrong keys: missing {missing[:3]}, unexpected {extra[:3]}"
+        return f"wrong keys: missing {missing[:3]}, unexpected {extra[:3]}", None
     for k, ref in reference.items():
         v = update[k]
         if not isinstance(v, np.ndarray):
-            return f"{k}: a {type(v).__name__}, not an array"
+            return f"{k}: a {type(v).__name__}, not an array", None
         if v.shape != ref.shape:
-            return f"{k}: shape {v.shape}, expected {ref.shape}"
+            return f"{k}: shape {v.shape}, expected {ref.shape}", None
         if v.dtype != ref.dtype:
-            return f"{k}: dtype {v.dtype}, expected {ref.dtype}"
+            return f"{k}: dtype {v.dtype}, expected {ref.dtype}", None
     norm = update_norm(update)  # one pass: a NaN or Inf anywhere makes it non-finite
     if not math.isfinite(norm):
         for k, v in update.items():
             if not np.isfinite(v).all():
-                return f"{k}: {int(np.size(v) - np.isfinite(v).sum())} NaN/Inf values"
+                return f"{k}: {int(np.size(v) - np.isfinite(v).sum())} NaN/Inf values", norm
         # all finite, only the sum of squares overflowed: judged by max_norm like any other
     if max_norm is not None and norm > max_norm:
-        return f"norm {norm:.4g} exceeds server.max_update_norm {max_norm:g}"
-    return None
+        return f"norm {norm:.4g} exceeds server.max_update_norm {max_norm:g}", norm
+    return None, norm
 
 
 @dataclass

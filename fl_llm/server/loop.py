@@ -38,7 +38,7 @@ from fl_llm.progress import Progress
 from fl_llm.server import secure
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
-from fl_llm.server.guard import Failures, check_update
+from fl_llm.server.guard import Failures, check_update, judge_update
 from fl_llm.server.privacy import Privacy
 from fl_llm.server.records import (
     attempt_record,
@@ -473,7 +473,8 @@ def _validate(
     sent = strategy.upload_keys(global_state)
     for i in sorted(trained.results):
         own = to_rank(global_state, ranks[i], cfg.model.lora.alpha, max(ranks))
-        why = check_update(trained.results[i].get("update"), {k: own[k] for k in sent}, cfg.server.max_update_norm)
+        r = trained.results[i]
+        why, r["update_norm"] = judge_update(r.get("update"), {k: own[k] for k in sent}, cfg.server.max_update_norm)
         if why is None and strategy.client == "scaffold":
             why = check_update(trained.results[i].get("extra", {}).get("c"), own)
             why = why and f"control variate: {why}"

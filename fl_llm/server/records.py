@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fl_llm.config import RunConfig
 from fl_llm.server.backends import Collected
-from fl_llm.server.guard import Failures, update_norm
+from fl_llm.server.guard import Failures
 
 
 def weighted(values: dict[int, dict], key: str, weight_key: str) -> float:
@@ -66,7 +66,7 @@ def round_record(rnd, primary, names, cohort, trained: Collected, accepted, reje
             p["num_examples"] = r["num_examples"]
             p["bytes_up"] = r["bytes"]
             if "update" in r:  # under secure aggregation the driver never sees it
-                p["update_norm"] = update_norm(r["update"])
+                p["update_norm"] = r["update_norm"]  # computed by the validation
         else:
             p["bytes_up"] = trained.results[i]["bytes"] if i in trained.results else 0
         p["bytes_down"] = sent.get(i, 0)
