@@ -173,11 +173,14 @@ def cmd_compare(ns) -> int:
     per_strategy = None  # {name: config} with --strategies
     if ns.strategies is not None:
         per_strategy = strategy_configs(cfg, [n.strip() for n in ns.strategies.split(",") if n.strip()])
-    if not cfg.output_dir:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        kind = "strategies" if per_strategy else "compare"
-        cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-{kind}-{stamp}"})
-    out = _resolve_run_dir(cfg, ns.overwrite)
+    if ns.resume:
+        out = _comparison_to_resume(cfg, ns, per_strategy is not None)
+    else:
+        if not cfg.output_dir:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            kind = "strategies" if per_strategy else "compare"
+            cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-{kind}-{stamp}"})
+        out = _resolve_run_dir(cfg, ns.overwrite)
     progress = Progress(enabled=cfg.tracking.progress)
     what = f"strategies {', '.join(per_strategy)}" if per_strategy else "local-only vs federated vs centralized"
     progress.info(
@@ -187,11 +190,12 @@ def cmd_compare(ns) -> int:
     )
     try:
         if per_strategy:
-            compare_strategies(per_strategy, out, progress, seeds=ns.seeds)
+            compare_strategies(per_strategy, out, progress, seeds=ns.seeds, resume=ns.resume)
         else:
             compare(cfg, out, progress, seeds=ns.seeds)
     except UserError:
-        shutil.rmtree(out, ignore_errors=True)
+        if not ns.resume:  # never delete the earlier comparison's runs
+            shutil.rmtree(out, ignore_errors=True)
         raise
     except RunFailed as e:
         print(f"fl-llm: compare failed: {e}", file=sys.stderr)
@@ -199,6 +203,18 @@ def cmd_compare(ns) -> int:
     stem = "strategies" if per_strategy else "comparison"
     progress.info(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
+
+
+def _comparison_to_resume(cfg, ns, strategies: bool) -> Path:
+    if not strategies:
+        raise UserError("--resume continues a comparison of strategies: give --strategies A,B,... as well")
+    if ns.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
+    if not cfg.output_dir:
+        raise UserError("--resume needs the earlier comparison's directory: output_dir=DIR")
+    if not Path(cfg.output_dir).is_dir():
+        raise UserError(f"--resume: output_dir {cfg.output_dir!r} is not a directory, so there is nothing to resume")
+    return Path(cfg.output_dir)
 
 
 def cmd_config(ns) -> int:
@@ -352,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B,...",
         help="compare these strategy.name values, the first as the baseline "
         "(e.g. fedit,fedex,flora,ffa); see fl-llm strategies",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --strategies: continue the comparison in output_dir — runs finished there with the same "
+        "config are read, stopped ones resume from their last checkpoint, missing ones run (also adds seeds "
+        "or strategies to an earlier comparison)",
     )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser(

@@ -10,13 +10,21 @@ LoRA methods with FedIT). Writes `strategies.json` and `strategies.png` in the o
 
 Every strategy's config is checked before anything runs, so a name that does not exist, or one
 that cannot run with the rest of the config, stops the comparison at once (exit 2).
+
+With `resume=True` the output dir of an earlier comparison is continued: a run it finished with
+the same config is read, not run again; one that was stopped resumes from its last checkpoint
+(the result is the same as an uninterrupted run); the rest run. So a killed comparison picks up
+where it stopped, and more seeds or strategies can be added to one later. A run made with a
+different config stops the comparison (exit 2) rather than being mixed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
+from fl_llm import checkpoint
 from fl_llm import config as config_mod
 from fl_llm.compare import plot_per_round
 from fl_llm.config import RunConfig
@@ -45,8 +53,13 @@ def strategy_configs(cfg: RunConfig, names: list[str]) -> dict[str, RunConfig]:
     return out
 
 
+# Settings that say where and how a run ran, not what it computed: a resumed comparison may
+# change them. (server.rounds is not among them: the learning-rate schedule spans the rounds.)
+WHERE_NOT_WHAT = ("name", "output_dir", "backend", "ray.", "tracking.", "checkpoint.", "server.round_timeout_s")
+
+
 def compare_strategies(
-    cfgs: dict[str, RunConfig], out_dir: Path, progress: Progress | None = None, seeds: int = 1
+    cfgs: dict[str, RunConfig], out_dir: Path, progress: Progress | None = None, seeds: int = 1, resume: bool = False
 ) -> dict:
     """Run every strategy for seeds seed..seed+seeds-1 (seed by seed, so the first complete
     comparison comes early) and summarise; see the module docstring."""
@@ -61,9 +74,11 @@ def compare_strategies(
         for s in seed_list:
             for name, cfg in cfgs.items():
                 done += 1
-                progress.info(f"==== {name}, seed {s} (run {done} of {total}) ====")
-                run_dir = out_dir / name / f"seed-{s}"
-                run(dataclasses.replace(cfg, seed=s), run_dir, progress)
+                run_dir, cfg_s = out_dir / name / f"seed-{s}", dataclasses.replace(cfg, seed=s)
+                how = earlier_run(cfg_s, run_dir) if resume else "run"
+                progress.info(f"==== {name}, seed {s} (run {done} of {total}){RESUMED[how]} ====")
+                if how != "reuse":
+                    run(cfg_s, run_dir, progress, resume=how == "resume")
                 curves[name].append(read_metrics(run_dir))
     finally:
         progress.close()
@@ -72,6 +87,36 @@ def compare_strategies(
     _plot(result, out_dir / "strategies.png", first.data.task)
     progress.info(format_strategies_table(result))
     return result
+
+
+RESUMED = {"run": "", "resume": ": resuming from its last checkpoint", "reuse": ": finished earlier, read"}
+
+
+def earlier_run(cfg: RunConfig, run_dir: Path) -> str:
+    """What a resumed comparison does with one strategy-and-seed run dir: "reuse" a run finished
+    with this config, "resume" one stopped after a checkpoint, "run" one that is not there (a run
+    stopped before its first checkpoint is removed first). A run made with another config raises
+    UserError naming the first setting that differs."""
+    if not run_dir.exists():
+        return "run"
+    if (run_dir / "config.yaml").is_file():
+        try:
+            was = config_mod.to_dict(config_mod.from_dict(config_mod.read_yaml(run_dir / "config.yaml")))
+        except UserError as e:
+            raise UserError(f"--resume: {run_dir} holds a run this version cannot read ({e})") from None
+        for key, old, new in config_mod.differences(was, config_mod.to_dict(cfg)):
+            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in WHERE_NOT_WHAT):
+                raise UserError(
+                    f"--resume: {run_dir} was run with {key}={old!r}, this comparison has {key}={new!r}; "
+                    "compare into another output_dir, or pass --overwrite to start again"
+                )
+        finished = (run_dir / "summary.json").is_file() and len(read_metrics(run_dir)) == cfg.server.rounds
+        if finished:
+            return "reuse"
+        if checkpoint.latest(run_dir / "checkpoints") is not None:
+            return "resume"
+    shutil.rmtree(run_dir)
+    return "run"
 
 
 def summarise(curves: dict[str, list[list[dict]]], metric: str, seeds: list[int]) -> dict:

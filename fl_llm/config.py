@@ -516,6 +516,18 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) for every setting where two config dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.extend(differences(x, y, f"{prefix}{key}."))
+        elif x != y:
+            out.append((prefix + key, x, y))
+    return out
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`server.rounds=3` -> (['server', 'rounds'], 3); the value is read as YAML."""
     if "=" not in text:

@@ -103,6 +103,22 @@ CASES = [
         lambda t: ["compare", "--strategies", "fedit,fedex", "privacy.secagg.enabled=true"],
         "--strategies fedex: ",
     ),
+    ("resume a three-way compare", lambda t: ["compare", "--resume", f"output_dir={t}"], "give --strategies"),
+    (
+        "resume a comparison and overwrite it",
+        lambda t: ["compare", "--strategies", "fedit,fedex", "--resume", "--overwrite", f"output_dir={t}"],
+        "contradict each other",
+    ),
+    (
+        "resume a comparison without its dir",
+        lambda t: ["compare", "--strategies", "fedit,fedex", "--resume"],
+        "output_dir=DIR",
+    ),
+    (
+        "resume a comparison that is not there",
+        lambda t: ["compare", "--strategies", "fedit,fedex", "--resume", f"output_dir={t / 'nothing'}"],
+        "nothing to resume",
+    ),
     ("dp without a noise level", lambda t: ["run", "privacy.dp.level=record"], "needs a noise level"),
     (
         "client dp hiding nothing from a robust rule",

@@ -4,7 +4,9 @@ each platform's own adapter, ranks may differ per platform."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -141,6 +143,50 @@ def test_compare_strategies_round_by_round(tmp_path):
     assert fedit["rounds_below_baseline_per_seed"] == [0, 0]  # never below itself
     table = format_strategies_table(result)
     assert "below fedit" in table and "(baseline)" in table and "mean over seeds 5..6" in table
+
+
+def test_a_stopped_comparison_resumes_and_grows(tmp_path):
+    """`compare --strategies --resume`: a finished run is read, not rerun; a run stopped after a
+    checkpoint resumes to the same result as an uninterrupted one; an added strategy runs (as does
+    an added seed: a run dir not there yet); a run made with another config stops the comparison
+    instead of being mixed in."""
+    from fl_llm.compare_strategies import compare_strategies, earlier_run, strategy_configs
+    from fl_llm.errors import UserError
+
+    def cfgs(names, *more):
+        return strategy_configs(load(None, [*TINY, "server.rounds=2", "seed=5", *more]), names)
+
+    out = tmp_path / "cmp"
+    first = compare_strategies(cfgs(["fedit", "fedex"]), out)
+    fedit, fedex = out / "fedit" / "seed-5", out / "fedex" / "seed-5"
+    whole = read_metrics(fedex)
+    # fedex "killed" after round 1: no summary, no round-2 line, no round-2 checkpoint
+    (fedex / "summary.json").unlink()
+    (fedex / "metrics.jsonl").write_text(json.dumps(whole[0]) + "\n", encoding="utf-8")
+    for ckpt in sorted((fedex / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(ckpt)
+    finished = (fedit / "summary.json").stat().st_mtime_ns
+    seed5 = {n: dataclasses.replace(c, seed=5) for n, c in cfgs(["fedit", "fedex", "flora"]).items()}
+    assert [earlier_run(seed5[n], out / n / "seed-5") for n in seed5] == ["reuse", "resume", "run"]
+    stale = out / "flora" / "seed-5"  # stopped before its first checkpoint: started again
+    (stale / "config.yaml").parent.mkdir(parents=True)
+    shutil.copy(fedit / "config.yaml", stale / "config.yaml")
+    assert earlier_run(seed5["fedit"], stale) == "run" and not stale.exists()
+
+    grown = compare_strategies(cfgs(["fedit", "fedex", "flora"]), out, resume=True)
+    assert (fedit / "summary.json").stat().st_mtime_ns == finished  # read, not run again
+    assert [r["eval_loss"] for r in read_metrics(fedex)] == [r["eval_loss"] for r in whole]
+    assert list(grown["strategies"]) == ["fedit", "fedex", "flora"]
+    for name in ("fedit", "fedex"):
+        assert (
+            grown["strategies"][name]["final_eval_loss_per_seed"][0]
+            == first["strategies"][name]["final_eval_loss_per_seed"][0]
+        )
+    assert (out / "flora" / "seed-5" / "summary.json").is_file()
+
+    with pytest.raises(UserError, match="was run with client.lr=.*this comparison has client.lr=0.5"):
+        compare_strategies(cfgs(["fedit", "fedex"], "client.lr=0.5"), out, resume=True)
+    assert (fedit / "summary.json").stat().st_mtime_ns == finished  # nothing of it deleted
 
 
 def test_strategy_summary_counts_rounds_below_the_baseline():
