@@ -100,7 +100,7 @@ def _resume_config(run_dir: str, args: list[str]):
         raise UserError("--resume continues with the run's own config.yaml; give only KEY=VALUE overrides")
     for text in args:
         key = text.split("=", 1)[0].strip()
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_CHANGEABLE):
+        if not config_mod.key_in(key, RESUME_CHANGEABLE):
             raise UserError(
                 f"override {text!r}: '{key}' cannot change when resuming (only {', '.join(RESUME_CHANGEABLE)})"
             )

@@ -105,7 +105,7 @@ def earlier_run(cfg: RunConfig, run_dir: Path) -> str:
         except UserError as e:
             raise UserError(f"--resume: {run_dir} holds a run this version cannot read ({e})") from None
         for key, old, new in config_mod.differences(was, config_mod.to_dict(cfg)):
-            if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in WHERE_NOT_WHAT):
+            if not config_mod.key_in(key, WHERE_NOT_WHAT):
                 raise UserError(
                     f"--resume: {run_dir} was run with {key}={old!r}, this comparison has {key}={new!r}; "
                     "compare into another output_dir, or pass --overwrite to start again"

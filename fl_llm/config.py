@@ -516,6 +516,11 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def key_in(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether dotted `key` is one of `patterns`, or under one that ends in '.' ("ray." covers ray.*)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in patterns)
+
+
 def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """(dotted key, a's value, b's value) for every setting where two config dicts differ."""
     out = []
