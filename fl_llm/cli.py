@@ -77,15 +77,7 @@ def _resolve_run_dir(cfg, overwrite: bool) -> Path:
 
 # What may change when a run is resumed: how long it goes on and where/how it runs — never what
 # it computes (model, data, seeds, strategy), or the continuation would not be the same run.
-RESUME_CHANGEABLE = (
-    "server.rounds",
-    "server.round_timeout_s",
-    "backend",
-    "ray.",
-    "tracking.",
-    "checkpoint.",
-    "faults.",
-)
+RESUME_CHANGEABLE = ("server.rounds", *config_mod.WHERE_NOT_WHAT, "faults.")
 
 
 def _resume_config(run_dir: str, args: list[str]):

@@ -53,9 +53,8 @@ def strategy_configs(cfg: RunConfig, names: list[str]) -> dict[str, RunConfig]:
     return out
 
 
-# Settings that say where and how a run ran, not what it computed: a resumed comparison may
-# change them. (server.rounds is not among them: the learning-rate schedule spans the rounds.)
-WHERE_NOT_WHAT = ("name", "output_dir", "backend", "ray.", "tracking.", "checkpoint.", "server.round_timeout_s")
+# What a resumed comparison lets differ from its earlier runs: the name and place, and where/how.
+MAY_DIFFER = ("name", "output_dir", *config_mod.WHERE_NOT_WHAT)
 
 
 def compare_strategies(
@@ -105,13 +104,12 @@ def earlier_run(cfg: RunConfig, run_dir: Path) -> str:
         except UserError as e:
             raise UserError(f"--resume: {run_dir} holds a run this version cannot read ({e})") from None
         for key, old, new in config_mod.differences(was, config_mod.to_dict(cfg)):
-            if not config_mod.key_in(key, WHERE_NOT_WHAT):
+            if not config_mod.key_in(key, MAY_DIFFER):
                 raise UserError(
                     f"--resume: {run_dir} was run with {key}={old!r}, this comparison has {key}={new!r}; "
                     "compare into another output_dir, or pass --overwrite to start again"
                 )
-        finished = (run_dir / "summary.json").is_file() and len(read_metrics(run_dir)) == cfg.server.rounds
-        if finished:
+        if (run_dir / "summary.json").is_file() and len(read_metrics(run_dir)) == cfg.server.rounds:
             return "reuse"
         if checkpoint.latest(run_dir / "checkpoints") is not None:
             return "resume"

@@ -516,6 +516,11 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Settings that say where and how a run ran, not what it computes: `run --resume` and `compare
+# --resume` let them change. (Not server.rounds: the learning-rate schedule spans the rounds.)
+WHERE_NOT_WHAT = ("server.round_timeout_s", "backend", "ray.", "tracking.", "checkpoint.")
+
+
 def key_in(key: str, patterns: tuple[str, ...]) -> bool:
     """Whether dotted `key` is one of `patterns`, or under one that ends in '.' ("ray." covers ray.*)."""
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in patterns)
