@@ -183,6 +183,13 @@ class ClientConfig:
         "torch.compile each transformer block (fuses the norm, rotary and MLP element-wise work; the first "
         "steps pay the compilation, tens of seconds)",
     )
+    state_dir: str = opt(
+        "",
+        "where each platform keeps its state between rounds (control variates, personal B, optimizer moments, "
+        "error-feedback residual) and, under DP, the statistics it withholds from the driver; '{name}' becomes "
+        "the platform's name, e.g. /data/{name}/fl_state (empty: RUN_DIR/platforms/{name}). The driver never "
+        "reads it; on a cluster, a path on each platform's own node",
+    )
 
 
 @dataclass

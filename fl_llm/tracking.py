@@ -75,6 +75,7 @@ class RunDir:
         self.init_adapter = self.path / "init_adapter"  # model.init_adapter as the run read it
         self.base_model = self.path / "base_model"
         self.checkpoints = self.path / "checkpoints"
+        self.platform_states = self.path / "platforms"  # each platform's own state dir, by default
 
     def save_config(self, cfg_dict: dict) -> None:
         write_atomic(self.config, yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True))

@@ -33,3 +33,16 @@ def small_cfg():
         return load(None, [*SMALL, *extra])
 
     return make
+
+
+def platform_states(run_dir) -> dict:
+    """{platform name: the state it kept between rounds}, read from each platform's own state dir
+    (RUN_DIR/platforms/<name>/checkpoints, newest): what the driver never reads."""
+    from fl_llm import checkpoint
+
+    out = {}
+    for d in sorted((Path(run_dir) / "platforms").iterdir()):
+        latest = checkpoint.latest(d / "checkpoints")
+        if latest is not None:
+            out[d.name] = checkpoint.load(latest)[1]["persistent"]
+    return out

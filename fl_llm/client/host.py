@@ -45,5 +45,7 @@ class PlatformHost:
         self.platforms = {i: Platform(config, i, None, hard_exit, shared=(model, tokenizer)) for i in platform_ids}
 
     def call(self, platform_id: int, method: str, *args):
-        """`method(*args)` on one of this host's platforms."""
+        """`method(*args)` on one of this host's platforms (its remote API only)."""
+        if method.startswith("_"):
+            raise ValueError(f"Platform.{method} is not part of the platform's remote API")
         return getattr(self.platforms[platform_id], method)(*args)

@@ -2,16 +2,22 @@
 
 The driver constructs it with the run config and a platform id — a data *location*, never
 records. Everything the platform returns is either adapter tensors (its update) or aggregate
-numbers (counts, mean losses, AUC): no record and no per-example output leaves this class.
+numbers (counts, mean losses, AUC): no record and no per-example output leaves this class, and
+under differential privacy no un-noised statistic of its training records either
+(`fl_llm.privacy.release`). State it keeps between rounds (control variates, a personal B,
+optimizer moments, an error-feedback residual) lives in its own state directory
+(`client.state_dir`), which the driver never reads.
 The Ray backend makes it an actor; the local backend calls the very same class in-process.
+Methods whose name starts with "_" are not part of the remote API (the backends refuse them).
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import re
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -55,8 +61,9 @@ class Platform:
         self.id = platform_id
         self.hard_exit = hard_exit
         # State this platform keeps between rounds (e.g. a strategy's control variates): saved in
-        # the driver's checkpoints through export_state / import_state.
+        # its own state directory at every checkpoint of the run (save_state / load_state).
         self.persistent: dict = {}
+        self.state_dir: Path | None = None
         self._secagg = None  # this round's secure-aggregation state (keys, shares received)
         self.user_error: str | None = None
         self.task = sources.task_of(self.cfg)
@@ -74,6 +81,8 @@ class Platform:
             self.user_error, self.name = str(e), f"platform-{platform_id}"
             return
         self.name = data.name
+        if self.cfg.client.state_dir:
+            self.state_dir = Path(self.cfg.client.state_dir.replace("{name}", safe_name(self.name)))
         kind = self.cfg.model.kind
         # What the strategy asks of a platform: its LoRA rank, frozen A (FFA), own B (FedSA),
         # which tensors it sends, merges into its base weights (FedEx, FLoRA).
@@ -150,11 +159,24 @@ class Platform:
         steps = self.cfg.server.rounds * c.local_steps
         return q, calibrate(p.target_epsilon, p.delta, steps, Mechanism(1.0, q), p.dp.accountant)
 
+    @property
+    def private_log(self) -> Path | None:
+        """This platform's own log of what it keeps from the driver under DP."""
+        return self.state_dir / "metrics.jsonl" if self.state_dir else None
+
+    def _release(self, answer: dict, round_: int, call: str) -> dict:
+        from fl_llm.privacy.release import release
+
+        return release(answer, self.cfg.privacy.dp.level, self.private_log, round_, call)
+
     def describe(self) -> dict:
-        """Aggregate facts the driver may know: sizes and label balance. Never records."""
+        """Aggregate facts the driver may know: sizes (and, without DP, label balance). Never records."""
         if self.user_error:
             return {"platform": self.id, "name": self.name, "user_error": self.user_error}
         counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
+        return self._release(self._facts(counts), 0, "describe")
+
+    def _facts(self, counts) -> dict:
         return {
             "platform": self.id,
             "name": self.name,
@@ -183,11 +205,30 @@ class Platform:
             return state
         return fresh_lora(from_rank(state, self.rank, self.cfg.model.lora.alpha, self.global_rank), self.cfg.seed, 0)
 
-    def export_state(self) -> dict:
-        return self.persistent
+    def save_state(self, round_: int, keep: int = 2) -> bool:
+        """Write the state kept between rounds as of the end of `round_` into this platform's state
+        directory (the driver calls this at each checkpoint; it never reads the files)."""
+        if self.state_dir is None:
+            return False
+        from fl_llm import checkpoint
 
-    def import_state(self, state: dict) -> None:
-        self.persistent = copy.deepcopy(state)
+        checkpoint.save(self.state_dir / "checkpoints", round_, {"persistent": self.persistent}, keep=keep)
+        return True
+
+    def load_state(self, round_: int) -> int:
+        """Take up the state saved at the newest checkpoint at or before `round_` (the driver's
+        checkpoint being resumed); fresh state when there is none. Returns the round loaded (0: none)."""
+        from fl_llm import checkpoint
+
+        self.persistent = {}
+        if self.state_dir is None:
+            return 0
+        saved = [p for p in checkpoint.all_checkpoints(self.state_dir / "checkpoints") if _round_of(p) <= round_]
+        if not saved:
+            return 0
+        got, state = checkpoint.load(saved[-1])
+        self.persistent = state["persistent"]
+        return got
 
     # --- the global model as this platform sees it -------------------------------------------
 
@@ -247,6 +288,8 @@ class Platform:
         from fl_llm.client.train import DpSgd, RoundDeadline, local_train, scheduled_lr
 
         t0 = time.perf_counter()
+        if secagg and not self._joins(secagg.get("sample_rate", 1.0), round_, attempt):
+            return self._release(self._sits_out(global_state, round_, secagg), round_, "train")
         deadline = None if budget_s is None else time.monotonic() + budget_s
         self._before_training(round_, attempt, deadline, RoundDeadline)
         start = self._load_global(global_state, base)
@@ -257,14 +300,14 @@ class Platform:
             c_i = self.persistent.get("c") or {k: np.zeros_like(v) for k, v in start.items()}
         dp, batch_rng = None, platform_rng(self.cfg.seed, round_, self.id)
         if self.cfg.privacy.dp.level == "record":
-            # DP's noise and Poisson sampling must be secret to whoever sees the update: drawn
-            # from the OS entropy pool unless a reproducible run is asked for (secure_rng=false)
-            if self.cfg.privacy.dp.secure_rng:
-                batch_rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-                seed = int.from_bytes(os.urandom(8), "little") >> 1
-            else:
-                seed = int(platform_rng(self.cfg.seed, round_, self.id, 2).integers(2**62))
-            dp = DpSgd(self.cfg.privacy.dp.clip_norm, self.dp_noise, self.dp_sample_rate, seed)
+            # DP's noise and Poisson sampling must be secret to whoever sees the update: a ChaCha20
+            # keystream keyed from the OS unless a reproducible run is asked for (secure_rng=false)
+            from fl_llm.privacy.csprng import dp_generator
+
+            secure = self.cfg.privacy.dp.secure_rng
+            batch_rng = dp_generator(secure, [self.cfg.seed, round_, self.id % 2**32, 4])
+            seed = int(platform_rng(self.cfg.seed, round_, self.id, 2).integers(2**62))
+            dp = DpSgd(self.cfg.privacy.dp.clip_norm, self.dp_noise, self.dp_sample_rate, seed, secure)
         import torch
 
         with torch.random.fork_rng(devices=[]):  # LoRA dropout draws from torch's RNG
@@ -314,7 +357,7 @@ class Platform:
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0
         metrics["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # platforms on one host share it
-        return result
+        return self._release(result, round_, "train")
 
     def _upload(self, update: AdapterState, round_: int) -> dict:
         """The update as sent: float32 (`update`), or compressed (`payload`, compression.name;
@@ -350,21 +393,57 @@ class Platform:
         """Step 1: {peer: encrypted Shamir shares of this platform's mask secrets}."""
         return self._secagg_round().share(keys)
 
-    def _masked_upload(self, update: AdapterState, round_: int, sa: dict) -> dict:
-        """Step 2: the update weighted, clipped (client-level DP: to norm C, and the bit
-        1[‖Δ‖ ≤ C] appended for adaptive clipping), quantized into the ring and masked."""
+    def _joins(self, sample_rate: float, round_: int, attempt: int) -> bool:
+        """Sampled client-level DP under secure aggregation: this platform's own coin, from the OS
+        (or the run seed when privacy.dp.secure_rng=false), seen by no one else."""
+        if sample_rate >= 1.0:
+            return True
+        from fl_llm.privacy.csprng import dp_generator
+
+        coin = dp_generator(self.cfg.privacy.dp.secure_rng, [self.cfg.seed, round_, self.id % 2**32, attempt, 5])
+        return bool(coin.random() < sample_rate)
+
+    def _sits_out(self, global_state: AdapterState, round_: int, sa: dict) -> dict:
+        """Not in this round's sample: a masked zero of the same length, so the driver's messages
+        do not tell who joined."""
+        zero = {k: np.zeros_like(global_state[k]) for k in self.strategy.upload_keys(global_state)}
+        answer = {"num_examples": len(self.train_set), "metrics": {}}
+        answer.update(self._masked_upload(zero, round_, sa, joined=False))
+        answer["metrics"]["worker"] = f"{socket.gethostname()}:{os.getpid()}"
+        return answer
+
+    def secagg_levels(self, update: AdapterState, round_: int, sa: dict, joined: bool = True):
+        """(the signed fixed-point levels this platform sends for `update`, the integers appended
+        to them, the share of values clipped to the ring's range). Under client-level DP the update
+        is clipped to norm C, quantized, and the quantized vector bounded to norm C again; the
+        appended integer is its centred clip bit (0 when it did not join the round)."""
+        from fl_llm.privacy.dp import centred_bit
         from fl_llm.privacy.secagg import Ring
         from fl_llm.strategies.base import flatten
 
         vec = flatten([update])[0][0] * float(sa["weight"])
+        clip = sa.get("clip")
         extra = []
-        if sa.get("clip") is not None:
+        if clip is not None:
             norm = float(np.linalg.norm(vec))
-            vec = vec * min(1.0, sa["clip"] / (norm + 1e-12))
-            extra = [int(norm <= sa["clip"])]
+            vec = vec * min(1.0, clip / (norm + 1e-12))
+            extra = [centred_bit(norm, clip) if joined else 0]
         ring = Ring(*sa["ring"])
-        encoded, clipped = ring.encode(vec, platform_rng(self.cfg.seed, round_, self.id, 3))
-        masked = self._secagg_round().mask(np.concatenate([encoded, np.asarray(extra, np.uint64)]), sa["inbox"], ring)
+        levels, clipped = ring.quantize(vec, platform_rng(self.cfg.seed, round_, self.id, 3))
+        if clip is not None:
+            levels = ring.bound(levels, clip)
+        return levels, extra, clipped
+
+    def _masked_upload(self, update: AdapterState, round_: int, sa: dict, joined: bool = True) -> dict:
+        """Step 2: the update weighted, clipped (client-level DP: to norm C, bounded after
+        quantizing, and the centred bit appended for adaptive clipping), quantized into the ring
+        and masked."""
+        from fl_llm.privacy.secagg import Ring
+
+        ring = Ring(*sa["ring"])
+        levels, extra, clipped = self.secagg_levels(update, round_, sa, joined)
+        vector = ring.to_ring(np.concatenate([levels, np.asarray(extra, np.int64)]))
+        masked = self._secagg_round().mask(vector, sa["inbox"], ring)
         return {"masked": masked, "bytes": int(masked.nbytes), "secagg_clipped": clipped}
 
     def secagg_reveal(self, survivors: list[int], dropped: list[int]) -> dict:
@@ -411,9 +490,9 @@ class Platform:
         save_adapter(get_adapter_state(self.model), self.cfg.model, path, base_name, rank=self.rank)
         return str(path)
 
-    def example_losses(self, global_state: AdapterState, base: dict | None, train_idx, eval_idx):
-        """Per-record answer NLL of `global_state` on the given training and held-out rows: for
-        the membership audit, which the platform's owner runs on its own machine."""
+    def _example_losses(self, global_state: AdapterState, base: dict | None, train_idx, eval_idx):
+        """Per-record answer NLL of `global_state` on the given training and held-out rows. Never
+        sent anywhere: `audit` turns them into figures here."""
         from fl_llm.client.train import example_losses
 
         self._load_global(global_state, base)
@@ -422,6 +501,40 @@ class Platform:
         return example_losses(self.model, self.train_set, train_idx, **kw), example_losses(
             self.model, self.eval_set, eval_idx, **kw
         )
+
+    def audit(
+        self,
+        start: AdapterState,
+        final: AdapterState,
+        base: dict | None,
+        state_round: int,
+        max_examples: int,
+        epsilon: float,
+        delta: float,
+        alpha: float,
+    ) -> dict:
+        """The membership audit, run where the records are: members are this platform's training
+        records, non-members its held-out ones (label-matched); the attacks score both under the
+        model before private training (`start`) and the final one (`final`, with the base merges
+        `base` and this platform's own state as of round `state_round`). Returns only the
+        figures (`fl_llm.privacy.audit.attack_report`); no per-record score leaves."""
+        from fl_llm.privacy.audit import attack_report, label_matched_samples
+
+        rng = np.random.default_rng([self.cfg.seed, self.id, 0xA0D])
+        members, nonmembers = label_matched_samples(self.train_set.labels, self.eval_set.labels, max_examples, rng)
+        base_m, base_n = self._example_losses(start, None, members, nonmembers)
+        self.load_state(state_round)
+        ft_m, ft_n = self._example_losses(final, base, members, nonmembers)
+        split_rng = np.random.default_rng([self.cfg.seed, self.id, 0xA0E])
+        return {
+            "members": len(members),
+            "nonmembers": len(nonmembers),
+            "mean_loss": {"members": float(ft_m.mean()), "nonmembers": float(ft_n.mean())},
+            "attacks": {
+                "loss": attack_report(-ft_m, -ft_n, epsilon, delta, alpha, split_rng),
+                "reference": attack_report(base_m - ft_m, base_n - ft_n, epsilon, delta, alpha, split_rng),
+            },
+        }
 
     def evaluate(self, global_state: AdapterState, base: dict | None = None) -> dict:
         """Loss and task metrics of `global_state` on this platform's held-out split (after the
@@ -447,3 +560,13 @@ class Platform:
         result["num_eval"] = len(self.eval_set)
         result["eval_seconds"] = time.perf_counter() - t0
         return result
+
+
+def safe_name(name: str) -> str:
+    """A platform's name as one safe path component (its state directory)."""
+    cleaned = re.sub(r"[^\w.-]", "_", name)
+    return "_" if cleaned in ("", ".", "..") else cleaned
+
+
+def _round_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])

@@ -80,7 +80,8 @@ class DpSgd:
     clip: float  # per-example gradient norm bound C
     noise_multiplier: float  # z: noise std = z·C on the summed batch gradient
     sample_rate: float  # q: Poisson probability of each example joining a step's batch
-    noise_seed: int  # seeds the noise generator (from the run seed, or the OS entropy pool)
+    noise_seed: int  # seeds the noise generator when it is not secure (reproducible experiments)
+    secure: bool = False  # noise from a ChaCha20 keystream keyed from the OS (privacy.dp.secure_rng)
 
 
 def _forward(model, batch: dict, device):
@@ -286,7 +287,12 @@ class _PrivateGradients:
 
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.params, self.dp, self.expected, self.words = params, dp, expected_batch, words
-        self.generator = torch.Generator().manual_seed(dp.noise_seed)
+        if dp.secure:
+            from fl_llm.privacy.csprng import ChaChaRandom
+
+            self.generator = ChaChaRandom()
+        else:
+            self.generator = torch.Generator().manual_seed(dp.noise_seed)
 
     def step(self, enc: Encoded, idx: np.ndarray, pad_id: int, device) -> tuple[float | None, dict]:
         import torch

@@ -10,9 +10,17 @@ Attacks (ALGORITHMS.md, "Privacy audit"), each a score where larger means "membe
 (ε, δ)-DP bounds every such test: TPR ≤ e^ε·FPR + δ at every threshold (Kairouz et al. 2015).
 With finitely many records the measured rates are noisy, so the check uses one-sided
 Clopper-Pearson bounds (Jagielski et al., "Auditing Differentially Private Machine Learning",
-NeurIPS 2020): ε_lower = max over thresholds of log((TPR_low − δ) / FPR_high), and the same for
-the complementary test; the bound holds when ε_lower ≤ ε. A larger ε_lower is a bug in the DP
-pipeline, not bad luck (at the chosen confidence).
+NeurIPS 2020): ε_lower = log((TPR_low − δ) / FPR_high) at one threshold (or the same for the
+complementary test); the alarm is ε_lower > ε.
+
+Taking the best of all thresholds on one sample would be a multiple comparison: with hundreds of
+thresholds some bound fails by chance, and "audit failed" would fire on a model that memorised
+nothing. So the records are split in two halves at random: the threshold and the direction are
+chosen on one half, and the bound is computed on the other at that single threshold (as in
+Jagielski et al.'s and Nasr et al.'s audits, which fix the threshold on separate runs). The run's
+alarm then is a level-α statement once α is divided among its tests (Bonferroni over attacks ×
+platforms, in `fl_llm.privacy.audit_run`): on a model that leaks nothing beyond its ε it fires
+with probability at most α.
 """
 
 from __future__ import annotations
@@ -68,28 +76,75 @@ def clopper_pearson(k: np.ndarray, n: int, alpha: float, upper: bool) -> np.ndar
     return np.where(k <= 0, 0.0, beta.ppf(alpha, np.maximum(k, 1e-12), n - k + 1))
 
 
-def epsilon_lower_bound(members: np.ndarray, nonmembers: np.ndarray, delta: float, alpha: float = 0.05) -> float:
-    """The ε this attack proves, at confidence 1 − alpha (Bonferroni over both test directions)."""
+def _tests(members: np.ndarray, nonmembers: np.ndarray):
+    """Every (threshold, direction) test: direction +1 says "member" when score ≥ t, −1 says
+    "non-member" when score ≥ t (the complementary inequality TNR ≤ e^ε·FNR + δ). Returns
+    (thresholds, [(direction, successes, trials of the test's positive side, its false
+    positives, trials of the other side)])."""
+    thresholds = np.unique(np.concatenate([members, nonmembers]))[::-1]  # the order roc_counts uses
     tp, fp = roc_counts(members, nonmembers)
     m, n = len(members), len(nonmembers)
-    a = alpha / 2
-    tpr_lo, fpr_hi = clopper_pearson(tp, m, a, upper=False), clopper_pearson(fp, n, a, upper=True)
-    # the complementary test ("non-member" when score ≥ t): TNR against FNR
-    tnr_lo, fnr_hi = clopper_pearson(n - fp, n, a, upper=False), clopper_pearson(m - tp, m, a, upper=True)
-    best = 0.0
-    for num, den in ((tpr_lo - delta, fpr_hi), (tnr_lo - delta, fnr_hi)):
-        ok = (num > 0) & (den > 0)
-        if ok.any():
-            best = max(best, float(np.max(np.log(num[ok] / den[ok]))))
-    return best
+    return thresholds, [(1, tp, m, fp, n), (-1, n - fp, n, m - tp, m)]
 
 
-def attack_report(members: np.ndarray, nonmembers: np.ndarray, epsilon: float, delta: float) -> dict:
-    """AUC, TPR at 1% and 0.1% FPR, the DP bound at those points, and the audited ε."""
+def _bounds(hits, hits_of, false, false_of, delta: float, alpha: float) -> np.ndarray:
+    """log((hit-rate lower bound − δ) / false-rate upper bound), each side at α/2; 0 where the
+    numerator is not positive."""
+    lo = clopper_pearson(hits, hits_of, alpha / 2, upper=False) - delta
+    hi = clopper_pearson(false, false_of, alpha / 2, upper=True)
+    out = np.zeros(np.shape(lo))
+    ok = (lo > 0) & (hi > 0)
+    out[ok] = np.log(lo[ok] / hi[ok])
+    return out
+
+
+def epsilon_lower_bound(
+    members: np.ndarray,
+    nonmembers: np.ndarray,
+    delta: float,
+    alpha: float = 0.05,
+    rng: np.random.Generator | None = None,
+) -> float:
+    """The ε this attack proves with confidence 1 − α: the threshold and direction chosen on a
+    random half of members and non-members, the Clopper-Pearson bound taken on the other half."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    members, nonmembers = np.asarray(members, np.float64), np.asarray(nonmembers, np.float64)
+    if min(len(members), len(nonmembers)) < 2:
+        return 0.0
+    pm, pn = rng.permutation(len(members)), rng.permutation(len(nonmembers))
+    sel_m, test_m = members[pm[: len(pm) // 2]], members[pm[len(pm) // 2 :]]
+    sel_n, test_n = nonmembers[pn[: len(pn) // 2]], nonmembers[pn[len(pn) // 2 :]]
+    thresholds, tests = _tests(sel_m, sel_n)
+    best, choice = 0.0, None
+    for direction, hits, hits_of, false, false_of in tests:
+        bounds = _bounds(hits, hits_of, false, false_of, delta, alpha)
+        k = int(np.argmax(bounds))
+        if bounds[k] > best:
+            best, choice = float(bounds[k]), (direction, thresholds[k])
+    if choice is None:
+        return 0.0
+    direction, t = choice
+    if direction == 1:  # TPR ≤ e^ε·FPR + δ for "member when score ≥ t"
+        hits, hits_of, false, false_of = (test_m >= t).sum(), len(test_m), (test_n >= t).sum(), len(test_n)
+    else:  # TNR ≤ e^ε·FNR + δ: non-members below t against members below t
+        hits, hits_of, false, false_of = (test_n < t).sum(), len(test_n), (test_m < t).sum(), len(test_m)
+    return float(_bounds(np.array([hits]), hits_of, np.array([false]), false_of, delta, alpha)[0])
+
+
+def attack_report(
+    members: np.ndarray,
+    nonmembers: np.ndarray,
+    epsilon: float,
+    delta: float,
+    alpha: float = 0.05,
+    rng: np.random.Generator | None = None,
+) -> dict:
+    """AUC, TPR at 1% and 0.1% FPR, the DP bound at those points, and the audited ε at
+    confidence 1 − α (`epsilon_lower_bound`)."""
     labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
     scores = np.concatenate([members, nonmembers])
-    eps_lower = epsilon_lower_bound(members, nonmembers, delta)
-    report = {"auc": roc_auc(labels, scores), "epsilon_lower_bound": eps_lower}
+    eps_lower = epsilon_lower_bound(members, nonmembers, delta, alpha, rng)
+    report = {"auc": roc_auc(labels, scores), "epsilon_lower_bound": eps_lower, "confidence": 1 - alpha}
     for name, fpr in (("1%", 0.01), ("0.1%", 0.001)):
         report[f"tpr_at_{name}_fpr"] = tpr_at_fpr(members, nonmembers, fpr)
         report[f"dp_bound_at_{name}_fpr"] = min(1.0, math.exp(epsilon) * fpr + delta) if math.isfinite(epsilon) else 1.0

@@ -1,11 +1,13 @@
 """`fl-llm audit RUN_DIR`: membership inference against a finished run's global model.
 
-For each platform, in this process (the audit runs where the data is, like training did):
-members are its training records, non-members its held-out records, drawn with the same number
-of each label on both sides (`label_matched_samples`); the attacks score both
-with the base model (the round-0 adapter) and with the trained global model exactly as it was
-evaluated (base merges, FedSA's own B included), then `fl_llm.privacy.audit` turns the scores
-into AUC, TPR at low FPR and the audited ε, checked against the run's privacy ledger.
+Each platform audits itself (`Platform.audit`, where its data is, like training did): members
+are its training records, non-members its held-out records, drawn with the same number of each
+label on both sides; the attacks score both with the model before private training (the round-0
+adapter) and with the trained global model exactly as it was evaluated (base merges, FedSA's own
+B from the platform's own state dir included), and only the figures come back — AUC, TPR at low
+FPR and the audited ε, checked against the run's privacy ledger. The alarm ("bound VIOLATED")
+is a statement at 95% confidence for the whole run: α = 5% is divided among its
+attacks × platforms (Bonferroni).
 """
 
 from __future__ import annotations
@@ -21,21 +23,23 @@ from fl_llm import checkpoint
 from fl_llm.config import RunConfig, load, to_dict
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import starting_adapter
-from fl_llm.privacy.audit import attack_report, label_matched_samples, record_level_guarantee
+from fl_llm.privacy.audit import record_level_guarantee
 from fl_llm.tracking import RunDir, write_json
 
+ALPHA = 0.05  # the run's alarm: a false alarm on a model within its ε at most this often
+ATTACKS = 2  # loss, reference
 
-def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, dict]:
-    """(global adapter, base merges payload, per-platform state) the run ended with."""
+
+def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, int]:
+    """(global adapter, base merges payload, the round whose platform state goes with them)."""
     from fl_llm.server.base_merges import BaseMerges
 
     latest = checkpoint.latest(run_dir / "checkpoints")
     if latest is not None:
-        _, state = checkpoint.load(latest)
+        round_, state = checkpoint.load(latest)
         merges = BaseMerges.from_state(1.0, state["merges"])
         merges.applied.clear()  # the audit's fresh platforms hold the pristine base
-        platform_state = {int(k): v for k, v in state["platform_state"].items()}
-        return {k: np.asarray(v) for k, v in state["global_state"].items()}, merges, platform_state
+        return {k: np.asarray(v) for k, v in state["global_state"].items()}, merges, round_
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
     if not adapter.is_file():
         raise UserError(f"audit {str(run_dir)!r}: no checkpoint and no adapter/ there; has the run finished a round?")
@@ -46,7 +50,7 @@ def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, dict
         )
     from safetensors.numpy import load_file
 
-    return load_file(str(adapter)), None, {}
+    return load_file(str(adapter)), None, 0
 
 
 def _ledger_epsilon(ledger: dict | None, name: str) -> tuple[float, float]:
@@ -69,45 +73,39 @@ def audit(run_dir: str | Path, max_examples: int = 1000, progress=None) -> dict:
     own_copy = RunDir(run_dir).init_adapter  # the run's copy of its warm start (older runs: the original)
     if own_copy.is_dir():
         cfg = replace(cfg, model=replace(cfg.model, init_adapter=str(own_copy)))
-    final, merges, platform_state = _final_model(run_dir, cfg)
+    from fl_llm.server.loop import with_state_dir
+
+    final, merges, state_round = _final_model(run_dir, cfg)
+    cfg = with_state_dir(cfg, RunDir(run_dir))  # each platform reads its own state, as in the run
     ledger_path = run_dir / "privacy.json"
     ledger = None
     if cfg.privacy.dp.level != "none" and ledger_path.is_file():
         ledger = json.loads(ledger_path.read_text(encoding="utf-8"))
     platforms = {}
     start = None  # the model before private training: the same adapter for every platform
+    alpha = ALPHA / (ATTACKS * cfg.data.num_platforms)  # Bonferroni: one alarm for the whole run
     for i in range(cfg.data.num_platforms):
         plat = Platform(to_dict(cfg), i)
         if plat.user_error:
             raise UserError(plat.user_error)
         if progress:
             progress(f"auditing {plat.name}")
-        rng = np.random.default_rng([cfg.seed, i, 0xA0D])
-        members, nonmembers = label_matched_samples(plat.train_set.labels, plat.eval_set.labels, max_examples, rng)
-        k = len(members)
         if start is None:  # model.init_adapter is read once, not once per platform
             start = starting_adapter(cfg.model, plat.initial_adapter())
-        base_m, base_n = plat.example_losses(start, None, members, nonmembers)
-        plat.import_state(platform_state.get(i, {}))
-        ft_m, ft_n = plat.example_losses(final, merges.payload(i) if merges else None, members, nonmembers)
         eps, delta = _ledger_epsilon(ledger, plat.name)
-        platforms[plat.name] = {
-            "members": int(k),
-            "nonmembers": int(k),
-            "epsilon": eps,
-            "delta": delta,
-            "mean_loss": {"members": float(ft_m.mean()), "nonmembers": float(ft_n.mean())},
-            "attacks": {
-                "loss": attack_report(-ft_m, -ft_n, eps, delta),
-                "reference": attack_report(base_m - ft_m, base_n - ft_n, eps, delta),
-            },
-        }
+        figures = plat.audit(
+            start, final, merges.payload(i) if merges else None, state_round, max_examples, eps, delta, alpha
+        )
+        platforms[plat.name] = {"epsilon": eps, "delta": delta, **figures}
     result = {
         "run_dir": str(run_dir),
         "dp_level": cfg.privacy.dp.level,
+        "confidence": 1 - ALPHA,
         "platforms": platforms,
         "max_auc": max(a["auc"] for p in platforms.values() for a in p["attacks"].values()),
         "bound_holds": all(a["bound_holds"] for p in platforms.values() for a in p["attacks"].values()),
+        # the attacks prove, at 95% for the run, that membership leaks at all (ε > 0)
+        "leak_detected": any(a["epsilon_lower_bound"] > 0 for p in platforms.values() for a in p["attacks"].values()),
     }
     write_json(run_dir / "audit.json", result)
     return result

@@ -13,8 +13,9 @@
                    NeurIPS 2021: move C geometrically toward the γ-quantile of the update norms,
                    from a noised count of the updates that were not clipped
 
-The noise comes from the generator the caller passes: seeded from the operating system's entropy
-pool (privacy.dp.secure_rng, the default), or from the run seed for reproducible experiments.
+The noise comes from the generator the caller passes: a ChaCha20 keystream keyed from the
+operating system (`fl_llm.privacy.csprng`, privacy.dp.secure_rng, the default), or numpy's seeded
+from the run seed for reproducible experiments.
 """
 
 from __future__ import annotations
@@ -54,9 +55,19 @@ def private_gradient(per_example: list, clip: float, noise_multiplier: float, ex
     std = noise_multiplier * clip if noise_multiplier else 0.0  # z = 0: no noise, even with C = ∞
     out = []
     for s in summed:
-        noise = torch.normal(0.0, 1.0, size=s.shape, generator=generator).to(s.device, s.dtype) if std else 0.0
+        noise = standard_normal(generator, tuple(s.shape)).to(s.device, s.dtype) if std else 0.0
         out.append((s + std * noise) / expected_batch)
     return out, stats
+
+
+def standard_normal(generator, shape: tuple):
+    """N(0, 1) draws as a float32 torch tensor, from a torch.Generator or a numpy-style generator
+    (`fl_llm.privacy.csprng.ChaChaRandom`)."""
+    import torch
+
+    if isinstance(generator, torch.Generator):
+        return torch.normal(0.0, 1.0, size=shape, generator=generator)
+    return torch.from_numpy(np.asarray(generator.normal(0.0, 1.0, size=shape), np.float32))
 
 
 def adambc_denominator(v_hat, noise_var: float, floor: float, eps: float = 1e-8):
@@ -126,18 +137,16 @@ def clip_update(update: AdapterState, clip: float) -> tuple[AdapterState, float]
 
 
 def dp_mean(
-    updates: list[AdapterState], clip: float, noise_std_multiplier: float, expected: int, rng: np.random.Generator
-) -> tuple[AdapterState, dict]:
-    """(Σ clip(Δᵢ) + N(0, (z·C)²)) / m with uniform weights and the fixed denominator m: adding
-    or removing one platform moves the sum by at most C, whatever the others sent."""
+    updates: list[AdapterState], clip: float, noise_std_multiplier: float, expected: int, rng
+) -> tuple[AdapterState, int]:
+    """((Σ clip(Δᵢ) + N(0, (z·C)²)) / m, the number of updates that needed no clipping) with
+    uniform weights and the fixed denominator m: adding or removing one platform moves the sum by
+    at most C, whatever the others sent. The count is private: only its noised, centred form may
+    be released (`adaptive_clip`)."""
     clipped, norms = zip(*(clip_update(u, clip) for u in updates))
     vec, layout = flatten(list(clipped))
-    stats = {
-        "dp_clip_norm": clip,
-        "dp_update_norms": [round(n, 6) for n in norms],
-        "dp_clipped_fraction": float(np.mean([n > clip for n in norms])),
-    }
-    return unflatten(noised_mean(vec.sum(0), clip, noise_std_multiplier, expected, rng), layout), stats
+    unclipped = sum(1 for n in norms if n <= clip)
+    return unflatten(noised_mean(vec.sum(0), clip, noise_std_multiplier, expected, rng), layout), unclipped
 
 
 def noised_mean(total: np.ndarray, clip: float, noise_std_multiplier: float, expected: int, rng) -> np.ndarray:
@@ -150,8 +159,10 @@ def noised_mean(total: np.ndarray, clip: float, noise_std_multiplier: float, exp
 
 
 def adaptive_noise_multipliers(noise_multiplier: float, expected: int) -> tuple[float, float]:
-    """(z_Δ for the update, σ_b for the clipped-count) so that together they spend z:
-    σ_b = m/20, z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Theorem 1)."""
+    """(z_Δ for the update, σ_b for the centred clip count) so that together they spend z:
+    σ_b = m/20, z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al. 2021, Theorem 1). The count's noise
+    multiplier is σ_b ÷ its sensitivity ½ = 2σ_b; two Gaussians of multipliers z_Δ and 2σ_b
+    released together are one of multiplier (z_Δ⁻² + (2σ_b)⁻²)^(−1/2) = z."""
     sigma_b = expected / 20.0
     rest = noise_multiplier**-2 - (2.0 * sigma_b) ** -2
     if rest <= 0:
@@ -162,16 +173,25 @@ def adaptive_noise_multipliers(noise_multiplier: float, expected: int) -> tuple[
     return 1.0 / math.sqrt(rest), sigma_b
 
 
+def centred_bit(update_norm: float, clip: float) -> int:
+    """What one platform adds to the clip count, doubled to stay an integer: 2·(bᵢ − ½) = ±1 with
+    bᵢ = 1[‖Δᵢ‖ ≤ C]. Under secure aggregation each platform sends this, so the driver learns
+    only Σ(bᵢ − ½), whose sensitivity to adding or removing a platform is ½."""
+    return 1 if update_norm <= clip else -1
+
+
 def adaptive_clip(
     clip: float,
-    unclipped: int,
+    centred_count: float,
     expected: int,
     sigma_b: float,
-    rng: np.random.Generator,
+    rng,
     target_quantile: float = 0.5,
     lr: float = 0.2,
 ) -> float:
-    """C ← C·exp(−η·(b̃ − γ)) with b̃ = (Σ 1[‖Δᵢ‖ ≤ C] + N(0, σ_b²)) / m; `unclipped` is the
-    count Σ 1[‖Δᵢ‖ ≤ C] (under secure aggregation: the sum of the platforms' masked bits)."""
-    noisy = unclipped + rng.normal(0.0, sigma_b)
-    return float(clip * math.exp(-lr * (noisy / expected - target_quantile)))
+    """C ← C·exp(−η·(b̃ − γ)) with b̃ = (Σ(bᵢ − ½) + N(0, σ_b²)) / m + ½, `centred_count` the sum
+    Σ(bᵢ − ½) over the round's updates (under secure aggregation: half the sum of the platforms'
+    masked `centred_bit`s). Centred, each platform moves it by ½ whether it is added or removed;
+    the uncentred count Σ bᵢ moves by 1 and would need twice the noise for the same privacy."""
+    noisy = (centred_count + rng.normal(0.0, sigma_b)) / expected + 0.5
+    return float(clip * math.exp(-lr * (noisy - target_quantile)))

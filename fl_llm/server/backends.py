@@ -35,6 +35,14 @@ class Collected:
     dead: list[int] = field(default_factory=list)  # its process is gone: restart it before the next call
 
 
+def remote_method(method: str) -> str:
+    """`method` if it is part of the platform's remote API: a name starting with "_" is internal
+    (per-record losses, the model itself) and is never called from the driver."""
+    if method.startswith("_"):
+        raise ValueError(f"Platform.{method} is not part of the platform's remote API")
+    return method
+
+
 class _Backend:
     def call(self, ids, method: str, *args, timeout_s: float) -> Collected:
         """`method(*args)` on each platform in `ids`."""
@@ -58,6 +66,7 @@ class LocalBackend(_Backend):
         from fl_llm.client.train import RoundDeadline
         from fl_llm.faults import InjectedKill
 
+        remote_method(method)
         out = Collected()
         deadline = time.monotonic() + timeout_s
         for i, args in args_by_id.items():
@@ -164,6 +173,7 @@ class RayBackend(_Backend):
         return self._remote.options(**options).remote(self._config, members[0], self._threads, True)
 
     def _method(self, i: int, method: str, args: tuple):
+        remote_method(method)
         actor = self.actors[self.host_of[i]]
         return actor.call.remote(i, method, *args) if self.hosted else getattr(actor, method).remote(*args)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -113,7 +113,7 @@ class Federation:
     failures: Failures
     initial: dict
     merges: BaseMerges
-    platform_state: dict[int, dict] = field(default_factory=dict)
+    checkpointed: int = 0  # the last round whose state every platform saved in its own state dir
     elapsed_s: float = 0.0  # wall time spent in earlier processes of this run (before a resume)
     privacy: Privacy | None = None  # the DP ledger and mechanism state
 
@@ -131,7 +131,6 @@ class Federation:
             "failures": self.failures.state(),
             "initial": self.initial,
             "merges": self.merges.state(),
-            "platform_state": {str(k): v for k, v in self.platform_state.items()},
             "elapsed_s": elapsed_s,
             "privacy": self.privacy.state() if self.privacy else None,
         }
@@ -147,7 +146,7 @@ class Federation:
             failures=Failures.from_state(cfg.server.max_failures, state["failures"]),
             initial=state["initial"],
             merges=BaseMerges.from_state(merge_scale, state["merges"]),
-            platform_state={int(k): v for k, v in state["platform_state"].items()},
+            checkpointed=int(state["round"]),
             elapsed_s=float(state["elapsed_s"]),
             privacy=Privacy.from_state(cfg, state.get("privacy")),
         )
@@ -183,7 +182,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
     trackers = Trackers(cfg, rd.path, primary, resume)  # MLflow / TensorBoard, when asked for
     progress.phase(f"starting {n} platforms on the {cfg.backend} backend (each loads its own data)")
-    backend = make_backend(cfg, rd.path.name)
+    backend = make_backend(with_state_dir(cfg, rd), rd.path.name)
     fed: Federation | None = None
     history: list[dict] = []
     info: dict = {}
@@ -203,9 +202,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             fed.privacy.check_resume(info)
             history = state["history"]
             rd.rewrite_metrics(history)  # rounds logged after the checkpoint are redone
-            for i, st in fed.platform_state.items():
-                if st:
-                    _require_all(backend.call([i], "import_state", st, timeout_s=SETUP_TIMEOUT_S), "restore")
+            # each platform takes up its own state as of the checkpoint, from its own state dir
+            _require_all(backend.call(everyone, "load_state", fed.round, timeout_s=SETUP_TIMEOUT_S), "restore")
             fed.downlink.held.clear()  # the new platform processes hold no adapter yet,
             fed.merges.applied.clear()  # and a pristine base
             progress.info(f"resuming after round {fed.round} from {resume_from}")
@@ -230,7 +228,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 active = fed.failures.active(everyone)
                 if len(active) < cfg.server.min_platforms:
                     raise RunFailed(excluded_message(rnd, fed.failures, names, cfg.server.min_platforms))
-                cohort = sample_cohort(cfg.seed, rnd, active, cfg.server.platforms_per_round)
+                cohort = _cohort(cfg, fed.privacy, rnd, attempt, active)
                 stopped = fed.privacy.exhausted([names[i] for i in cohort])
                 secs["sample"] += time.monotonic() - t
                 if stopped:
@@ -287,6 +285,12 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 secs["validate"] += time.monotonic() - t
                 if len(accepted) >= cfg.server.min_platforms:
                     break
+                if fed.privacy.no_retry:  # the noise was booked for this sample, whatever its size
+                    progress.info(
+                        f"round {rnd}: {len(accepted)} valid updates from the sampled cohort, fewer than "
+                        f"server.min_platforms ({cfg.server.min_platforms}); released with client-level DP noise"
+                    )
+                    break
                 attempts.append(attempt_record(attempt, names, trained, rejected))
                 progress.info(
                     f"round {rnd}: {len(accepted)} valid updates, {cfg.server.min_platforms} needed "
@@ -319,7 +323,8 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 weights = [trained.results[i]["num_examples"] for i in accepted]
                 dp_stats = {}
                 if fed.privacy.level == "client":
-                    noised, dp_stats = fed.privacy.private_mean(updates, cfg.seed, rnd)
+                    sent = {k: fed.global_state[k] for k in strategy.upload_keys(fed.global_state)}
+                    noised, dp_stats = fed.privacy.private_mean(updates, sent, cfg.seed, rnd)
                     updates, weights = [noised], [1.0]
             if fed.privacy.level == "client":
                 fed.privacy.spend_round()
@@ -362,7 +367,9 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             #    that order on the writer thread, while the next round trains -----------------
             t = time.monotonic()
             writer.wait()  # the previous round's files first: a slow disk is the driver's time
-            record = round_record(rnd, primary, names, cohort, trained, accepted, rejected, evals, fed.downlink)
+            record = round_record(
+                rnd, primary, names, cohort, trained, accepted, rejected, evals, fed.downlink, fed.privacy.level
+            )
             record.update(
                 restarted=[names[i] for i in restarted],
                 excluded={names[i]: why for i, why in newly_excluded.items()},
@@ -379,8 +386,9 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                 backend.call(in_run, "save_personal", str(rd.path / "personal"), base_name, timeout_s=SETUP_TIMEOUT_S)
             fed.round = rnd
             due = cfg.checkpoint.every and (rnd % cfg.checkpoint.every == 0 or rnd == cfg.server.rounds)
-            if due:
-                fed.platform_state = _collect_platform_state(backend, in_run, fed.platform_state)
+            if due:  # every platform saves what it keeps between rounds, in its own state dir
+                backend.call(in_run, "save_state", rnd, cfg.checkpoint.keep, timeout_s=SETUP_TIMEOUT_S)
+                fed.checkpointed = rnd
             secs["save"] = time.monotonic() - t
             secs["round"] = time.monotonic() - t_round
             record["adapter_bytes"] = fed.downlink.size
@@ -532,14 +540,28 @@ def _restart(backend, dead: list[int], fed: Federation) -> list[int]:
         backend.restart(i)
         fed.downlink.forget(i)
         fed.merges.forget(i)
-        if fed.platform_state.get(i):
-            backend.call([i], "import_state", fed.platform_state[i], timeout_s=SETUP_TIMEOUT_S)
+        if fed.checkpointed:
+            backend.call([i], "load_state", fed.checkpointed, timeout_s=SETUP_TIMEOUT_S)
     return list(dead)
 
 
-def _collect_platform_state(backend, ids: list[int], previous: dict[int, dict]) -> dict[int, dict]:
-    got = backend.call(ids, "export_state", timeout_s=SETUP_TIMEOUT_S).results
-    return {**previous, **{i: s for i, s in got.items()}}
+def with_state_dir(cfg: RunConfig, rd: RunDir) -> RunConfig:
+    """The config the platforms get: client.state_dir resolved (default RUN_DIR/platforms/{name})."""
+    if cfg.client.state_dir:
+        return cfg
+    return replace(cfg, client=replace(cfg.client, state_dir=str(rd.platform_states.resolve() / "{name}")))
+
+
+def _cohort(cfg: RunConfig, privacy: Privacy, rnd: int, attempt: int, active: list[int]) -> list[int]:
+    """This round's platforms. Sampled client-level DP: a Poisson sample the driver draws from the
+    OS's cryptographic source — or, under secure aggregation, every active platform, each of which
+    draws its own coin. Otherwise server.platforms_per_round of them, seeded by (seed, round)."""
+    privacy.set_population(len(active))
+    if privacy.self_sampling:
+        return list(active)
+    if privacy.sampled:
+        return privacy.poisson_cohort(active, cfg.seed, rnd, attempt)
+    return sample_cohort(cfg.seed, rnd, active, cfg.server.platforms_per_round)
 
 
 def _require_all(collected: Collected, what: str) -> dict:

@@ -55,7 +55,11 @@ def global_metrics(evals: dict[int, dict]) -> dict[str, float]:
     return {k: weighted(evals, k, "num_eval") for k in keys}
 
 
-def round_record(rnd, primary, names, cohort, trained: Collected, accepted, rejected, evals: Collected, downlink):
+def round_record(
+    rnd, primary, names, cohort, trained: Collected, accepted, rejected, evals: Collected, downlink, dp_level="none"
+):
+    """The round's line of metrics.jsonl. Under client-level DP the driver holds each update
+    before it is noised, so its norm is not written down (it would be an un-noised release)."""
     sent = downlink.take_round()
     platforms = {}
     for i, name in names.items():
@@ -65,7 +69,7 @@ def round_record(rnd, primary, names, cohort, trained: Collected, accepted, reje
             p.update(r["metrics"])
             p["num_examples"] = r["num_examples"]
             p["bytes_up"] = r["bytes"]
-            if "update" in r:  # under secure aggregation the driver never sees it
+            if "update" in r and dp_level != "client":  # under secure aggregation the driver never sees it
                 p["update_norm"] = r["update_norm"]  # computed by the validation
         else:
             p["bytes_up"] = trained.results[i]["bytes"] if i in trained.results else 0
@@ -75,12 +79,13 @@ def round_record(rnd, primary, names, cohort, trained: Collected, accepted, reje
     train_losses = {
         i: {"train_loss": trained.results[i]["metrics"]["train_loss"], "n": trained.results[i]["num_examples"]}
         for i in accepted
+        if "train_loss" in trained.results[i]["metrics"]  # under DP each platform keeps it
     }
     return {
         "round": rnd,
         **global_metrics(evals.results),
         "metric": primary,
-        "train_loss": weighted(train_losses, "train_loss", "n"),
+        **({"train_loss": weighted(train_losses, "train_loss", "n")} if train_losses else {}),
         "platforms": platforms,
         "cohort": [names[i] for i in cohort],
         "late": [names[i] for i in trained.late],
@@ -152,9 +157,8 @@ def platform_table(info: dict, resources: dict | None) -> str:
     lines = [f"{'platform':<16} {'train':>6} {'eval':>6} {'positive':>9}  device"]
     for i in sorted(info):
         p = info[i]
-        lines.append(
-            f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {p['train_positive_rate']:>9.2f}  {p['device']}"
-        )
+        positive = f"{p['train_positive_rate']:>9.2f}" if "train_positive_rate" in p else f"{'(kept)':>9}"
+        lines.append(f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {positive}  {p['device']}")
     if resources and resources.get("platforms_per_host", 1) > 1:
         lines.append(
             f"{resources['hosts']} host actors, each {resources['platforms_per_host']} platforms on one base model: "

@@ -12,8 +12,11 @@ round log's `secagg` object).
 
 Weights: platform i sends wᵢ·Δᵢ with wᵢ = nᵢ / max nⱼ (its example count over the largest, so
 |wᵢ| ≤ 1 keeps the fixed-point range); the driver divides the sum by Σ wᵢ over the survivors.
-Under client-level DP every wᵢ = 1 and each platform clips its own update to C; the driver
-noises the sum (fl_llm.server.privacy).
+Under client-level DP every wᵢ = 1 and each platform clips its own update to C — bounding the
+norm of the quantized vector it sends, not only of the update — and appends its centred clip
+bit 2·(bᵢ − ½); the driver noises the sum (fl_llm.server.privacy). With a sampled cohort every
+active platform takes part in the protocol and joins the sum with probability q, decided on the
+platform: one that did not join sends a masked zero.
 """
 
 from __future__ import annotations
@@ -91,10 +94,14 @@ def open_round(backend, cohort: list[int], round_: int, cfg: RunConfig, timeout_
     return sr
 
 
-def upload_args(sr: SecureRound, i: int, weight: float, clip: float | None) -> dict:
-    """Step 2 inputs for platform i: its inbox, its weight, the ring (and C under client DP)."""
+def upload_args(sr: SecureRound, i: int, weight: float, clip: float | None, sample_rate: float = 1.0) -> dict:
+    """Step 2 inputs for platform i: its inbox, its weight, the ring (and C under client DP, with
+    the probability q of joining the round when each platform samples itself)."""
     ring = sr.ring
-    return {"inbox": sr.inboxes[i], "weight": weight, "clip": clip, "ring": (ring.bits, ring.levels, ring.clip_range)}
+    out = {"inbox": sr.inboxes[i], "weight": weight, "clip": clip, "ring": (ring.bits, ring.levels, ring.clip_range)}
+    if sample_rate < 1.0:
+        out["sample_rate"] = sample_rate
+    return out
 
 
 def check_masked(result: dict, length: int, ring: Ring) -> str | None:
@@ -133,7 +140,7 @@ def close_round(
         sr.ring,
     )
     sr.seconds += time.monotonic() - t0
-    return sr.ring.decode(total[:size]), total[size:].astype(np.int64)
+    return sr.ring.decode(total[:size]), sr.ring.signed(total[size:])
 
 
 # --- the round loop's use of the above -------------------------------------------------------
@@ -145,7 +152,7 @@ def masking(sr: SecureRound | None, i: int, privacy, info: dict) -> dict | None:
     if sr is None:
         return None
     if privacy.level == "client":
-        return upload_args(sr, i, 1.0, privacy.clip)
+        return upload_args(sr, i, 1.0, privacy.clip, privacy.sample_rate() if privacy.self_sampling else 1.0)
     return upload_args(sr, i, weight(info, i), None)
 
 
@@ -205,15 +212,15 @@ def mean(
 def record(sr: SecureRound, trained: Collected, names: dict) -> dict:
     """What the round log says about secure aggregation (aggregate numbers only)."""
     clipped = [r["secagg_clipped"] for r in trained.results.values() if "secagg_clipped" in r]
-    return {
-        "secagg": {
-            "threshold": sr.threshold,
-            "ring_bits": sr.ring.bits,
-            "parties": len(sr.parties),
-            "dropped": [names[i] for i in sr.parties if i not in trained.results],
-            "clipped": max(clipped) if clipped else 0.0,
-            "seconds": round(sr.seconds, 4),
-            "bytes_up": {names[i]: b for i, b in sr.bytes_up.items()},
-            "bytes_down": {names[i]: b for i, b in sr.bytes_down.items()},
-        }
+    out = {
+        "threshold": sr.threshold,
+        "ring_bits": sr.ring.bits,
+        "parties": len(sr.parties),
+        "dropped": [names[i] for i in sr.parties if i not in trained.results],
+        "seconds": round(sr.seconds, 4),
+        "bytes_up": {names[i]: b for i, b in sr.bytes_up.items()},
+        "bytes_down": {names[i]: b for i, b in sr.bytes_down.items()},
     }
+    if clipped:  # under DP a platform keeps this (a statistic of its update) in its own log
+        out["clipped"] = max(clipped)
+    return {"secagg": out}
