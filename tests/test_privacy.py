@@ -91,7 +91,9 @@ def test_a_sampled_cohort_is_poisson_sampling_under_add_remove():
         dpa.SampledWithoutReplacementDpEvent(100, 10, dpa.GaussianDpEvent(0.5)),
         rdp.RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE),
     )
-    poisson = eps(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.0)), pld.PLDAccountant(value_discretization_interval=1e-4))
+    poisson = eps(
+        dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.0)), pld.PLDAccountant(value_discretization_interval=1e-4)
+    )
     assert honest_fixed == pytest.approx(84, rel=0.02) and poisson == pytest.approx(7.05, rel=0.01)
     ours = epsilon(Mechanism(1.0, 0.1), 100, 1e-5)
     assert ours == pytest.approx(poisson, rel=0.01) and ours >= poisson
