@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import textwrap
 from datetime import datetime
@@ -60,19 +61,57 @@ def _config_keys_help() -> str:
     return "\n".join(lines)
 
 
-def _resolve_run_dir(cfg, overwrite: bool) -> Path:
+class Replacement:
+    """A run dir being replaced (--overwrite): the old one waits aside until the new run has
+    validated its config and data (`commit` deletes it); a run that fails at start puts it back
+    (`rollback`), so nothing is lost and nothing half-written is left in its place."""
+
+    def __init__(self, path: Path, aside: Path | None = None):
+        self.path, self.aside = path, aside
+
+    def commit(self) -> None:
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def rollback(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.aside is not None:
+            os.rename(self.aside, self.path)
+            self.aside = None
+
+
+def _resolve_run_dir(cfg, overwrite: bool) -> Replacement:
+    """Where a new run (or comparison) writes. An existing, non-empty output_dir is replaced only
+    with --overwrite, only if fl_llm made it (its marker file), never the working directory or
+    one of its parents, and never while another process runs in it."""
+    from fl_llm.tracking import MARKER, RunDir
+
     if cfg.output_dir:
         path = Path(cfg.output_dir)
     else:
         path = Path("runs") / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise UserError(f"output dir {str(path)!r} already exists; pass --overwrite or choose another output_dir")
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return path
+    here, target = Path.cwd().resolve(), path.resolve()
+    if target == here or target in here.parents:
+        raise UserError(
+            f"output_dir {str(path)!r} is the working directory or one of its parents; a run needs a directory "
+            "of its own (e.g. output_dir=runs/my-run)"
+        )
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return Replacement(path)
+    if not overwrite:
+        raise UserError(f"output dir {str(path)!r} already exists; pass --overwrite or choose another output_dir")
+    if not path.is_dir() or not RunDir(path).is_fl_llm:
+        raise UserError(
+            f"--overwrite: {str(path)!r} is not a directory fl_llm made (it has no {MARKER} file), so it is not "
+            "replaced; remove it yourself or choose another output_dir"
+        )
+    holder = RunDir(path).holder()
+    if holder is not None:
+        raise UserError(f"--overwrite: {str(path)!r} is in use by another fl-llm process (pid {holder})")
+    aside = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+    os.rename(path, aside)
+    return Replacement(path, aside)
 
 
 # What may change when a run is resumed: how long it goes on and where/how it runs — never what
@@ -80,7 +119,7 @@ def _resolve_run_dir(cfg, overwrite: bool) -> Path:
 RESUME_CHANGEABLE = ("server.rounds", *config_mod.WHERE_NOT_WHAT, "faults.")
 
 
-def _resume_config(run_dir: str, args: list[str]):
+def _resume_config(run_dir: str, args: list[str], extend: bool = False):
     from fl_llm import checkpoint
 
     path = Path(run_dir)
@@ -98,7 +137,22 @@ def _resume_config(run_dir: str, args: list[str]):
             )
     if checkpoint.latest(path / "checkpoints") is None:
         raise UserError(f"--resume {run_dir!r}: no checkpoint there (checkpoint.every was 0, or no round finished)")
-    return config_mod.load(path / "config.yaml", args), path
+    before = config_mod.load(path / "config.yaml")
+    cfg = config_mod.load(path / "config.yaml", args)
+    if cfg.server.rounds != before.server.rounds:
+        if not extend:
+            raise UserError(
+                f"--resume with server.rounds={cfg.server.rounds}: the run was made for {before.server.rounds} rounds, "
+                "and its learning-rate schedule spans them; pass --extend to continue it to more rounds "
+                "(the rounds still to run then follow the schedule for the new total), or start a new run"
+            )
+        if cfg.server.rounds < before.server.rounds:
+            raise UserError(
+                f"--extend: server.rounds={cfg.server.rounds} is fewer than the run's {before.server.rounds}"
+            )
+    elif extend:
+        raise UserError("--extend needs server.rounds=N above the run's own server.rounds")
+    return cfg, path
 
 
 def _check_model(cfg, warm_start: bool = True) -> None:
@@ -116,32 +170,46 @@ def cmd_run(ns) -> int:
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed, run
 
+    if ns.extend and not ns.resume:
+        raise UserError("--extend continues a run: use it with --resume RUN_DIR server.rounds=N")
     if ns.resume:
         if ns.overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
-        cfg, run_dir = _resume_config(ns.resume, ns.args)
+        cfg, run_dir = _resume_config(ns.resume, ns.args, ns.extend)
     else:
         path, overrides = _split_config_args(ns.args)
         cfg = config_mod.load(path, overrides)
     _check_model(cfg, warm_start=not ns.resume)  # a resumed run starts from its checkpoint
-    if not ns.resume:
-        run_dir = _resolve_run_dir(cfg, ns.overwrite)
+    replacing = Replacement(run_dir) if ns.resume else _resolve_run_dir(cfg, ns.overwrite)
+    run_dir = replacing.path
     progress = Progress(enabled=cfg.tracking.progress)
     progress.info(
         f"fl_llm run '{cfg.name}': {cfg.data.num_platforms} platforms, {cfg.server.rounds} rounds, "
         f"task {cfg.data.task}, strategy {cfg.strategy.name}, model {cfg.model.name_or_path}, "
         f"backend {cfg.backend}\nrun dir: {run_dir}" + (" (resuming)" if ns.resume else "")
     )
+    if ns.extend:  # the run's config now says how long it runs
+        from fl_llm.tracking import RunDir
+
+        with RunDir(run_dir).lock():
+            RunDir(run_dir).save_config(config_mod.to_dict(cfg))
+        progress.info(f"extending the run to {cfg.server.rounds} rounds (config.yaml updated)")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        summary = run(cfg, run_dir, progress, resume=bool(ns.resume))
+        summary = run(cfg, run_dir, progress, resume=bool(ns.resume), on_started=replacing.commit)
     except UserError:
         if not ns.resume:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written for a user's mistake
+            replacing.rollback()  # nothing half-written for a user's mistake; a replaced run comes back
         raise
     except RunFailed as e:
+        if replacing.aside is not None:  # its platforms never started: the old run comes back
+            replacing.rollback()
         print(f"fl-llm: run failed: {e}", file=sys.stderr)
         return 1
+    except BaseException:
+        if replacing.aside is not None:  # stopped before its platforms started: the old run comes back
+            replacing.rollback()
+        raise
     final, initial, metric = summary["final"], summary["initial"], summary["metric"]
     progress.info(
         f"done in {summary['wall_seconds']:.0f} s: eval loss {initial['eval_loss']:.3f} -> "
@@ -172,7 +240,8 @@ def cmd_compare(ns) -> int:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             kind = "strategies" if per_strategy else "compare"
             cfg = config_mod.from_dict({**config_mod.to_dict(cfg), "output_dir": f"runs/{cfg.name}-{kind}-{stamp}"})
-        out = _resolve_run_dir(cfg, ns.overwrite)
+        replacing = _resolve_run_dir(cfg, ns.overwrite)
+        out = replacing.path
     progress = Progress(enabled=cfg.tracking.progress)
     what = f"strategies {', '.join(per_strategy)}" if per_strategy else "local-only vs federated vs centralized"
     progress.info(
@@ -180,18 +249,26 @@ def cmd_compare(ns) -> int:
         + (f", seeds {cfg.seed}..{cfg.seed + ns.seeds - 1}" if ns.seeds > 1 else "")
         + f"\nout: {out}"
     )
+    if ns.resume:
+        replacing = Replacement(out)
     try:
+        from fl_llm.tracking import RunDir
+
+        out.mkdir(parents=True, exist_ok=True)
+        RunDir(out).mark()
         if per_strategy:
             compare_strategies(per_strategy, out, progress, seeds=ns.seeds, resume=ns.resume)
         else:
             compare(cfg, out, progress, seeds=ns.seeds)
     except UserError:
         if not ns.resume:  # never delete the earlier comparison's runs
-            shutil.rmtree(out, ignore_errors=True)
+            replacing.rollback()
         raise
     except RunFailed as e:
+        replacing.commit()
         print(f"fl-llm: compare failed: {e}", file=sys.stderr)
         return 1
+    replacing.commit()
     stem = "strategies" if per_strategy else "comparison"
     progress.info(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
     return 0
@@ -336,12 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output_dir made by fl_llm (the old one is removed once the new run has started)",
+    )
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its newest checkpoint, with its own config.yaml "
-        "(overrides may only extend it: server.rounds, timeouts, ray.*, tracking.*, ...)",
+        help="continue RUN_DIR from its newest intact checkpoint, with its own config.yaml "
+        "(overrides may change where and how it runs: timeouts, ray.*, tracking.*, ...)",
+    )
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume and server.rounds=N: continue the run to N rounds (config.yaml is updated; with the "
+        "cosine schedule the rounds still to run follow the schedule for N rounds, the ones run keep theirs)",
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
@@ -448,17 +535,27 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(ns, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
+    previous = signal.signal(signal.SIGTERM, _terminated)  # `kill`, a scheduler's stop: like Ctrl-C
     try:
         return ns.func(ns)
     except UserError as e:
         print(f"fl-llm: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("fl-llm: interrupted", file=sys.stderr)
+        print(
+            "fl-llm: interrupted; a run continues from its last checkpoint with `fl-llm run --resume RUN_DIR`",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:  # `fl-llm strategies | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

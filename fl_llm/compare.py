@@ -104,11 +104,11 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
             trained = backend.call_each({i: (local[i], rnd) for i in ids}, "train", timeout_s=timeout).results
-            local = {i: _apply(cfg, i, local[i], trained[i]["update"]) if i in trained else local[i] for i in ids}
+            local = {i: _apply(cfg, i, local[i], _update(trained[i])) if i in trained else local[i] for i in ids}
             ev = backend.call_each({i: (local[i],) for i in ids}, "evaluate", timeout_s=timeout).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
-            central = _apply(cfg, POOLED, central, pooled.train(central, rnd)["update"])
+            central = _apply(cfg, POOLED, central, _update(pooled.train(central, rnd)))
             ev = backend.call(ids, "evaluate", backend.put(central), timeout_s=timeout).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
             line = "  ".join(
@@ -125,6 +125,13 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
     _plot(result, out_dir / "comparison.png")
     progress.info(format_table(result))
     return result
+
+
+def _update(answer: dict) -> dict:
+    """The update a platform sent: plain, or compressed (compression.name) and decoded here."""
+    from fl_llm.compression import decompress
+
+    return decompress(answer["payload"]) if "payload" in answer else answer["update"]
 
 
 def sizes_of(per_platform: dict[str, dict]) -> dict[str, int]:

@@ -8,6 +8,7 @@ raises `UserError` naming the dotted key and what is allowed, before anything ru
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,13 @@ class ServerConfig:
     max_failures: int = opt(
         3, "a platform that fails (crash, error, late, rejected update) this many rounds in a row is excluded", min=1
     )
+    outlier_factor: float | None = opt(
+        10.0,
+        "refuse an update whose norm is more than this many times the median norm of the round's other updates "
+        "and of the last rounds' accepted ones (null = off; not under client-level DP, whose clipping bounds "
+        "every update, nor under secure aggregation, where each platform checks its own)",
+        gt=1,
+    )
     max_update_norm: float | None = opt(
         None, "reject an update whose L2 norm is larger (null = no bound; NaN/Inf and shapes are always checked)", gt=0
     )
@@ -348,6 +356,13 @@ class SecAggConfig:
         "survive, and fewer than t colluding parties learn nothing (null: a majority of the round, at least 2)",
         min=2,
     )
+    max_clipped: float = opt(
+        0.01,
+        "a platform refuses to send an update with a larger share of values beyond ±clip_range (or any NaN/Inf): "
+        "it fails the round instead of corrupting the sum",
+        gt=0,
+        max=1,
+    )
     clip_range: float = opt(
         0.1,
         "each (weighted) update value is clipped to ±this before fixed-point quantization; the share clipped "
@@ -462,11 +477,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # .nan / .inf parse as YAML floats; no setting means them
+            raise UserError(f"config key '{key}' must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -560,12 +577,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last one silently, so a second `client:` section would erase the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one section", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {str(path)!r} is a directory, not a YAML file")
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError as e:
         raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -5,6 +5,8 @@ fails them ever reaches the driver or a platform.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fl_llm.config import RunConfig
 from fl_llm.errors import UserError
 
@@ -46,6 +48,16 @@ def check_cross_fields(cfg: RunConfig) -> None:
                 f"config key 'data.files.paths' lists {len(files.paths)} files but data.num_platforms is {n}; "
                 "give one file per platform, or set data.files.split_by or data.partition.method"
             )
+        if cfg.data.partition.method == "natural" and not files.split_by:
+            stems = [Path(p).name.split(".")[0] for p in files.paths]
+            twice = sorted({s for s in stems if stems.count(s) > 1})
+            if twice:
+                clash = [p for p in files.paths if Path(p).name.split(".")[0] == twice[0]]
+                raise UserError(
+                    f"config key 'data.files.paths': {', '.join(map(repr, clash))} would both be platform "
+                    f"{twice[0]!r} (a platform is named after its file, up to the first dot); every platform "
+                    "needs its own name: rename a file"
+                )
         if files.split_values and len(files.split_values) != n:
             raise UserError(
                 f"config key 'data.files.split_values' must hold data.num_platforms ({n}) values, "

@@ -117,4 +117,4 @@ class Trackers:
                 self.mlflow.log_artifact(str(self.run_dir / name))
         if (self.run_dir / "adapter").is_dir():
             self.mlflow.log_artifacts(str(self.run_dir / "adapter"), artifact_path="adapter")
-        self.mlflow.end_run(status="FINISHED" if status == "completed" else "FAILED")
+        self.mlflow.end_run(status={"completed": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))

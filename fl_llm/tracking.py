@@ -64,9 +64,14 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(_clean(obj), indent=2, ensure_ascii=False) + "\n")
 
 
+MARKER = ".fl_llm-run"  # written into every directory fl_llm makes for a run or a comparison
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.marker = self.path / MARKER
+        self.lock_file = self.path / ".lock"
         self.config = self.path / "config.yaml"
         self.metrics = self.path / "metrics.jsonl"
         self.summary = self.path / "summary.json"
@@ -76,6 +81,59 @@ class RunDir:
         self.base_model = self.path / "base_model"
         self.checkpoints = self.path / "checkpoints"
         self.platform_states = self.path / "platforms"  # each platform's own state dir, by default
+
+    def mark(self) -> None:
+        """Say that fl_llm made this directory: only such a directory may be replaced (--overwrite)."""
+        if not self.marker.exists():
+            write_atomic(self.marker, json.dumps({"made_by": "fl_llm"}) + "\n")
+
+    @property
+    def is_fl_llm(self) -> bool:
+        return self.marker.is_file()
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for one process at a time, for as long as the run lasts: a second
+        `fl-llm run --resume` on it is refused (exit 2) naming the process that holds it."""
+        import fcntl
+
+        from fl_llm.errors import UserError
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"run dir {str(self.path)!r} is in use by another fl-llm process (pid {holder}); wait for it "
+                "to finish or stop it, or choose another output_dir"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def holder(self) -> int | None:
+        """The pid holding the lock now, or None when the run dir is free."""
+        import fcntl
+
+        if not self.lock_file.is_file():
+            return None
+        fd = os.open(self.lock_file, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        finally:
+            os.close(fd)
 
     def save_config(self, cfg_dict: dict) -> None:
         write_atomic(self.config, yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True))

@@ -274,7 +274,9 @@ def test_every_vector_sent_under_client_dp_has_norm_at_most_c():
     from fl_llm.config import to_dict
     from fl_llm.server.secure import ring_for
 
-    cfg = load(None, [*FAST, "privacy.dp.level=client", "privacy.dp.noise_multiplier=1"])
+    cfg = load(
+        None, [*FAST, "privacy.dp.level=client", "privacy.dp.noise_multiplier=1", "privacy.secagg.max_clipped=1"]
+    )
     plat = Platform(to_dict(cfg), 0)
     update = plat.train(plat.initial_adapter(), round_=1)["update"]
     norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in update.values()))
@@ -386,3 +388,34 @@ def test_per_record_outputs_are_not_in_the_remote_api(small_cfg):
     with pytest.raises(ValueError, match="not part of the platform's remote API"):
         backend.call([0], "_example_losses", {}, None, [0], [0], timeout_s=10)
     assert not hasattr(backend.platforms[0], "example_losses")
+
+
+def test_an_excluded_platform_leaves_the_sampled_population(tmp_path):
+    """Client-level DP, k = 2 of 4, a platform that always fails is excluded after one failure:
+    from then on each of the 3 left joins with q = 2/3, and the ledger composes both rates."""
+    import dp_accounting as dpa
+
+    cfg = [
+        *FAST,
+        "data.num_platforms=4",
+        "data.synthetic.train_examples=[60]",
+        "server.rounds=4",
+        "server.platforms_per_round=2",
+        "server.max_failures=1",
+        "faults.error=[{platform: 3, round: 1}, {platform: 3, round: 2}, {platform: 3, round: 3}]",
+        "privacy.dp.level=client",
+        "privacy.dp.noise_multiplier=1",
+        "privacy.dp.secure_rng=false",
+    ]
+    loop.run(load(None, cfg), tmp_path)
+    rows = read_metrics(tmp_path)
+    excluded_after = next(r["round"] for r in rows if r["excluded"])
+    spent = json.loads((tmp_path / "privacy.json").read_text())["parties"]["federation"]["spent"]
+    assert [(s["sample_rate"], s["releases"]) for s in spent] == [(0.5, excluded_after), (2 / 3, 4 - excluded_after)]
+    truth = _pld_epsilon(
+        [
+            (dpa.PoissonSampledDpEvent(0.5, dpa.GaussianDpEvent(1.0)), excluded_after),
+            (dpa.PoissonSampledDpEvent(2 / 3, dpa.GaussianDpEvent(1.0)), 4 - excluded_after),
+        ]
+    )
+    assert rows[-1]["epsilon"] == pytest.approx(truth, rel=0.01)

@@ -44,6 +44,12 @@ class PlatformHost:
         )
         self.platforms = {i: Platform(config, i, None, hard_exit, shared=(model, tokenizer)) for i in platform_ids}
 
+    def process(self) -> tuple[str, int]:
+        import os
+        import socket
+
+        return socket.gethostname(), os.getpid()
+
     def call(self, platform_id: int, method: str, *args):
         """`method(*args)` on one of this host's platforms (its remote API only)."""
         if method.startswith("_"):

@@ -98,14 +98,18 @@ class Platform:
                 return
             if not getattr(base, "is_quantized", False):  # a 4-bit base is placed on its GPU as it loads
                 base.to(self.device)  # before wrapping: adapters are created on the base's device
-            self.model = apply_lora(
-                base,
-                self.cfg.model,
-                self.cfg.seed,
-                rank=self.rank,
-                checkpointing=self.cfg.client.gradient_checkpointing,
-                compile_blocks=self.cfg.client.compile,
-            )
+            try:
+                self.model = apply_lora(
+                    base,
+                    self.cfg.model,
+                    self.cfg.seed,
+                    rank=self.rank,
+                    checkpointing=self.cfg.client.gradient_checkpointing,
+                    compile_blocks=self.cfg.client.compile,
+                )
+            except UserError as e:  # target modules that match nothing, a rank above a layer's size
+                self.user_error = str(e)
+                return
             self.adapter = "default"
         else:  # one resident base model, one adapter per platform on it
             from fl_llm.model.adapters import lora_config
@@ -158,6 +162,10 @@ class Platform:
             return q, p.dp.noise_multiplier
         steps = self.cfg.server.rounds * c.local_steps
         return q, calibrate(p.target_epsilon, p.delta, steps, Mechanism(1.0, q), p.dp.accountant)
+
+    def process(self) -> tuple[str, int]:
+        """(host, process id) of this platform: the driver waits for it to exit at shutdown."""
+        return socket.gethostname(), os.getpid()
 
     @property
     def private_log(self) -> Path | None:
@@ -223,10 +231,10 @@ class Platform:
         self.persistent = {}
         if self.state_dir is None:
             return 0
-        saved = [p for p in checkpoint.all_checkpoints(self.state_dir / "checkpoints") if _round_of(p) <= round_]
-        if not saved:
+        saved, _ = checkpoint.latest_intact(self.state_dir / "checkpoints", at_most=round_)
+        if saved is None:
             return 0
-        got, state = checkpoint.load(saved[-1])
+        got, state = checkpoint.load(saved)
         self.persistent = state["persistent"]
         return got
 
@@ -422,6 +430,8 @@ class Platform:
         from fl_llm.strategies.base import flatten
 
         vec = flatten([update])[0][0] * float(sa["weight"])
+        if not np.isfinite(vec).all():  # the ring would turn NaN into 0 and Inf into the range's edge
+            raise ValueError(f"platform {self.id}: the update has NaN/Inf values; not sent into the secure sum")
         clip = sa.get("clip")
         extra = []
         if clip is not None:
@@ -430,6 +440,12 @@ class Platform:
             extra = [centred_bit(norm, clip) if joined else 0]
         ring = Ring(*sa["ring"])
         levels, clipped = ring.quantize(vec, platform_rng(self.cfg.seed, round_, self.id, 3))
+        limit = self.cfg.privacy.secagg.max_clipped
+        if clipped > limit:
+            raise ValueError(
+                f"platform {self.id}: {clipped:.1%} of the update's values lie beyond ±privacy.secagg.clip_range "
+                f"({ring.clip_range:g}), more than privacy.secagg.max_clipped ({limit:.1%}); not sent into the secure sum"
+            )
         if clip is not None:
             levels = ring.bound(levels, clip)
         return levels, extra, clipped
@@ -484,7 +500,7 @@ class Platform:
 
         from fl_llm.model.adapters import save_adapter
 
-        path = Path(root) / self.name
+        path = Path(root) / safe_name(self.name)  # a name from the data never leaves root
         path.parent.mkdir(parents=True, exist_ok=True)
         self._activate()
         save_adapter(get_adapter_state(self.model), self.cfg.model, path, base_name, rank=self.rank)
@@ -566,7 +582,3 @@ def safe_name(name: str) -> str:
     """A platform's name as one safe path component (its state directory)."""
     cleaned = re.sub(r"[^\w.-]", "_", name)
     return "_" if cleaned in ("", ".", "..") else cleaned
-
-
-def _round_of(path: Path) -> int:
-    return int(path.name.split("-")[-1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +165,8 @@ def _locate_bad_row(path: Path, fmt: str) -> str:
                         return f"row {i}: {len(row)} fields where the header has {len(header)}"
     except UnicodeDecodeError as e:
         return f"byte {e.start}: not UTF-8 text"
-    except (OSError, EOFError) as e:
-        return str(e)
+    except (OSError, EOFError, zlib.error) as e:  # a damaged .gz: "not a gzip file", a bad CRC, cut short
+        return f"the compressed file is damaged ({e})"
     return ""
 
 
@@ -174,6 +175,8 @@ def read_table(path: str | Path) -> list[dict]:
     import datasets
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"data file {str(path)!r} is a directory; give the file itself (one per platform)")
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} does not exist")
     if path.stat().st_size == 0:

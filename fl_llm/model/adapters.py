@@ -32,6 +32,20 @@ def lora_config(model_cfg: ModelConfig, rank: int | None = None):
     )
 
 
+def _check_rank(model, rank: int) -> None:
+    """A LoRA rank above a layer's smaller dimension adds parameters without adding rank: refuse it."""
+    from fl_llm.errors import UserError
+
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            smallest = min(module.in_features, module.out_features)
+            if rank > smallest:
+                raise UserError(
+                    f"config key 'model.lora.r' is {rank}, above the smaller dimension ({smallest}) of layer "
+                    f"{name.split('base_model.model.', 1)[-1]}; a LoRA of rank r ≤ {smallest} is already full rank there"
+                )
+
+
 def apply_lora(
     model,
     model_cfg: ModelConfig,
@@ -49,12 +63,25 @@ def apply_lora(
 
     import torch
     from peft import get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    from fl_llm.errors import UserError
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
-        wrapped = get_peft_model(model, lora_config(model_cfg, rank))
+        try:
+            wrapped = get_peft_model(model, lora_config(model_cfg, rank))
+        except (NoMatchingPeftModuleError, ValueError) as e:
+            if "target" not in str(e).lower():
+                raise
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise UserError(
+                f"config key 'model.lora.target_modules': {model_cfg.lora.target_modules} matches no layer of the "
+                f"model; its linear layers are named {', '.join(linear)}"
+            ) from None
+    _check_rank(wrapped, rank or model_cfg.lora.r)
     if checkpointing:
         wrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         wrapped.enable_input_require_grads()

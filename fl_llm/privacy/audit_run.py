@@ -34,7 +34,7 @@ def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, int]
     """(global adapter, base merges payload, the round whose platform state goes with them)."""
     from fl_llm.server.base_merges import BaseMerges
 
-    latest = checkpoint.latest(run_dir / "checkpoints")
+    latest, _ = checkpoint.latest_intact(run_dir / "checkpoints")
     if latest is not None:
         round_, state = checkpoint.load(latest)
         merges = BaseMerges.from_state(1.0, state["merges"])

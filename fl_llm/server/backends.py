@@ -11,6 +11,7 @@ the same calls to the round loop:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -107,20 +108,27 @@ class RayBackend(_Backend):
         address = cfg.ray.address
         if not ray.is_initialized():
             check_address(address)
-            local = address is None and not os.environ.get("RAY_ADDRESS")  # inside a job, Ray sets it
+            # Unset means a fresh private instance on this machine, reachable from it alone —
+            # never a cluster someone else started here (which `ray.init()` would join). Inside a
+            # submitted job Ray sets RAY_ADDRESS to the job's cluster.
+            in_job = bool(os.environ.get("RAY_ADDRESS"))
+            local = address is None and not in_job
             try:
-                ray.init(
-                    address=address,
-                    num_cpus=cfg.ray.num_cpus if local else None,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level="WARNING",
-                    # a submitted job brings its own runtime env (working dir, env vars): merging
-                    # ours into it is refused by Ray, so only a local instance gets one
-                    **({"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}} if local else {}),
-                )
+                with loopback_only(local):
+                    ray.init(
+                        address="local" if local else address,
+                        num_cpus=cfg.ray.num_cpus if local else None,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level="WARNING",
+                        **({"_node_ip_address": LOOPBACK} if local else {}),
+                        # a submitted job brings its own runtime env (working dir, env vars): merging
+                        # ours into it is refused by Ray, so only a local instance gets one
+                        **({"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}} if local else {}),
+                    )
             except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"ray.address {address!r}: cannot connect to a Ray cluster there ({e})") from None
+                where = "a private local Ray instance" if local else f"ray.address {address!r}"
+                raise UserError(f"{where}: Ray did not start or connect ({_first_line(e)})") from None
             self._started_here = True
         n = cfg.data.num_platforms
         k = cfg.ray.platforms_per_gpu
@@ -185,6 +193,8 @@ class RayBackend(_Backend):
         from fl_llm.client.train import RoundDeadline
 
         ray = self._ray
+        if not args_by_id:  # e.g. a Poisson sample that drew no platform
+            return Collected()
         refs = {self._method(i, method, args): i for i, args in args_by_id.items()}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         out = Collected(late=sorted(refs[r] for r in pending))
@@ -223,11 +233,49 @@ class RayBackend(_Backend):
         self.actors[h] = self._start(h)
 
     def shutdown(self) -> None:
-        for a in getattr(self, "actors", []):
-            self._ray.kill(a)
-        self.actors = []
+        """Kill every platform actor and wait until its process has exited: a Ray worker that
+        outlives the run keeps its model (hundreds of MB) in memory for minutes."""
+        ray = self._ray
+        actors, self.actors = getattr(self, "actors", []), []
+        pids = []
+        if actors:
+            refs = [a.process.remote() for a in actors]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+            for ref in ready:
+                try:
+                    pids.append(ray.get(ref))
+                except ray.exceptions.RayError:
+                    pass  # already dead
+        for a in actors:
+            ray.kill(a, no_restart=True)
         if self._started_here:
-            self._ray.shutdown()
+            ray.shutdown()
+        reap(pids)
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_only(local: bool):
+    """Start a local instance whose every server (GCS, raylet, object manager, workers, agents)
+    listens on the loopback interface alone. Ray binds its servers to all interfaces unless the
+    node's IP is 127.0.0.1, and `ray.init` replaces a loopback `_node_ip_address` with the
+    machine's reachable address (`services.resolve_ip_for_localhost`); for fl_llm's own private
+    instance that replacement is skipped, so nothing it starts can be reached from another host.
+    Ray's token authentication stays as Ray sets it (on unless RAY_AUTH_MODE=disabled).
+    tests/test_hostile.py checks the listening sockets of a real run."""
+    if not local:
+        yield
+        return
+    from ray._private import services
+
+    original = services.resolve_ip_for_localhost
+    services.resolve_ip_for_localhost = lambda host: host
+    try:
+        yield
+    finally:
+        services.resolve_ip_for_localhost = original
 
 
 def pinning(cfg: RunConfig, resources: dict, nodes: list[dict]) -> dict[int, dict]:
@@ -290,6 +338,31 @@ def placement(cfg: RunConfig, resources: dict) -> tuple[float, float]:
         )
     # Ray counts resources in 1e-4 units: round down, or n shares of 2/3 would not fit in 2.
     return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4
+
+
+def reap(processes: list[tuple[str, int]], timeout_s: float = 20.0) -> None:
+    """Wait for the platform processes this run started on this host to exit; kill any still
+    there after `timeout_s` (each is a `ray::` worker of ours, identified by host and pid)."""
+    import psutil
+
+    here = socket.gethostname()
+    procs = []
+    for host, pid in processes:
+        if host != here:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            if "ray::" in " ".join(proc.cmdline()) or proc.name().startswith("ray::"):
+                procs.append(proc)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _first_line(e: Exception) -> str:

@@ -65,6 +65,28 @@ def judge_update(
     return None, norm
 
 
+def outliers(norms: dict[int, float], recent: list[float], factor: float | None) -> dict[int, str]:
+    """{platform: why} for every update whose norm is more than `factor` times the median of the
+    other updates' norms this round and the norms accepted in recent rounds: the robust default
+    that keeps one wild update (a bug, a ×10⁶ scale, an attack) out of the model when no
+    max_update_norm is set. A median needs no trust in any one platform; with no reference yet
+    (the first round of a single platform) nothing is refused."""
+    if factor is None:
+        return {}
+    out = {}
+    for i, norm in norms.items():
+        pool = [m for j, m in norms.items() if j != i] + list(recent)
+        if not pool:
+            continue
+        reference = float(np.median(pool))
+        if reference > 0 and norm > factor * reference:
+            out[i] = (
+                f"norm {norm:.4g} is {norm / reference:.3g}x the median {reference:.4g} of this round's other and "
+                f"recent updates (server.outlier_factor={factor:g})"
+            )
+    return out
+
+
 @dataclass
 class Failures:
     """Consecutive failures per platform, and who has been excluded (with the last cause)."""

@@ -38,7 +38,7 @@ from fl_llm.progress import Progress
 from fl_llm.server import secure
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
-from fl_llm.server.guard import Failures, check_update, judge_update
+from fl_llm.server.guard import Failures, check_update, judge_update, outliers
 from fl_llm.server.privacy import Privacy
 from fl_llm.server.records import (
     attempt_record,
@@ -57,7 +57,8 @@ from fl_llm.strategies.step import aggregate_round
 from fl_llm.trackers import Trackers
 from fl_llm.tracking import RunDir, write_json
 
-SETUP_TIMEOUT_S = 1800.0  # loading a large base model on every platform can take a while
+SETUP_TIMEOUT_S = 1800.0
+CLIPPED_WARNING = 0.001  # secure aggregation: warn when more of an update is clipped to the ring's range  # loading a large base model on every platform can take a while
 
 
 class RunFailed(RuntimeError):
@@ -114,6 +115,7 @@ class Federation:
     initial: dict
     merges: BaseMerges
     checkpointed: int = 0  # the last round whose state every platform saved in its own state dir
+    recent_norms: list[float] = field(default_factory=list)  # accepted update norms of the last rounds
     elapsed_s: float = 0.0  # wall time spent in earlier processes of this run (before a resume)
     privacy: Privacy | None = None  # the DP ledger and mechanism state
 
@@ -131,12 +133,19 @@ class Federation:
             "failures": self.failures.state(),
             "initial": self.initial,
             "merges": self.merges.state(),
+            "recent_norms": list(self.recent_norms),
             "elapsed_s": elapsed_s,
             "privacy": self.privacy.state() if self.privacy else None,
         }
 
     @classmethod
     def from_checkpoint(cls, state: dict, cfg: RunConfig, merge_scale: float) -> Federation:
+        if any(state.get("platform_state", {}).values()):
+            raise UserError(
+                "--resume: this checkpoint was written by an earlier fl_llm that kept each platform's state "
+                "(control variates, personal B, optimizer moments, residuals) in the driver's checkpoint; "
+                "platforms now keep it in their own state dir, so this run cannot continue exactly: start a new run"
+            )
         d = state["downlink"]
         return cls(
             round=int(state["round"]),
@@ -147,14 +156,22 @@ class Federation:
             initial=state["initial"],
             merges=BaseMerges.from_state(merge_scale, state["merges"]),
             checkpointed=int(state["round"]),
+            recent_norms=[float(x) for x in state.get("recent_norms", [])],
             elapsed_s=float(state["elapsed_s"]),
             privacy=Privacy.from_state(cfg, state.get("privacy")),
         )
 
 
-def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume: bool = False) -> dict:
-    progress = progress or Progress(enabled=False)
+def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume: bool = False, on_started=None) -> dict:
+    """Run (or, with `resume`, continue) the federated job in `run_dir`, holding the directory's
+    lock throughout. `on_started()` is called once the platforms have loaded and validated their
+    data: the CLI then removes the directory this run replaces (--overwrite)."""
     rd = RunDir(run_dir)
+    with rd.lock():
+        return _run(cfg, rd, progress or Progress(enabled=False), resume, on_started)
+
+
+def _run(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, on_started) -> dict:
     rd.path.mkdir(parents=True, exist_ok=True)
     n = cfg.data.num_platforms
     everyone = list(range(n))
@@ -167,14 +184,11 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     timeout = cfg.server.round_timeout_s
     secagg = cfg.privacy.secagg.enabled
     t_start = time.monotonic()
-    resume_from = checkpoint.latest(rd.checkpoints) if resume else None
-    if resume and resume_from is None:
-        raise UserError(
-            f"--resume {str(rd.path)!r}: no checkpoint there (checkpoint.every was 0, or it never ended a round)"
-        )
+    resume_from = _checkpoint_to_resume(rd, progress) if resume else None
 
     # --- Setup: resolved config, base model for plain-transformers users, the platforms -------
     if not resume:
+        rd.mark()
         rd.save_config(to_dict(cfg))
     if is_builtin(cfg.model) and not (rd.base_model / "config.json").exists():
         progress.phase("saving the built-in base model")
@@ -194,6 +208,9 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
         if bad:
             raise UserError(bad[0])
         names = {i: info[i]["name"] for i in everyone}
+        _require_unique(names)
+        if on_started is not None:
+            on_started()
         write_json(rd.platforms, [info[i] for i in everyone])
         progress.info(platform_table(info, getattr(backend, "resources", None)))
         if resume_from is not None:
@@ -280,7 +297,7 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
                     for r in trained.results.values():  # a compressed update, decoded
                         if "payload" in r:
                             r["update"] = decompress(r.pop("payload"))
-                    accepted, rejected = _validate(trained, fed.global_state, ranks, strategy, cfg)
+                    accepted, rejected = _validate(trained, fed, ranks, strategy, cfg)
                 restarted += _restart(backend, trained.dead, fed)
                 secs["validate"] += time.monotonic() - t
                 if len(accepted) >= cfg.server.min_platforms:
@@ -381,6 +398,11 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             if sr:
                 record.pop("aggregation_error", None)  # needs the individual updates
                 record.update(secure.record(sr, trained, names))
+                if record["secagg"].get("clipped", 0.0) > CLIPPED_WARNING:
+                    progress.warn(
+                        f"round {rnd}: up to {record['secagg']['clipped']:.2%} of a platform's update values were "
+                        f"clipped to ±privacy.secagg.clip_range ({cfg.privacy.secagg.clip_range:g}); raise it"
+                    )
             fed.privacy.metrics(record)
             if strategy.lora == "fedsa":  # each platform writes its own adapter
                 backend.call(in_run, "save_personal", str(rd.path / "personal"), base_name, timeout_s=SETUP_TIMEOUT_S)
@@ -420,6 +442,14 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
             write_json(rd.summary, {**summary, "status": "failed", "error": str(e)})
         trackers.finish("failed")
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
+        writer.close()  # the rounds that ended, and their checkpoints, are on disk
+        if fed is not None:
+            summary = run_summary(cfg, primary, rd, history, fed, info, time.monotonic() - t_start)
+            resume = f"fl-llm run --resume {rd.path}"
+            write_json(rd.summary, {**summary, "status": "interrupted", "resume": resume})
+        trackers.finish("killed")
+        raise
     except BaseException:
         trackers.finish("failed")
         raise
@@ -440,6 +470,40 @@ def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume:
     write_json(rd.summary, summary)
     trackers.finish("completed")
     return summary
+
+
+def _require_unique(names: dict[int, str]) -> None:
+    """Every platform needs a name of its own: names key the privacy ledger, the metrics and each
+    platform's state dir (as a safe path component)."""
+    from fl_llm.client.platform import safe_name
+
+    seen: dict[str, int] = {}
+    for i, name in sorted(names.items()):
+        key = safe_name(name)
+        if key in seen:
+            j = seen[key]
+            raise UserError(
+                f"platforms {j} and {i} are both named {names[j]!r}"
+                + (f" / {name!r}" if name != names[j] else "")
+                + ": every platform needs its own name (with one file per platform the name is the file name "
+                "before its first dot: rename a file; with data.files.split_by, its values)"
+            )
+        seen[key] = i
+
+
+def _checkpoint_to_resume(rd: RunDir, progress: Progress) -> Path:
+    """The newest intact checkpoint, verified before anything starts; damaged newer ones are named
+    in a warning. None intact: one line, exit 2."""
+    found, skipped = checkpoint.latest_intact(rd.checkpoints)
+    for path, why in skipped:
+        progress.warn(f"checkpoint {path.name} is damaged ({why}); resuming from an older one")
+    if found is None:
+        damaged = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise UserError(
+            f"--resume {str(rd.path)!r}: no intact checkpoint there"
+            + (f" ({damaged})" if damaged else " (checkpoint.every was 0, or it never ended a round)")
+        )
+    return found
 
 
 def _start_fresh(
@@ -471,13 +535,17 @@ def _start_fresh(
 
 
 def _validate(
-    trained: Collected, global_state: AdapterState, ranks: list[int], strategy: Strategy, cfg: RunConfig
+    trained: Collected, fed: Federation, ranks: list[int], strategy: Strategy, cfg: RunConfig
 ) -> tuple[list[int], dict[int, str]]:
     """(platforms whose update may be aggregated, {platform: why its update was rejected}).
 
     Each update must match the global adapter as that platform holds it: its LoRA rank, and only
-    the tensors the strategy has it send (FFA: no A; FedSA: no B)."""
+    the tensors the strategy has it send (FFA: no A; FedSA: no B); finite; within
+    server.max_update_norm when set; and not an outlier against the median of the round's other
+    and recent updates (server.outlier_factor; off under client-level DP, where clipping bounds
+    every update and a rule that depends on the others' norms would break its sensitivity)."""
     accepted, rejected = [], {}
+    global_state = fed.global_state
     sent = strategy.upload_keys(global_state)
     for i in sorted(trained.results):
         own = to_rank(global_state, ranks[i], cfg.model.lora.alpha, max(ranks))
@@ -490,6 +558,13 @@ def _validate(
             accepted.append(i)
         else:
             rejected[i] = f"update rejected: {why}"
+    if cfg.privacy.dp.level != "client":
+        norms = {i: trained.results[i]["update_norm"] for i in accepted}
+        for i, why in outliers(norms, fed.recent_norms, cfg.server.outlier_factor).items():
+            accepted.remove(i)
+            rejected[i] = f"update rejected: {why}"
+        # the reference for the next rounds: this round's accepted norms, and the two rounds before
+        fed.recent_norms = (fed.recent_norms + [norms[i] for i in accepted])[-3 * max(len(norms), 1) :]
     return accepted, rejected
 
 
