@@ -106,15 +106,29 @@ class SyntheticConfig:
 
 @dataclass
 class FilesConfig:
-    paths: list[str] = opt([], "data files (JSONL, JSON, CSV, .csv.gz, Parquet): one per platform, or one to split")
+    paths: list[str] = opt(
+        [], "data files (JSONL, JSON, CSV, .csv.gz, Parquet, Excel .xlsx): one per platform, or one to split"
+    )
     eval_paths: list[str] = opt([], "held-out files, matching `paths` (empty: hold out eval_fraction of each)")
-    eval_fraction: float = opt(0.2, "share of each platform's rows held out for evaluation", gt=0, max=0.9)
+    eval_fraction: float = opt(
+        0.2,
+        "share of each platform's rows held out for evaluation, drawn at random (seeded by seed and platform) "
+        "when eval_paths is empty",
+        gt=0,
+        max=0.9,
+    )
     split_by: str | None = opt(None, "column whose values are the platforms (one file for everyone)")
     split_values: list[str] = opt([], "which values of split_by become platforms, in order (empty: all, sorted)")
     columns: dict[str, str] = opt({}, "template field -> file column, where the names differ")
     label_column: str = opt("label", "column holding the label")
     label_values: list[str] = opt([], "file values of each label in verbalizer order (empty: 0, 1, ...)")
-    max_rows: int | None = opt(None, "keep at most this many training rows per platform (first rows)", min=1)
+    max_rows: int | None = opt(
+        None,
+        "keep a random sample (seeded) of at most this many training rows per platform, and of held-out rows "
+        "in proportion to eval_fraction",
+        min=1,
+    )
+    sheet: str | None = opt(None, "Excel workbooks (.xlsx): the sheet to read (null: the first)")
     drop_missing: bool = opt(False, "skip rows with an empty needed value instead of stopping")
 
 

@@ -171,3 +171,78 @@ def test_world_seed_draws_other_data_for_the_same_run_seed():
     assert len({tuple(p) for p in prompts.values()}) == 3
     same = load_platform_data(load(None, [*small, "seed=4"]), 0).train
     assert [r["candidate"] + r["liked"] for r in same] == prompts[("data.synthetic.world_seed=4",)]
+
+
+def test_max_rows_samples_at_random_and_caps_both_splits(tmp_path):
+    """A file sorted by label: the first 60 rows are all negative. max_rows used to take them
+    (a one-class training set); now a seeded random sample of both classes, and the held-out
+    split is capped in proportion (eval_fraction 0.2: 15 for 60)."""
+    rows = sorted(_rows(400), key=lambda r: r["y"])
+    _write_csv(tmp_path / "a.csv", rows)
+    _write_csv(tmp_path / "b.csv", _rows(100))
+    cfg = _cfg(tmp_path, [tmp_path / "a.csv", tmp_path / "b.csv"], "data.num_platforms=2", "data.files.max_rows=60")
+    data = load_platform_data(cfg, 0)
+    labels = [r["label"] for r in data.train]
+    assert len(data.train) == 60 and 15 < sum(labels) < 45
+    assert len(data.eval) == 15 and 0 < sum(r["label"] for r in data.eval) < 15
+    again = load_platform_data(cfg, 0)
+    assert [r["item"] for r in again.train] == [r["item"] for r in data.train]  # seeded
+
+
+def test_a_one_class_split_is_warned_about_at_start(tmp_path, capsys):
+    from fl_llm.cli import main
+
+    _write_csv(tmp_path / "a.csv", [r for r in _rows(200) if r["y"] == 1])
+    _write_csv(tmp_path / "b.csv", _rows(100))
+    argv = [
+        "run",
+        *REVIEW,
+        "backend=local",
+        "data.source=files",
+        "data.num_platforms=2",
+        f"data.files.paths=[{tmp_path / 'a.csv'}, {tmp_path / 'b.csv'}]",
+        "data.files.columns={review: text}",
+        "data.files.label_column=y",
+        "server.rounds=1",
+        "client.local_steps=1",
+        "tracking.progress=false",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: a: its training split holds one class only ('Yes', 80 rows)" in out
+    assert "WARNING: a: its held-out split holds one class only" in out
+    assert "note: the built-in model is random-initialised" in out
+
+
+def test_excel_workbooks_and_their_sheets(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "shop.xlsx"
+    with pd.ExcelWriter(path, engine="openpyxl") as book:
+        pd.DataFrame(_rows(30)).to_excel(book, sheet_name="notes", index=False)
+        pd.DataFrame(_rows(50)).to_excel(book, sheet_name="reviews", index=False)
+    _write_csv(tmp_path / "b.csv", _rows(40))
+    cfg = _cfg(tmp_path, [path, tmp_path / "b.csv"], "data.num_platforms=2", "data.files.sheet=reviews")
+    data = load_platform_data(cfg, 0)
+    assert len(data.train) + len(data.eval) == 50 and data.name == "shop"
+    with pytest.raises(UserError, match="has no sheet 'orders' \\(its sheets: notes, reviews\\)"):
+        load_platform_data(
+            _cfg(tmp_path, [path, tmp_path / "b.csv"], "data.num_platforms=2", "data.files.sheet=orders"), 0
+        )
+
+
+@pytest.mark.parametrize(
+    "name, write, looks",
+    [
+        ("a.csv", lambda p: _write_csv(p, _rows(20), gz=True), "looks like a gzip file"),
+        ("a.parquet", lambda p: _write_csv(p, _rows(20)), "looks like a text file"),
+        ("a.csv.gz", lambda p: _write_csv(p, _rows(20)), "looks like a text file"),
+        ("a.csv", lambda p: p.write_bytes(b"PK\x03\x04 a workbook"), "looks like a zip archive"),
+    ],
+)
+def test_content_that_does_not_match_the_extension_is_named(tmp_path, name, write, looks):
+    write(tmp_path / name)
+    _write_csv(tmp_path / "b.csv", _rows(20))
+    with pytest.raises(UserError, match=looks):
+        load_platform_data(_cfg(tmp_path, [tmp_path / name, tmp_path / "b.csv"], "data.num_platforms=2"), 0)

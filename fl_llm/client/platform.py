@@ -27,6 +27,8 @@ from fl_llm.config import RunConfig, from_dict
 from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
 from fl_llm.strategies import STRATEGIES
 
+MIN_PER_CLASS = 20  # fewer rows of a class in a split than this gets a warning at start
+
 
 def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.random.Generator:
     """The generator for one (seed, round, platform) draw; never the global RNG."""
@@ -182,7 +184,29 @@ class Platform:
         if self.user_error:
             return {"platform": self.id, "name": self.name, "user_error": self.user_error}
         counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
-        return self._release(self._facts(counts), 0, "describe")
+        facts = self._facts(counts)
+        warnings = self._balance_warnings()
+        if warnings:
+            facts["warnings"] = warnings
+        return self._release(facts, 0, "describe")
+
+    def _balance_warnings(self) -> list[str]:
+        """A split with one class, or fewer than MIN_PER_CLASS rows of a class, makes its metrics
+        meaningless (AUC undefined) or its training one-sided: said at start, in one line each."""
+        out = []
+        k = len(self.task.verbalizer)
+        for split, enc in (("training", self.train_set), ("held-out", self.eval_set)):
+            counts = np.bincount(enc.labels, minlength=k)
+            if (counts > 0).sum() < 2:
+                only = self.task.verbalizer[int(np.argmax(counts))].strip()
+                out.append(f"{self.name}: its {split} split holds one class only ({only!r}, {int(counts.max())} rows)")
+            elif counts.min() < MIN_PER_CLASS:
+                few = self.task.verbalizer[int(np.argmin(counts))].strip()
+                out.append(
+                    f"{self.name}: its {split} split has only {int(counts.min())} rows of {few!r} "
+                    f"(fewer than {MIN_PER_CLASS}: its metrics will be noisy)"
+                )
+        return out
 
     def _facts(self, counts) -> dict:
         return {

