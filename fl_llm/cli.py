@@ -259,7 +259,7 @@ def cmd_compare(ns) -> int:
         if per_strategy:
             compare_strategies(per_strategy, out, progress, seeds=ns.seeds, resume=ns.resume)
         else:
-            compare(cfg, out, progress, seeds=ns.seeds)
+            compare(cfg, out, progress, seeds=ns.seeds, resume=ns.resume)
     except UserError:
         if not ns.resume:  # never delete the earlier comparison's runs
             replacing.rollback()
@@ -275,8 +275,6 @@ def cmd_compare(ns) -> int:
 
 
 def _comparison_to_resume(cfg, ns, strategies: bool) -> Path:
-    if not strategies:
-        raise UserError("--resume continues a comparison of strategies: give --strategies A,B,... as well")
     if ns.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
     if not cfg.output_dir:
@@ -454,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="with --strategies: continue the comparison in output_dir — runs finished there with the same "
-        "config are read, stopped ones resume from their last checkpoint, missing ones run (also adds seeds "
-        "or strategies to an earlier comparison)",
+        help="continue the comparison in output_dir — seeds (and, with --strategies, runs) finished there with "
+        "the same config are read, stopped federated runs resume from their last checkpoint, missing ones run "
+        "(also adds seeds, or strategies, to an earlier comparison)",
     )
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser(

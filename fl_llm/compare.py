@@ -14,9 +14,19 @@ round, on every platform's own held-out split. Writes
 `comparison.json` and `comparison.png` in the output dir; the federated run's own run dir is
 `<output dir>/federated`.
 
+A fourth arm, **personalised**, starts from the federated model and trains one more local
+round (`client.local_steps` steps) on each platform's own data: the lever when one global model
+cannot serve platforms whose data differ. Each arm's budget (optimizer steps and examples per
+platform) is stated in the result. The final models of every arm are evaluated once more with
+detail: a bootstrap interval of the headline metric over each platform's held-out records, the
+calibration bins, and — for yes/no tasks — the threshold chosen on half of the held-out records
+with the precision and recall it gets on the other half. A platform where federated is below
+local-only by more than the intervals allow is named.
+
 Federated results move with the seed (the data, the split, the initial adapter), so one run
 can mislead: `seeds=N` repeats the whole comparison for seeds seed..seed+N-1 (each in
-`<output dir>/seed-<s>/`) and reports the mean and standard deviation over seeds.
+`<output dir>/seed-<s>/`) and reports the mean and standard deviation over seeds. `resume=True`
+reads the seeds already compared and continues a federated run from its checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +35,17 @@ import dataclasses
 from pathlib import Path
 
 from fl_llm.client.platform import Platform
+from fl_llm.compare_report import (
+    MODES,
+    PERSONAL,
+    _plot,
+    _result,
+    _weighted_average,
+    format_table,
+    over_seeds,
+    plot_reliability,
+    sizes_of,
+)
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import POOLED, task_of
 from fl_llm.model.adapters import starting_adapter
@@ -34,7 +55,7 @@ from fl_llm.server.loop import SETUP_TIMEOUT_S, run
 from fl_llm.strategies.lora import update_to_global_rank
 from fl_llm.tracking import read_metrics, write_json
 
-MODES = ("local", "federated", "centralized")
+__all__ = ["MODES", "PERSONAL", "compare", "format_table", "over_seeds"]
 
 
 def _apply(cfg: RunConfig, platform: int, state: dict, update: dict) -> dict:
@@ -46,25 +67,21 @@ def _apply(cfg: RunConfig, platform: int, state: dict, update: dict) -> dict:
     return {k: state[k] + update[k] if k in update else state[k] for k in state}
 
 
-def _weighted_average(per_platform: dict[str, dict], sizes: dict[str, int], metric: str) -> float:
-    pairs = [(m.get(metric), sizes[n]) for n, m in per_platform.items()]
-    pairs = [(v, w) for v, w in pairs if v is not None and v == v]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else float("nan")
-
-
-def compare(cfg: RunConfig, out_dir: Path, progress: Progress | None = None, seeds: int = 1) -> dict:
-    """Local-only vs federated vs centralized; over `seeds` seeds (mean and std) when > 1."""
+def compare(
+    cfg: RunConfig, out_dir: Path, progress: Progress | None = None, seeds: int = 1, resume: bool = False
+) -> dict:
+    """Local-only vs federated vs centralized (and personalised); over `seeds` seeds (mean and
+    std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read."""
     progress = progress or Progress(enabled=False)
     if seeds <= 1:
-        return _compare_one(cfg, Path(out_dir), progress)
+        return _compare_one(cfg, Path(out_dir), progress, resume)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     try:
         for s in range(cfg.seed, cfg.seed + seeds):
             progress.info(f"==== seed {s} ({s - cfg.seed + 1} of {seeds}) ====")
-            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), out_dir / f"seed-{s}", progress))
+            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), out_dir / f"seed-{s}", progress, resume))
     finally:
         progress.close()
     result = over_seeds(runs)
@@ -74,8 +91,12 @@ def compare(cfg: RunConfig, out_dir: Path, progress: Progress | None = None, see
     return result
 
 
-def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
+def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False) -> dict:
     out_dir = Path(out_dir)
+    done = _earlier(cfg, out_dir) if resume else None
+    if done is not None:
+        progress.info(f"== seed {cfg.seed}: compared already ({out_dir / 'comparison.json'}) ==")
+        return done
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = task_of(cfg).primary
     n, rounds = cfg.data.num_platforms, cfg.server.rounds
@@ -85,12 +106,12 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
 
     # --- federated: the real thing ------------------------------------------------------------
     progress.info("== federated ==")
-    run(cfg, out_dir / "federated", progress)
+    _federated(cfg, out_dir / "federated", progress, resume)
     for row in read_metrics(out_dir / "federated"):
         per_round["federated"].append(row["platforms"])
 
     # --- local-only and centralized, on the same platforms --------------------------------------
-    progress.info("== local-only and centralized (pooled data, upper bound) ==")
+    progress.info("== local-only and centralized (pooled data, upper bound), then personalised ==")
     backend = make_backend(cfg)
     try:
         info = backend.call(ids, "describe", timeout_s=SETUP_TIMEOUT_S).results
@@ -116,15 +137,113 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress) -> dict:
                 for m in ("local", "centralized")
             )
             progress.info(f"round {rnd:>3}/{rounds}  {metric}: {line}")
+        finals = {"local": local, "centralized": {i: central for i in ids}}
+        federated = _federated_final(cfg, out_dir / "federated")
+        if federated is not None:  # personalised: one more local round from the federated model
+            finals["federated"] = {i: federated for i in ids}
+            progress.phase("personalised: one local round from the federated model")
+            trained = backend.call_each({i: (federated, rounds) for i in ids}, "train", timeout_s=timeout).results
+            finals[PERSONAL] = {i: _apply(cfg, i, federated, _update(trained[i])) for i in trained}
+        detail = {
+            mode: {names[i]: r for i, r in _detailed(backend, states, timeout).items()}
+            for mode, states in finals.items()
+        }
     finally:
         backend.shutdown()
         progress.close()
 
     result = _result(cfg, metric, per_round)
+    result["detail"] = detail
+    result["budget"] = budget(cfg, with_personal=PERSONAL in detail)
+    result["below_local"] = below_local(detail, metric)
     write_json(out_dir / "comparison.json", result)
     _plot(result, out_dir / "comparison.png")
+    plot_reliability(detail, out_dir / "reliability.png")
     progress.info(format_table(result))
     return result
+
+
+def _federated(cfg: RunConfig, run_dir: Path, progress: Progress, resume: bool) -> None:
+    """The federated arm: run it — or, resuming, read it when it finished with this config, or
+    continue it from its checkpoint (`compare_strategies.earlier_run` decides, as for strategies)."""
+    import shutil
+
+    from fl_llm.compare_strategies import earlier_run
+
+    what = earlier_run(cfg, run_dir) if resume else "run"
+    if what == "reuse":
+        progress.info(f"federated run finished already: {run_dir}")
+        return
+    if what == "run":
+        shutil.rmtree(run_dir, ignore_errors=True)  # ours, inside the comparison's dir
+    run(cfg, run_dir, progress, resume=what == "resume")
+
+
+def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
+    """The federated run's final global adapter, when it is the whole model (not with FedEx/FLoRA
+    base merges, nor FedSA's per-platform B)."""
+    import numpy as np
+
+    from fl_llm import checkpoint
+
+    if cfg.strategy.name in ("fedex", "flora", "fedsa"):
+        return None
+    path, _ = checkpoint.latest_intact(run_dir / "checkpoints")
+    if path is None:
+        return None
+    return {k: np.asarray(v) for k, v in checkpoint.load(path)[1]["global_state"].items()}
+
+
+def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dict]:
+    """Each platform's detailed evaluation (interval, calibration) of its final model in one arm."""
+    got = backend.call_each({i: (state, None, True) for i, state in states.items()}, "evaluate", timeout_s=timeout)
+    return got.results
+
+
+def budget(cfg: RunConfig, with_personal: bool) -> dict[str, dict[str, int]]:
+    """Optimizer steps and examples each arm spends per platform (centralized: its pooled trainer,
+    whose step takes every platform's batch)."""
+    n, rounds, steps, batch = cfg.data.num_platforms, cfg.server.rounds, cfg.client.local_steps, cfg.client.batch_size
+    per_round = cfg.server.platforms_per_round or n
+    participation = min(1.0, per_round / n)
+    out = {
+        "local": {"steps": rounds * steps, "examples": rounds * steps * batch},
+        "federated": {
+            "steps": int(round(rounds * steps * participation)),
+            "examples": int(round(rounds * steps * batch * participation)),
+        },
+        "centralized": {"steps": rounds * steps, "examples": rounds * steps * batch * n},
+    }
+    if with_personal:
+        fed = out["federated"]
+        out[PERSONAL] = {"steps": fed["steps"] + steps, "examples": fed["examples"] + steps * batch}
+    return out
+
+
+def below_local(detail: dict, metric: str) -> list[str]:
+    """Platforms where federated (and, when there is one, personalised) is below local-only by more
+    than the bootstrap intervals allow: its interval's top under local-only's bottom."""
+    out = []
+    for mode in ("federated", PERSONAL):
+        for name, d in detail.get(mode, {}).items():
+            lo = detail["local"].get(name, {}).get("interval")
+            hi = d.get("interval")
+            if lo and hi and hi[1] < lo[0]:
+                out.append(f"{name} ({mode})")
+    return out
+
+
+def _earlier(cfg: RunConfig, out_dir: Path) -> dict | None:
+    """A finished comparison of this seed in `out_dir`, when its federated run had this config (a
+    run with another config is an error naming the setting)."""
+    import json
+
+    from fl_llm.compare_strategies import earlier_run
+
+    done = out_dir / "comparison.json"
+    if not done.is_file() or earlier_run(cfg, out_dir / "federated") != "reuse":
+        return None
+    return json.loads(done.read_text())
 
 
 def _update(answer: dict) -> dict:
@@ -132,154 +251,3 @@ def _update(answer: dict) -> dict:
     from fl_llm.compression import decompress
 
     return decompress(answer["payload"]) if "payload" in answer else answer["update"]
-
-
-def sizes_of(per_platform: dict[str, dict]) -> dict[str, int]:
-    return {name: int(m.get("num_eval", 1)) for name, m in per_platform.items()}
-
-
-def _result(cfg: RunConfig, metric: str, per_round: dict) -> dict:
-    modes = {}
-    for mode in MODES:
-        final = per_round[mode][-1]
-        sizes = sizes_of(final)
-        numeric = {k for m in final.values() for k, v in m.items() if isinstance(v, (int, float))}
-        keys = sorted(numeric - {"num_eval", "eval_seconds"})
-        modes[mode] = {
-            "platforms": {name: {k: m.get(k) for k in keys} for name, m in final.items()},
-            "average": {k: _weighted_average(final, sizes, k) for k in keys},
-            "per_round": [_weighted_average(r, sizes_of(r), metric) for r in per_round[mode]],
-        }
-    lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
-    return {
-        "task": cfg.data.task,
-        "metric": metric,
-        "rounds": cfg.server.rounds,
-        "seeds": [cfg.seed],
-        "partition": dataclasses.asdict(cfg.data.partition),
-        "modes": modes,
-        "federated_minus_local": fed - lo,
-        "gap_closed": _gap_closed(lo, fed, hi),
-    }
-
-
-def _gap_closed(local: float, federated: float, centralized: float) -> float:
-    """Share of the local-only -> centralized gap that federation closes (nan without a gap)."""
-    gap = centralized - local
-    return (federated - local) / gap if gap > 0 else float("nan")
-
-
-def over_seeds(runs: list[dict]) -> dict:
-    """Mean and standard deviation over seeds of each mode's averaged metrics and curve; the gap
-    closed is taken between the means (a ratio of noisy differences is itself too noisy)."""
-    import numpy as np
-
-    metric = runs[0]["metric"]
-    modes = {}
-    for mode in MODES:
-        keys = sorted(set.intersection(*(set(r["modes"][mode]["average"]) for r in runs)))
-        vals = {k: np.array([r["modes"][mode]["average"][k] for r in runs], dtype=float) for k in keys}
-        curves = np.array([r["modes"][mode]["per_round"] for r in runs], dtype=float)
-        modes[mode] = {
-            "average": {k: float(np.nanmean(v)) for k, v in vals.items()},
-            "std": {k: float(np.nanstd(v, ddof=1)) for k, v in vals.items()},
-            "per_round": np.nanmean(curves, axis=0).tolist(),
-            "per_round_std": np.nanstd(curves, axis=0, ddof=1).tolist(),
-        }
-    lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
-    diffs = [r["federated_minus_local"] for r in runs]
-    return {
-        "task": runs[0]["task"],
-        "metric": metric,
-        "rounds": runs[0]["rounds"],
-        "seeds": [r["seeds"][0] for r in runs],
-        "partition": runs[0]["partition"],
-        "modes": modes,
-        "federated_minus_local": fed - lo,
-        "federated_minus_local_std": float(np.std(diffs, ddof=1)),
-        "federated_wins": int(sum(d > 0 for d in diffs)),
-        "gap_closed": _gap_closed(lo, fed, hi),
-        "per_seed": runs,
-    }
-
-
-def format_table(result: dict) -> str:
-    if len(result["seeds"]) > 1:
-        return _format_seeds_table(result)
-    metric = result["metric"]
-    modes = result["modes"]
-    names = list(modes["federated"]["platforms"])
-    width = max(12, *(len(x) for x in names))
-    lines = [f"{'platform':<{width}}  {'local-only':>10}  {'federated':>10}  {'centralized':>11}   ({metric})"]
-    for name in names:
-        vals = [modes[m]["platforms"].get(name, {}).get(metric) for m in MODES]
-        lines.append(
-            f"{name:<{width}}  "
-            + "  ".join(f"{v if v is not None else float('nan'):>{w}.4f}" for v, w in zip(vals, (10, 10, 11)))
-        )
-    avg = [modes[m]["average"][metric] for m in MODES]
-    lines.append(f"{'average':<{width}}  " + "  ".join(f"{v:>{w}.4f}" for v, w in zip(avg, (10, 10, 11))))
-    closed = result["gap_closed"]
-    if closed == closed:
-        lines.append(f"federated closes {100 * closed:.0f}% of the gap between local-only and centralized")
-    return "\n".join(lines)
-
-
-def _format_seeds_table(result: dict) -> str:
-    metric, runs = result["metric"], result["per_seed"]
-    lines = [
-        f"{'seed':<8}  {'local-only':>10}  {'federated':>10}  {'centralized':>11}  {'gap closed':>10}   ({metric})"
-    ]
-    for r in runs:
-        vals = [r["modes"][m]["average"][metric] for m in MODES]
-        closed = r["gap_closed"]
-        lines.append(
-            f"{r['seeds'][0]:<8}  "
-            + "  ".join(f"{v:>{w}.4f}" for v, w in zip(vals, (10, 10, 11)))
-            + (f"  {100 * closed:>9.0f}%" if closed == closed else f"  {'-':>10}")
-        )
-    m = result["modes"]
-    cells = [f"{m[k]['average'][metric]:.4f}±{m[k]['std'][metric]:.3f}" for k in MODES]
-    lines.append(f"{'mean±sd':<8}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, (10, 10, 11))))
-    closed = result["gap_closed"]
-    lines.append(
-        f"federated - local-only: {result['federated_minus_local']:+.4f} ± {result['federated_minus_local_std']:.4f} "
-        f"(better in {result['federated_wins']} of {len(runs)} seeds)"
-        + (f"; closes {100 * closed:.0f}% of the mean gap to centralized" if closed == closed else "")
-    )
-    return "\n".join(lines)
-
-
-def _plot(result: dict, path: Path) -> None:
-    labels = {"local": "local-only", "federated": "federated", "centralized": "centralized (upper bound)"}
-    series = {labels[m]: (result["modes"][m]["per_round"], result["modes"][m].get("per_round_std")) for m in MODES}
-    seeds = result["seeds"]
-    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
-    title = f"{result['task']}: local-only vs federated vs centralized{over}"
-    plot_per_round(series, path, title, f"{result['metric']} (held-out, averaged over platforms)")
-
-
-def plot_per_round(series: dict[str, tuple[list, list | None]], path: Path, title: str, ylabel: str) -> None:
-    """One line per label over the rounds; where a standard deviation is given (a mean over
-    seeds), one standard deviation is shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for label, (ys, sd) in series.items():
-        xs = range(1, len(ys) + 1)
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        if sd:
-            lo = [y - d for y, d in zip(ys, sd)]
-            hi = [y + d for y, d in zip(ys, sd)]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

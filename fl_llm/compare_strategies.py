@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fl_llm import checkpoint
 from fl_llm import config as config_mod
-from fl_llm.compare import plot_per_round
+from fl_llm.compare_report import plot_per_round
 from fl_llm.config import RunConfig
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError

@@ -97,3 +97,66 @@ def ranking_metrics(labels, scores, groups, ks=(1, 3)) -> dict[str, float]:
         out[f"hr@{k}"] = float((hits[valid] > 0).mean()) if valid.any() else float("nan")
         out[f"ndcg@{k}"] = float((dcg[valid] / ideal[valid]).mean()) if valid.any() else float("nan")
     return out
+
+
+def calibration(labels, probs, bins: int = 10) -> tuple[float, list[dict]]:
+    """(expected calibration error, reliability bins) of a yes-probability: equal-width bins on
+    [0, 1]; ECE = Σ_b (n_b / N)·|positive rate_b − mean probability_b| (Naeini et al., AAAI 2015).
+    A model judged at its real base rate (fraud, CTR) must say 0.02 when it means 2%."""
+    y = np.asarray(labels).astype(np.float64)
+    p = np.asarray(probs, dtype=np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        if not n:
+            continue
+        conf, rate = float(p[mask].mean()), float(y[mask].mean())
+        ece += n / len(p) * abs(rate - conf)
+        table.append(
+            {"low": b / bins, "high": (b + 1) / bins, "count": n, "mean_probability": conf, "positive_rate": rate}
+        )
+    return float(ece), table
+
+
+def best_f1_threshold(labels, scores) -> float:
+    """The score threshold (predict yes when score ≥ t) with the highest F1 on these records."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if not y.any():
+        return float("inf")
+    order = np.argsort(-s, kind="mergesort")
+    tp = np.cumsum(y[order])
+    k = np.arange(1, len(s) + 1)
+    f1 = 2 * tp / (k + y.sum())
+    last = np.r_[s[order][1:] != s[order][:-1], True]  # a threshold includes all ties at its score
+    f1 = np.where(last, f1, -1)
+    return float(s[order][int(np.argmax(f1))])
+
+
+def at_threshold(labels, scores, threshold: float) -> dict[str, float]:
+    """Precision, recall and F1 of "yes when score ≥ threshold"."""
+    y = np.asarray(labels).astype(bool)
+    pred = np.asarray(scores, dtype=np.float64) >= threshold
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def bootstrap_interval(labels, scores, metric, rng, resamples: int = 200, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric(labels, scores)` over the records (Efron & Tibshirani,
+    1993): how much the held-out sample alone moves the figure."""
+    y, s = np.asarray(labels), np.asarray(scores)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(y), len(y))
+        v = metric(y[idx], s[idx])
+        if v == v:
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

@@ -103,7 +103,6 @@ CASES = [
         lambda t: ["compare", "--strategies", "fedit,fedex", "privacy.secagg.enabled=true"],
         "--strategies fedex: ",
     ),
-    ("resume a three-way compare", lambda t: ["compare", "--resume", f"output_dir={t}"], "give --strategies"),
     (
         "resume a comparison and overwrite it",
         lambda t: ["compare", "--strategies", "fedit,fedex", "--resume", "--overwrite", f"output_dir={t}"],

@@ -203,6 +203,19 @@ def test_compare_writes_table_json_and_plot(tmp_path):
         assert 0 <= result["modes"][mode]["average"]["auc"] <= 1
     table = format_table(result)
     assert "local-only" in table and "centralized" in table and "average" in table
+    # the fourth arm, the budgets, intervals and calibration of every arm's final models
+    assert set(result["detail"]) == {*MODES, "personalised"}
+    for arm, per in result["detail"].items():
+        for d in per.values():
+            lo, hi = d["interval"]
+            assert lo <= d["auc"] <= hi and 0 <= d["ece"] <= 1 and d["reliability"]
+            assert {"threshold", "precision@threshold", "recall@threshold"} <= set(d)
+    assert result["budget"]["local"] == {"steps": 12, "examples": 12 * 16}
+    assert result["budget"]["centralized"]["examples"] == 2 * 12 * 16
+    assert result["budget"]["personalised"]["steps"] == 24
+    assert isinstance(result["below_local"], list) and "budget per platform" in table
+    assert "gap local-only -> centralized" in table or "closes" in table
+    assert (tmp_path / "cmp" / "reliability.png").stat().st_size > 1000
 
 
 def test_compare_over_seeds_reports_mean_and_spread(tmp_path):
@@ -238,6 +251,13 @@ def test_compare_over_seeds_reports_mean_and_spread(tmp_path):
         per_seed = [r["modes"][mode]["average"]["auc"] for r in result["per_seed"]]
         assert result["modes"][mode]["average"]["auc"] == pytest.approx(np.mean(per_seed))
         assert result["modes"][mode]["std"]["auc"] == pytest.approx(np.std(per_seed, ddof=1))
+    # a plain comparison resumes: the seeds compared already are read, not run again
+    first = (out / "seed-3" / "comparison.json").stat().st_mtime_ns
+    again = subprocess.run([*proc.args, "--resume"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("compared already") == 2
+    assert (out / "seed-3" / "comparison.json").stat().st_mtime_ns == first
+    assert json.loads((out / "comparison.json").read_text())["seeds"] == [3, 4]
     assert "mean±sd" in proc.stdout and (out / "comparison.png").stat().st_size > 1000
 
 

@@ -576,9 +576,12 @@ class Platform:
             },
         }
 
-    def evaluate(self, global_state: AdapterState, base: dict | None = None) -> dict:
+    def evaluate(self, global_state: AdapterState, base: dict | None = None, detail: bool = False) -> dict:
         """Loss and task metrics of `global_state` on this platform's held-out split (after the
-        base merges in `base`; FedSA: with this platform's own B)."""
+        base merges in `base`; FedSA: with this platform's own B). For a yes/no task also its
+        calibration (ECE) and the decision threshold chosen on one half of the held-out records
+        (best F1) with the precision and recall it gets on the other half. `detail` (for `fl-llm
+        compare`) adds the reliability bins and a bootstrap interval of the headline metric."""
         from fl_llm.client.train import evaluate
 
         t0 = time.perf_counter()
@@ -598,8 +601,35 @@ class Platform:
         result = {k: float(v) for k, v in metrics.items()}
         result["eval_loss"] = out["loss_sum"] / max(out["tokens"], 1)
         result["num_eval"] = len(self.eval_set)
+        labels = np.asarray(self.eval_set.labels)
+        if probs.shape[1] == 2 and len(labels) >= 4:
+            result.update(self._calibration(labels, scores, detail))
+        if detail:
+            from fl_llm.metrics import bootstrap_interval
+
+            primary = self.task.primary
+            rng = platform_rng(self.cfg.seed, 0, self.id, 0xB007)
+            groups = self.eval_set.groups
+
+            def headline(y, s):
+                return self.task.metrics(y, s, None if primary.startswith(("hr@", "ndcg@")) else groups)[primary]
+
+            result["interval"] = list(bootstrap_interval(labels, scores, headline, rng))
         result["eval_seconds"] = time.perf_counter() - t0
         return result
+
+    def _calibration(self, labels: np.ndarray, scores: np.ndarray, detail: bool) -> dict:
+        from fl_llm.metrics import at_threshold, best_f1_threshold, calibration
+
+        ece, bins = calibration(labels, scores)
+        order = platform_rng(self.cfg.seed, 0, self.id, 0x7E5).permutation(len(labels))
+        val, test = order[: len(order) // 2], order[len(order) // 2 :]
+        threshold = best_f1_threshold(labels[val], scores[val])
+        at = at_threshold(labels[test], scores[test], threshold)
+        out = {"ece": ece, "threshold": threshold, **{f"{k}@threshold": v for k, v in at.items()}}
+        if detail:
+            out["reliability"] = bins
+        return out
 
 
 def safe_name(name: str) -> str:

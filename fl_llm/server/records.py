@@ -51,7 +51,7 @@ def excluded_message(rnd: int, failures: Failures, names: dict, need: int) -> st
 
 def global_metrics(evals: dict[int, dict]) -> dict[str, float]:
     """Every evaluation metric averaged over platforms, weighted by held-out size."""
-    keys = sorted({k for e in evals.values() for k in e} - {"num_eval", "eval_seconds"})
+    keys = sorted({k for e in evals.values() for k in e} - {"num_eval", "eval_seconds", "threshold"})
     return {k: weighted(evals, k, "num_eval") for k in keys}
 
 

@@ -1,0 +1,258 @@
+"""What `fl-llm compare` reports: the per-platform table (four arms, bootstrap intervals, the
+platforms where federating costs), the arms' budgets, the gap closed with its noise, the mean
+over seeds, and the plots (per round; reliability of each platform's final models)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fl_llm.config import RunConfig
+
+MODES = ("local", "federated", "centralized")
+PERSONAL = "personalised"
+
+
+def _weighted_average(per_platform: dict[str, dict], sizes: dict[str, int], metric: str) -> float:
+    pairs = [(m.get(metric), sizes[n]) for n, m in per_platform.items()]
+    pairs = [(v, w) for v, w in pairs if v is not None and v == v]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+
+def sizes_of(per_platform: dict[str, dict]) -> dict[str, int]:
+    return {name: int(m.get("num_eval", 1)) for name, m in per_platform.items()}
+
+
+def _result(cfg: RunConfig, metric: str, per_round: dict) -> dict:
+    modes = {}
+    for mode in MODES:
+        final = per_round[mode][-1]
+        sizes = sizes_of(final)
+        numeric = {k for m in final.values() for k, v in m.items() if isinstance(v, (int, float))}
+        keys = sorted(numeric - {"num_eval", "eval_seconds"})
+        modes[mode] = {
+            "platforms": {name: {k: m.get(k) for k in keys} for name, m in final.items()},
+            "average": {k: _weighted_average(final, sizes, k) for k in keys},
+            "per_round": [_weighted_average(r, sizes_of(r), metric) for r in per_round[mode]],
+        }
+    lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
+    return {
+        "task": cfg.data.task,
+        "metric": metric,
+        "rounds": cfg.server.rounds,
+        "seeds": [cfg.seed],
+        "partition": dataclasses.asdict(cfg.data.partition),
+        "modes": modes,
+        "federated_minus_local": fed - lo,
+        "gap_closed": _gap_closed(lo, fed, hi),
+    }
+
+
+def _gap_closed(local: float, federated: float, centralized: float) -> float:
+    """Share of the local-only -> centralized gap that federation closes (nan without a gap)."""
+    gap = centralized - local
+    return (federated - local) / gap if gap > 0 else float("nan")
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each mode's averaged metrics and curve; the gap
+    closed is taken between the means (a ratio of noisy differences is itself too noisy)."""
+    import numpy as np
+
+    metric = runs[0]["metric"]
+    modes = {}
+    for mode in MODES:
+        keys = sorted(set.intersection(*(set(r["modes"][mode]["average"]) for r in runs)))
+        vals = {k: np.array([r["modes"][mode]["average"][k] for r in runs], dtype=float) for k in keys}
+        curves = np.array([r["modes"][mode]["per_round"] for r in runs], dtype=float)
+        modes[mode] = {
+            "average": {k: float(np.nanmean(v)) for k, v in vals.items()},
+            "std": {k: float(np.nanstd(v, ddof=1)) for k, v in vals.items()},
+            "per_round": np.nanmean(curves, axis=0).tolist(),
+            "per_round_std": np.nanstd(curves, axis=0, ddof=1).tolist(),
+        }
+    lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
+    diffs = [r["federated_minus_local"] for r in runs]
+    return {
+        "task": runs[0]["task"],
+        "metric": metric,
+        "rounds": runs[0]["rounds"],
+        "seeds": [r["seeds"][0] for r in runs],
+        "partition": runs[0]["partition"],
+        "modes": modes,
+        "federated_minus_local": fed - lo,
+        "federated_minus_local_std": float(np.std(diffs, ddof=1)),
+        "federated_wins": int(sum(d > 0 for d in diffs)),
+        "gap_closed": _gap_closed(lo, fed, hi),
+        "per_seed": runs,
+    }
+
+
+def gap_line(local: float, federated: float, centralized: float, noise: float, what: str) -> str:
+    """The share of the local-only -> centralized gap that federation closes, with its noise —
+    or why there is none: a gap within the noise (or negative: pooling the data did not help)
+    makes the ratio meaningless (it printed "-1423%")."""
+    gap = centralized - local
+    if not gap > noise:
+        return (
+            f"gap local-only -> centralized: {gap:+.4f}, within its noise (±{noise:.4f}, {what}): no gap to close, "
+            f"so no share is computed; federated - local-only: {federated - local:+.4f}"
+        )
+    closed = (federated - local) / gap
+    spread = abs(closed) * noise / gap  # the gap's own noise, carried into the ratio
+    return f"federated closes {100 * closed:.0f}% (±{100 * spread:.0f}%) of the gap local-only -> centralized ({gap:+.4f} ± {noise:.4f}, {what})"
+
+
+def _cell(value, interval) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.4f}" + (f" [{interval[0]:.3f},{interval[1]:.3f}]" if interval else "")
+
+
+def format_table(result: dict) -> str:
+    if len(result["seeds"]) > 1:
+        return _format_seeds_table(result)
+    metric = result["metric"]
+    modes, detail = result["modes"], result.get("detail", {})
+    arms = [*MODES, *([PERSONAL] if PERSONAL in detail else [])]
+    titles = {"local": "local-only", "federated": "federated", "centralized": "centralized", PERSONAL: PERSONAL}
+    names = list(modes["federated"]["platforms"])
+    width = max(12, *(len(x) for x in names))
+    lines = [f"{'platform':<{width}}  " + "  ".join(f"{titles[a]:>24}" for a in arms) + f"   ({metric}, 95% interval)"]
+    for name in names:
+        cells = []
+        for a in arms:
+            d = detail.get(a, {}).get(name, {})
+            value = d.get(metric, modes[a]["platforms"].get(name, {}).get(metric) if a in modes else None)
+            cells.append(_cell(value, d.get("interval")))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>24}" for c in cells))
+    averages = [modes[a]["average"][metric] if a in modes else _mean(detail[a], metric) for a in arms]
+    lines.append(f"{'average':<{width}}  " + "  ".join(f"{v:>24.4f}" for v in averages))
+    if "budget" in result:
+        lines.append(
+            "budget per platform: "
+            + "; ".join(
+                f"{titles[a]} {b['steps']} steps, {b['examples']:,} examples" for a, b in result["budget"].items()
+            )
+            + " (centralized: one pooled trainer)"
+        )
+    if "below_local" in result:
+        below = result["below_local"]
+        lines.append("below local-only beyond the intervals: " + (", ".join(below) if below else "none"))
+    lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
+    lines.append(gap_line(lo, fed, hi, _interval_noise(detail, metric), "held-out bootstrap"))
+    return "\n".join(lines)
+
+
+def _mean(per_platform: dict[str, dict], metric: str) -> float:
+    return _weighted_average(per_platform, sizes_of(per_platform), metric)
+
+
+def _interval_noise(detail: dict, metric: str) -> float:
+    """The noise of a gap between two platform-averaged figures: each arm's mean interval
+    half-width (1.96 s.e. per platform) over √platforms, the two combined."""
+    import math
+
+    halves = []
+    for arm in ("local", "centralized"):
+        widths = [(d["interval"][1] - d["interval"][0]) / 2 for d in detail.get(arm, {}).values() if d.get("interval")]
+        if widths:
+            halves.append(sum(widths) / len(widths) / math.sqrt(len(widths)))
+    return math.sqrt(sum(h * h for h in halves)) if halves else 0.0
+
+
+def _format_seeds_table(result: dict) -> str:
+    import numpy as np
+
+    metric, runs = result["metric"], result["per_seed"]
+    lines = [f"{'seed':<8}  {'local-only':>10}  {'federated':>10}  {'centralized':>11}  {PERSONAL:>12}   ({metric})"]
+    for r in runs:
+        vals = [r["modes"][m]["average"][metric] for m in MODES]
+        pers = _mean(r["detail"][PERSONAL], metric) if PERSONAL in r.get("detail", {}) else float("nan")
+        lines.append(
+            f"{r['seeds'][0]:<8}  " + "  ".join(f"{v:>{w}.4f}" for v, w in zip([*vals, pers], (10, 10, 11, 12)))
+        )
+    m = result["modes"]
+    cells = [f"{m[k]['average'][metric]:.4f}±{m[k]['std'][metric]:.3f}" for k in MODES]
+    lines.append(f"{'mean±sd':<8}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, (10, 10, 11))))
+    lines.append(
+        f"federated - local-only: {result['federated_minus_local']:+.4f} ± {result['federated_minus_local_std']:.4f} "
+        f"(better in {result['federated_wins']} of {len(runs)} seeds)"
+    )
+    below = [f"seed {r['seeds'][0]}: {', '.join(r['below_local'])}" for r in runs if r.get("below_local")]
+    lines.append("below local-only beyond the intervals: " + ("; ".join(below) if below else "none"))
+    gaps = np.array(
+        [r["modes"]["centralized"]["average"][metric] - r["modes"]["local"]["average"][metric] for r in runs]
+    )
+    noise = 2 * float(gaps.std(ddof=1)) / np.sqrt(len(gaps))
+    lo, fed, hi = (m[k]["average"][metric] for k in MODES)
+    lines.append(gap_line(lo, fed, hi, noise, f"2 s.e. over {len(runs)} seeds"))
+    return "\n".join(lines)
+
+
+def plot_reliability(detail: dict, path: Path) -> None:
+    """Reliability diagram per platform: positive rate against mean predicted probability in each
+    bin, one line per arm; the diagonal is perfect calibration."""
+    platforms = sorted({name for arm in detail.values() for name, d in arm.items() if d.get("reliability")})
+    if not platforms:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(platforms))
+    rows = (len(platforms) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), dpi=110, squeeze=False)
+    for ax, name in zip(axes.flat, platforms):
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for arm, per in detail.items():
+            bins = per.get(name, {}).get("reliability")
+            if bins:
+                ax.plot([b["mean_probability"] for b in bins], [b["positive_rate"] for b in bins], marker="o", ms=3,
+                        label=f"{arm} (ECE {per[name]['ece']:.3f})")  # fmt: skip
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("predicted probability", fontsize=8)
+        ax.set_ylabel("observed rate", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(platforms) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot(result: dict, path: Path) -> None:
+    labels = {"local": "local-only", "federated": "federated", "centralized": "centralized (upper bound)"}
+    series = {labels[m]: (result["modes"][m]["per_round"], result["modes"][m].get("per_round_std")) for m in MODES}
+    seeds = result["seeds"]
+    over = f", mean ± sd over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    title = f"{result['task']}: local-only vs federated vs centralized{over}"
+    plot_per_round(series, path, title, f"{result['metric']} (held-out, averaged over platforms)")
+
+
+def plot_per_round(series: dict[str, tuple[list, list | None]], path: Path, title: str, ylabel: str) -> None:
+    """One line per label over the rounds; where a standard deviation is given (a mean over
+    seeds), one standard deviation is shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for label, (ys, sd) in series.items():
+        xs = range(1, len(ys) + 1)
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if sd:
+            lo = [y - d for y, d in zip(ys, sd)]
+            hi = [y + d for y, d in zip(ys, sd)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
