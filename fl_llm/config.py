@@ -159,6 +159,15 @@ class ClientConfig:
     local_steps: int = opt(20, "optimizer steps each platform takes per round", min=1)
     batch_size: int = opt(16, "examples per local step", min=1)
     lr: float = opt(2e-3, "AdamW learning rate on the platform", gt=0)
+    head_lr: float | None = opt(
+        None,
+        "learning rate of the trainable weights that are not LoRA factors — a classifier's head "
+        "(model.kind=seq_cls), trained from scratch (null: client.lr); follows the same schedule",
+        gt=0,
+    )
+    warmup_steps: int = opt(
+        0, "linear learning-rate warm-up over the run's first N local steps, counted across rounds (0: none)", min=0
+    )
     lr_schedule: Literal["constant", "cosine"] = opt(
         "cosine", "learning rate over the rounds: constant, or cosine decay from lr to lr/10 at the last round"
     )

@@ -276,3 +276,35 @@ def test_compile_each_block_compiles_the_decoder_layers(cfg, monkeypatch):
     compile_each_block(model)
     assert [m for m, _ in compiled] == list(base.model.layers)
     assert all(kw == {"dynamic": True} for _, kw in compiled)
+
+
+def test_head_lr_and_warmup():
+    """client.head_lr moves the classifier head at its own rate (the LoRA factors keep client.lr:
+    their first step under AdamW is ±lr whatever the gradient); client.warmup_steps ramps the
+    rate linearly over the run's first steps, counted across rounds."""
+    import numpy as np
+
+    from fl_llm.client.platform import Platform
+    from fl_llm.client.train import warmup_factor
+    from fl_llm.config import load, to_dict
+
+    base = ["data.synthetic.train_examples=[80]", "data.synthetic.eval_examples=20", "client.local_steps=1"]
+    base += ["model.kind=seq_cls", "data.task=review", "client.lr=0.001", "client.max_grad_norm=0"]
+
+    def first_step(*extra):
+        plat = Platform(to_dict(load(None, [*base, *extra])), 0)
+        return plat.train(plat.initial_adapter(), round_=1)["update"]
+
+    plain, fast = first_step(), first_step("client.head_lr=0.05")
+    head = [k for k in plain if ".lora_" not in k]
+    lora = [k for k in plain if ".lora_B" in k]
+    assert head and lora
+    for k in head:  # AdamW's first step is lr·sign(g) on every coordinate with a gradient
+        assert np.abs(fast[k]).max() == pytest.approx(50 * np.abs(plain[k]).max(), rel=1e-3)
+    for k in lora:
+        assert np.allclose(fast[k], plain[k], atol=1e-6)
+    warm = first_step("client.warmup_steps=4")
+    for k in lora:  # step 1 of a 4-step warm-up: a quarter of the rate
+        assert np.abs(warm[k]).max() == pytest.approx(np.abs(plain[k]).max() / 4, rel=1e-3)
+    assert [warmup_factor((0, 4), s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert warmup_factor((20, 4), 0) == 1.0 and warmup_factor((0, 0), 0) == 1.0

@@ -366,6 +366,10 @@ class Platform:
                 pack_length=c.pack_length,
                 autocast=self.cfg.model.dtype == "bfloat16",
                 words=self.loss_words,
+                head_lr=None
+                if c.head_lr is None
+                else scheduled_lr(c.head_lr, c.lr_schedule, round_, self.cfg.server.rounds),
+                warmup=((max(round_, 1) - 1) * c.local_steps, c.warmup_steps),
             )
         moments = metrics.pop("optimizer_state", None)
         if moments is not None and dp is not None:  # computed from noised gradients only: DP covers them

@@ -153,6 +153,8 @@ def local_train(
     pack_length: int = 0,
     autocast: bool = False,
     words: list[int] | None = None,
+    head_lr: float | None = None,
+    warmup: tuple[int, int] = (0, 0),
 ) -> dict:
     """Train the trainable (adapter) parameters for `steps` optimizer steps; returns train metrics.
 
@@ -170,7 +172,10 @@ def local_train(
     answer-word token ids (`_answer_loss`); None: the whole vocabulary. `optimizer`: adamw, sgd,
     or dp_adambc (`fl_llm.privacy.dp.AdamBC`: under `dp`, AdamW with the noise's variance taken
     out of its second moment; `adambc_floor` its κ; it starts from `optimizer_state` and returns
-    its moments as the metrics' `optimizer_state`, for the caller to keep).
+    its moments as the metrics' `optimizer_state`, for the caller to keep). `head_lr`: the rate
+    of the trainable weights that are not LoRA factors (a classifier's head; None: `lr`).
+    `warmup`: (steps taken in earlier rounds, warm-up steps W) — the rate rises linearly over the
+    run's first W steps, counted across rounds, so every platform and a resumed run agree.
     """
     import torch
 
@@ -180,23 +185,27 @@ def local_train(
     adapter = getattr(model, "active_adapter", "default")
     named = [(state_key(n, adapter), p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    rates = [lr if head_lr is None or ".lora_" in key else head_lr for key, _ in named]
+    # one group per distinct rate (usually one: the same optimizer as before head_lr existed)
+    group_rates = sorted(set(rates), key=rates.index)
     expected = dp.sample_rate * len(enc) if dp is not None else 0.0  # DP-SGD's expected batch q·N
+    groups = [{"params": [p for p, r in zip(params, rates) if r == g], "lr": g} for g in group_rates]
     if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
     elif optimizer == "dp_adambc":  # σ² of DP-SGD's noise on each coordinate of the mean gradient
         from fl_llm.privacy.dp import AdamBC
 
         noise_var = (dp.noise_multiplier * dp.clip / expected) ** 2 if dp is not None else 0.0
         opt = AdamBC(
             params,
-            lr=lr,
+            lr=rates,
             weight_decay=weight_decay,
             noise_var=noise_var,
             floor=adambc_floor,
             state=optimizer_state,
         )
     else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     anchors = [p.detach().clone() for p in params] if prox_mu else None
     fix = None
     if correction is not None:
@@ -246,6 +255,7 @@ def local_train(
                     p.grad.add_(f)
             if max_grad_norm > 0 and dp is None:  # under DP the per-example clip bounds the step
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            _set_rates(opt, group_rates, rates, warmup_factor(warmup, step))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if loss is not None:  # a DP step's batch may be empty
@@ -267,6 +277,21 @@ def local_train(
         out["dp_clipped_fraction"] = float(np.mean([s["clipped"] for s in dp_stats]))
         out["dp_grad_norm"] = float(np.mean([s["grad_norm"] for s in dp_stats if s["batch"]] or [0.0]))
     return out
+
+
+def warmup_factor(warmup: tuple[int, int], step: int) -> float:
+    """Linear warm-up: the share of the rate at this round's `step` (0-based), given (steps taken
+    in earlier rounds, warm-up length W): min(1, (done + step + 1) / W); 1 without warm-up."""
+    done, length = warmup
+    return 1.0 if length <= 0 else min(1.0, (done + step + 1) / length)
+
+
+def _set_rates(opt, group_rates: list[float], rates: list[float], factor: float) -> None:
+    if hasattr(opt, "param_groups"):
+        for group, rate in zip(opt.param_groups, group_rates):
+            group["lr"] = rate * factor
+    else:  # AdamBC: one rate per parameter
+        opt.lr = [rate * factor for rate in rates]
 
 
 class _PrivateGradients:

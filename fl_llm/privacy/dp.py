@@ -84,7 +84,7 @@ class AdamBC:
     """AdamW (decoupled weight decay, β = (0.9, 0.999)) with DP-AdamBC's denominator
     (`adambc_denominator`). `state` (t and the moments m, v per parameter, numpy)
     carries the moments from one round to the next: a second moment estimated from 5 noisy
-    steps is itself mostly noise."""
+    steps is itself mostly noise. `lr`: one rate, or one per parameter."""
 
     def __init__(self, params, *, lr, weight_decay, noise_var, floor, eps=1e-8, state=None):
         import torch
@@ -104,14 +104,15 @@ class AdamBC:
 
         self.t += 1
         b1, b2 = self.betas
+        rates = self.lr if isinstance(self.lr, list) else [self.lr] * len(self.params)
         with torch.no_grad():
-            for p, m, v in zip(self.params, self.m, self.v):
+            for p, m, v, lr in zip(self.params, self.m, self.v, rates):
                 g = p.grad
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = adambc_denominator(v / (1 - b2**self.t), self.noise_var, self.floor, self.eps)
-                p.mul_(1 - self.lr * self.weight_decay)
-                p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+                p.mul_(1 - lr * self.weight_decay)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1**self.t))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
