@@ -205,7 +205,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert "local-only" in table and "centralized" in table and "average" in table
     # the fourth arm, the budgets, intervals and calibration of every arm's final models
     assert set(result["detail"]) == {*MODES, "personalised"}
-    for arm, per in result["detail"].items():
+    for per in result["detail"].values():
         for d in per.values():
             lo, hi = d["interval"]
             assert lo <= d["auc"] <= hi and 0 <= d["ece"] <= 1 and d["reliability"]
