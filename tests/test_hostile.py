@@ -351,3 +351,13 @@ def test_sigterm_leaves_an_interrupted_resumable_run(tmp_path):
 def test_compare_with_compressed_updates(tmp_path):
     assert _cli("compare", *QUICK, "server.rounds=1", "compression.name=int8", f"output_dir={tmp_path / 'c'}") == 0
     assert (tmp_path / "c" / "comparison.json").is_file()
+
+
+def test_an_unmeetable_client_level_budget_stops_before_anything_starts(tmp_path, capsys):
+    """Adaptive clipping needs z < m/10; a budget that calibrates z above it is a user error found
+    from the config alone: exit 2 before any platform starts (no round 0 evaluation)."""
+    argv = [*QUICK, "privacy.dp.level=client", "privacy.target_epsilon=1", "privacy.dp.adaptive_clip=true"]
+    assert _cli("run", *argv, f"output_dir={tmp_path / 'run'}") == 2
+    captured = capsys.readouterr()
+    assert "adaptive clipping needs z below m/10" in captured.err and "round   0" not in captured.out
+    assert not (tmp_path / "run").exists()

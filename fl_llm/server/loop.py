@@ -185,6 +185,9 @@ def _run(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, on_starte
     secagg = cfg.privacy.secagg.enabled
     t_start = time.monotonic()
     resume_from = _checkpoint_to_resume(rd, progress) if resume else None
+    # client-level DP calibrates its noise from the config alone: a budget it cannot meet is a
+    # user error before anything starts (record level needs each platform's data size)
+    privacy = Privacy.start(cfg, {}) if cfg.privacy.dp.level == "client" and not resume else None
 
     # --- Setup: resolved config, base model for plain-transformers users, the platforms -------
     if not resume:
@@ -237,7 +240,7 @@ def _run(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, on_starte
             fed = _start_fresh(cfg, backend, everyone, progress, primary, merge_scale)
             if cfg.model.init_adapter:  # the run's own copy: the audit's reference, whatever happens to the original
                 save_adapter(fed.global_state, cfg.model, rd.init_adapter, base_name, rank=global_rank)
-            fed.privacy = Privacy.start(cfg, info)
+            fed.privacy = privacy or Privacy.start(cfg, info)
         progress.info(fed.privacy.describe())
         handle = backend.put(fed.global_state)
         stopped = None
