@@ -29,6 +29,18 @@ MODES = {
 }
 
 
+# client-level DP, each of 4 platforms joining a round with q = 2/4, reproducible noise
+SAMPLED_2_OF_4 = [
+    *FAST,
+    "data.num_platforms=4",
+    "data.synthetic.train_examples=[60]",
+    "server.platforms_per_round=2",
+    "privacy.dp.level=client",
+    "privacy.dp.noise_multiplier=1",
+    "privacy.dp.secure_rng=false",
+]
+
+
 def _pld_epsilon(events, delta: float = 1e-5) -> float:
     """ε(δ) of the composition of (dp-accounting event, count) pairs, fine PLD grid."""
     import dp_accounting as dpa
@@ -244,17 +256,7 @@ def test_self_sampling_under_secure_aggregation_hides_the_cohort(tmp_path):
     Poisson-sampled accounting."""
     import dp_accounting as dpa
 
-    cfg = [
-        *FAST,
-        "data.num_platforms=4",
-        "data.synthetic.train_examples=[60]",
-        "server.platforms_per_round=2",
-        "privacy.dp.level=client",
-        "privacy.dp.noise_multiplier=1",
-        "privacy.secagg.enabled=true",
-        "privacy.dp.secure_rng=false",
-    ]
-    loop.run(load(None, cfg), tmp_path)
+    loop.run(load(None, [*SAMPLED_2_OF_4, "privacy.secagg.enabled=true"]), tmp_path)
     rows = read_metrics(tmp_path)
     for r in rows:
         assert len(r["cohort"]) == 4 and r["secagg"]["parties"] == 4
@@ -395,19 +397,8 @@ def test_an_excluded_platform_leaves_the_sampled_population(tmp_path):
     from then on each of the 3 left joins with q = 2/3, and the ledger composes both rates."""
     import dp_accounting as dpa
 
-    cfg = [
-        *FAST,
-        "data.num_platforms=4",
-        "data.synthetic.train_examples=[60]",
-        "server.rounds=4",
-        "server.platforms_per_round=2",
-        "server.max_failures=1",
-        "faults.error=[{platform: 3, round: 1}, {platform: 3, round: 2}, {platform: 3, round: 3}]",
-        "privacy.dp.level=client",
-        "privacy.dp.noise_multiplier=1",
-        "privacy.dp.secure_rng=false",
-    ]
-    loop.run(load(None, cfg), tmp_path)
+    faults = "faults.error=[{platform: 3, round: 1}, {platform: 3, round: 2}, {platform: 3, round: 3}]"
+    loop.run(load(None, [*SAMPLED_2_OF_4, "server.rounds=4", "server.max_failures=1", faults]), tmp_path)
     rows = read_metrics(tmp_path)
     excluded_after = next(r["round"] for r in rows if r["excluded"])
     spent = json.loads((tmp_path / "privacy.json").read_text())["parties"]["federation"]["spent"]
