@@ -37,6 +37,27 @@ def incident_lines(record: dict) -> list[str]:
     return lines
 
 
+MAX_LISTED = 8  # more platforms than this: the round line gives the spread, metrics.jsonl each
+
+
+def platforms_summary(platforms: dict[str, dict], metric: str) -> str:
+    """Each platform's eval loss/metric — or, for a large federation, their min, median and max."""
+    if len(platforms) <= MAX_LISTED:
+        return "  ".join(
+            f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get(metric), '.2f')}" for name, p in platforms.items()
+        )
+    import numpy as np
+
+    values = np.array([p.get(metric) for p in platforms.values() if isinstance(p.get(metric), (int, float))], float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return f"{len(platforms)} platforms"
+    return (
+        f"{len(platforms)} platforms, {metric} min {values.min():.2f} median {np.median(values):.2f} "
+        f"max {values.max():.2f}"
+    )
+
+
 class Progress:
     def __init__(self, enabled: bool = True, out=None, err=None):
         self.out = out or sys.stdout
@@ -73,10 +94,7 @@ class Progress:
     def round_line(self, record: dict, total_rounds: int) -> None:
         """`round  3/10  loss 1.602  auc 0.712 | fashion-mall 1.55/0.74 ... | 7.1 s`"""
         metric = record.get("metric", "auc")
-        plats = "  ".join(
-            f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get(metric), '.2f')}"
-            for name, p in record["platforms"].items()
-        )
+        plats = platforms_summary(record["platforms"], metric)
         note = f"  ε {record['epsilon']:.2f}" if "epsilon" in record else ""
         if record.get("skipped"):
             note += f"  [skipped: {record['skipped']}]"

@@ -52,3 +52,12 @@ def test_mlflow_and_tensorboard_get_every_round(tmp_path):
     (again,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert again.info.run_id == found.info.run_id
     assert [m.step for m in client.get_metric_history(found.info.run_id, "auc")] == [1, 2, 3]
+
+
+def test_a_large_federation_gets_a_short_round_line():
+    from fl_llm.progress import platforms_summary
+
+    many = {f"shop-{i}": {"eval_loss": 1.0, "auc": 0.5 + i / 100} for i in range(100)}
+    assert platforms_summary(many, "auc") == "100 platforms, auc min 0.50 median 0.99 max 1.49"
+    few = {"a": {"eval_loss": 1.234, "auc": 0.5}, "b": {"eval_loss": 0.9, "auc": None}}
+    assert platforms_summary(few, "auc") == "a 1.23/0.50  b 0.90/  -  "
