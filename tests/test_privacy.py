@@ -401,7 +401,9 @@ def test_the_audit_alarm_is_a_valid_95_percent_statement_on_a_null_model():
         members, nonmembers = rng.normal(size=300), rng.normal(size=300)
         if seed % 2:
             members, nonmembers = np.round(members, 1), np.round(nonmembers, 1)
-        new += audit_stats.epsilon_lower_bound(members, nonmembers, 1e-5, 0.05, rng) > 0
+        proved = audit_stats.epsilon_lower_bound(members, nonmembers, 1e-5, 0.05, rng)
+        assert proved >= 0
+        new += proved > 0
         old += _best_threshold_bound(members, nonmembers, 1e-5) > 0
     assert new / seeds <= 0.05
     assert old > new

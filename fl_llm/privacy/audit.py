@@ -128,7 +128,8 @@ def epsilon_lower_bound(
         hits, hits_of, false, false_of = (test_m >= t).sum(), len(test_m), (test_n >= t).sum(), len(test_n)
     else:  # TNR ≤ e^ε·FNR + δ: non-members below t against members below t
         hits, hits_of, false, false_of = (test_n < t).sum(), len(test_n), (test_m < t).sum(), len(test_m)
-    return float(_bounds(np.array([hits]), hits_of, np.array([false]), false_of, delta, alpha)[0])
+    # on the held-back half the chosen test can prove less than nothing: ε ≥ 0 is all that says
+    return max(0.0, float(_bounds(np.array([hits]), hits_of, np.array([false]), false_of, delta, alpha)[0]))
 
 
 def attack_report(
