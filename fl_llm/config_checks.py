@@ -206,6 +206,18 @@ def _check_secagg(cfg: RunConfig, strategy, cohort: int) -> None:
             "privacy.secagg.enabled=true needs one LoRA rank for all platforms (model.lora.ranks): the masked "
             "vectors of every platform must have the same length"
         )
+    if cfg.privacy.dp.level == "client":
+        from fl_llm.compression import LEVELS
+
+        levels = LEVELS.get(cfg.compression.name) or (2**31 - 1) // max(cohort, 1)
+        step, clip = sa.clip_range / levels, cfg.privacy.dp.clip_norm
+        if step > clip / 4:
+            raise UserError(
+                f"config key 'privacy.secagg.clip_range': one fixed-point level ({sa.clip_range:g}/{levels} = {step:.3g}) "
+                f"is above a quarter of privacy.dp.clip_norm ({clip:g}); an update clipped to that norm must then "
+                "be sent mostly as zeros to stay within it. Lower privacy.secagg.clip_range (an update of norm C "
+                "rarely has values above C/10), or use compression.name=int8 or none"
+            )
 
 
 def _check_privacy(cfg: RunConfig, strategy, cohort: int) -> None:

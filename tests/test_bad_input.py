@@ -141,6 +141,19 @@ CASES = [
         "'privacy.secagg.threshold' must be at most the platforms per round (3)",
     ),
     ("unknown codec", lambda t: ["run", "compression.name=zip"], "'compression.name' must be 'none'"),
+    (
+        "a ring too coarse for client-level DP's clip norm",
+        lambda t: [
+            "run",
+            "privacy.secagg.enabled=true",
+            "compression.name=int4",
+            "privacy.dp.level=client",
+            "privacy.dp.noise_multiplier=1",
+            "privacy.dp.clip_norm=0.1",
+            "privacy.secagg.clip_range=1",
+        ],
+        "one fixed-point level",
+    ),
     ("4-bit built-in model", lambda t: ["run", "model.quantization=4bit"], "needs pretrained weights to quantize"),
     (
         "4-bit without a GPU",

@@ -271,7 +271,8 @@ def test_self_sampling_under_secure_aggregation_hides_the_cohort(tmp_path):
 def test_every_vector_sent_under_client_dp_has_norm_at_most_c():
     """Every ring the config accepts (32-bit, int8, int4; 2 to 100 parties; clip ranges 0.01 to
     1) and clip norms from tight to loose: the quantized vector a platform sends has norm ≤ C.
-    Without the bound, stochastic rounding at 4 bits carried a clipped update well past C."""
+    Without the bound, stochastic rounding at 4 bits carried a clipped update well past C; and
+    the bound keeps the update (rounding toward zero alone sent an int4 update as all zeros)."""
     from fl_llm.client.platform import Platform
     from fl_llm.config import to_dict
     from fl_llm.server.secure import ring_for
@@ -281,8 +282,9 @@ def test_every_vector_sent_under_client_dp_has_norm_at_most_c():
     )
     plat = Platform(to_dict(cfg), 0)
     update = plat.train(plat.initial_adapter(), round_=1)["update"]
-    norm = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in update.values()))
-    worst_unbounded = 0.0
+    vec = update_vector(update)
+    norm = float(np.linalg.norm(vec))
+    worst_unbounded, kept = 0.0, {}
     for codec in ("none", "int8", "int4"):
         for parties in (2, 10, 100):
             for clip_range in (0.01, 0.1, 1.0):
@@ -291,14 +293,36 @@ def test_every_vector_sent_under_client_dp_has_norm_at_most_c():
                 )
                 step = ring.clip_range / ring.levels
                 for clip in (norm / 10, norm, norm * 10):
+                    if not _accepted(codec, parties, clip_range, clip):
+                        continue  # a ring too coarse for C: the config refuses it
                     sa = {"weight": 1.0, "clip": clip, "ring": (ring.bits, ring.levels, ring.clip_range)}
                     levels, extra, _ = plat.secagg_levels(update, 1, sa)
-                    sent = float(np.linalg.norm(levels.astype(np.float64))) * step
-                    assert sent <= clip * (1 + 1e-12), (codec, parties, clip_range, clip)
+                    sent = levels.astype(np.float64) * step
+                    assert float(np.linalg.norm(sent)) <= clip * (1 + 1e-12), (codec, parties, clip_range, clip)
                     assert extra == [1 if norm <= clip else -1]
-                    q, _ = ring.quantize(update_vector(update) * min(1.0, clip / norm), np.random.default_rng(0))
+                    x = vec * min(1.0, clip / norm)
+                    kept[codec, parties, clip_range, clip] = float(sent @ x / (x @ x))  # share of the update sent
+                    q, _ = ring.quantize(x, np.random.default_rng(0))
                     worst_unbounded = max(worst_unbounded, float(np.linalg.norm(q.astype(np.float64))) * step / clip)
     assert worst_unbounded > 1.2  # what the bound is there for
+    assert len(kept) >= 40 and min(kept.values()) > 0.02  # never the zero vector
+    for (codec, _, clip_range, clip), share in kept.items():
+        if codec != "int4" and clip_range == 0.1 and clip >= norm:
+            assert share > 0.98, (codec, clip_range, clip, share)
+
+
+def _accepted(codec: str, parties: int, clip_range: float, clip: float) -> bool:
+    from fl_llm.errors import UserError
+
+    settings = [f"compression.name={codec}", f"privacy.secagg.clip_range={clip_range}", f"privacy.dp.clip_norm={clip}"]
+    settings += [f"data.num_platforms={parties}", "data.synthetic.train_examples=[50]"]
+    try:
+        load(
+            None, [*settings, "privacy.dp.level=client", "privacy.dp.noise_multiplier=1", "privacy.secagg.enabled=true"]
+        )
+    except UserError:
+        return False
+    return True
 
 
 def update_vector(update) -> np.ndarray:

@@ -467,15 +467,17 @@ class Platform:
             vec = vec * min(1.0, clip / (norm + 1e-12))
             extra = [centred_bit(norm, clip) if joined else 0]
         ring = Ring(*sa["ring"])
-        levels, clipped = ring.quantize(vec, platform_rng(self.cfg.seed, round_, self.id, 3))
+        rng = platform_rng(self.cfg.seed, round_, self.id, 3)
+        if clip is not None:  # what is sent, not only the update, must be within C
+            levels, _, clipped = ring.quantize_within(vec, rng, clip)
+        else:
+            levels, clipped = ring.quantize(vec, rng)
         limit = self.cfg.privacy.secagg.max_clipped
         if clipped > limit:
             raise ValueError(
                 f"platform {self.id}: {clipped:.1%} of the update's values lie beyond ±privacy.secagg.clip_range "
                 f"({ring.clip_range:g}), more than privacy.secagg.max_clipped ({limit:.1%}); not sent into the secure sum"
             )
-        if clip is not None:
-            levels = ring.bound(levels, clip)
         return levels, extra, clipped
 
     def _masked_upload(self, update: AdapterState, round_: int, sa: dict, joined: bool = True) -> dict:
