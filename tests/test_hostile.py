@@ -133,6 +133,8 @@ def test_a_default_run_listens_on_loopback_only_and_never_joins_another_cluster(
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    current = Path("/tmp/ray/ray_current_cluster")  # `ray start` names itself this machine's cluster here
+    before = current.read_bytes() if current.is_file() else None
     other = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
          "--include-dashboard=false", "--block", f"--dashboard-agent-listen-port={_free_port()}"],
@@ -163,6 +165,10 @@ def test_a_default_run_listens_on_loopback_only_and_never_joins_another_cluster(
             run.kill()
         os.killpg(other.pid, signal.SIGTERM)
         other.wait(timeout=60)
+        if before is None:  # the stopped cluster must not stay "current": ray.init() would try to join it
+            current.unlink(missing_ok=True)
+        else:
+            current.write_bytes(before)
     assert {"gcs_server", "raylet"} <= {name for name, _ in seen}, seen  # our own instance, not the other
     wide = sorted({(n, ip) for n, ip in seen if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")})
     assert not wide, f"listening beyond loopback: {wide}"
