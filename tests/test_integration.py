@@ -38,7 +38,8 @@ def test_run_dir_has_everything(ray_run):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "platforms.json", "adapter", "base_model"):
         assert (run_dir / name).exists(), name
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2 == summary["rounds"]
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")], "temp files left behind"
+    hidden = {p.name for p in run_dir.iterdir() if p.name.startswith(".")}
+    assert hidden == {".fl_llm-run", ".lock"}, f"temp files left behind: {hidden}"  # the marker and the lock
 
 
 def test_metrics_have_the_promised_fields(ray_run):

@@ -302,7 +302,7 @@ def test_secure_run_with_client_dp_and_int8_on_ray(tmp_path):
     assert r2["secagg"]["dropped"] == [NAMES[1]] and r2["restarted"] == [NAMES[1]]
     assert not r2["platforms"][NAMES[1]]["participated"]
     assert all(r["secagg"]["ring_bits"] == 16 for r in rows)
-    assert all(r["dp_clip_norm"] == 0.5 and 0 <= r["dp_unclipped"] <= 3 for r in rows)
+    assert all(r["dp_clip_norm"] == 0.5 and "dp_unclipped" not in r for r in rows)  # no un-noised count
     assert rows[2]["platforms"][NAMES[1]]["participated"] and rows[-1]["epsilon"] > 0
     assert np.isfinite(rows[-1]["eval_loss"]) and rows[-1]["eval_loss"] < rows[0]["eval_loss"] + 0.5
     assert summary["status"] == "completed"
