@@ -191,7 +191,7 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
     path, _ = checkpoint.latest_intact(run_dir / "checkpoints")
     if path is None:
         return None
-    return {k: np.asarray(v) for k, v in checkpoint.load(path)[1]["global_state"].items()}
+    return {k: np.asarray(v) for k, v in checkpoint.load(path, verified=True)[1]["global_state"].items()}
 
 
 def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dict]:

@@ -258,7 +258,7 @@ class Platform:
         saved, _ = checkpoint.latest_intact(self.state_dir / "checkpoints", at_most=round_)
         if saved is None:
             return 0
-        got, state = checkpoint.load(saved)
+        got, state = checkpoint.load(saved, verified=True)
         self.persistent = state["persistent"]
         return got
 

@@ -36,7 +36,7 @@ def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, int]
 
     latest, _ = checkpoint.latest_intact(run_dir / "checkpoints")
     if latest is not None:
-        round_, state = checkpoint.load(latest)
+        round_, state = checkpoint.load(latest, verified=True)
         merges = BaseMerges.from_state(1.0, state["merges"])
         merges.applied.clear()  # the audit's fresh platforms hold the pristine base
         return {k: np.asarray(v) for k, v in state["global_state"].items()}, merges, round_

