@@ -14,7 +14,7 @@ No Ray here.
 
 from __future__ import annotations
 
-from fl_llm.client.platform import Platform
+from fl_llm.client.platform import Platform, this_process
 from fl_llm.client.train import resolve_device
 
 
@@ -45,10 +45,7 @@ class PlatformHost:
         self.platforms = {i: Platform(config, i, None, hard_exit, shared=(model, tokenizer)) for i in platform_ids}
 
     def process(self) -> tuple[str, int]:
-        import os
-        import socket
-
-        return socket.gethostname(), os.getpid()
+        return this_process()
 
     def call(self, platform_id: int, method: str, *args):
         """`method(*args)` on one of this host's platforms (its remote API only)."""

@@ -167,7 +167,7 @@ class Platform:
 
     def process(self) -> tuple[str, int]:
         """(host, process id) of this platform: the driver waits for it to exit at shutdown."""
-        return socket.gethostname(), os.getpid()
+        return this_process()
 
     @property
     def private_log(self) -> Path | None:
@@ -392,7 +392,7 @@ class Platform:
         result.update(self._masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0
-        metrics["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # platforms on one host share it
+        metrics["worker"] = "{}:{}".format(*this_process())  # platforms on one host share it
         return self._release(result, round_, "train")
 
     def _upload(self, update: AdapterState, round_: int) -> dict:
@@ -445,7 +445,7 @@ class Platform:
         zero = {k: np.zeros_like(global_state[k]) for k in self.strategy.upload_keys(global_state)}
         answer = {"num_examples": len(self.train_set), "metrics": {}}
         answer.update(self._masked_upload(zero, round_, sa, joined=False))
-        answer["metrics"]["worker"] = f"{socket.gethostname()}:{os.getpid()}"
+        answer["metrics"]["worker"] = "{}:{}".format(*this_process())
         return answer
 
     def secagg_levels(self, update: AdapterState, round_: int, sa: dict, joined: bool = True):
@@ -636,6 +636,11 @@ class Platform:
         if detail:
             out["reliability"] = bins
         return out
+
+
+def this_process() -> tuple[str, int]:
+    """(host name, process id) of the calling process."""
+    return socket.gethostname(), os.getpid()
 
 
 def safe_name(name: str) -> str:
