@@ -290,6 +290,7 @@ def test_head_lr_and_warmup():
 
     base = ["data.synthetic.train_examples=[80]", "data.synthetic.eval_examples=20", "client.local_steps=1"]
     base += ["model.kind=seq_cls", "data.task=review", "client.lr=0.001", "client.max_grad_norm=0"]
+    base += ["client.head_lr=null", "client.warmup_steps=0"]  # not the encoder recipe's: the plain step
 
     def first_step(*extra):
         plat = Platform(to_dict(load(None, [*base, *extra])), 0)

