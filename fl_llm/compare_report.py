@@ -85,8 +85,46 @@ def over_seeds(runs: list[dict]) -> dict:
         "federated_minus_local_std": float(np.std(diffs, ddof=1)),
         "federated_wins": int(sum(d > 0 for d in diffs)),
         "gap_closed": _gap_closed(lo, fed, hi),
+        "platforms": platforms_over_seeds(runs, metric),
         "per_seed": runs,
     }
+
+
+def _final(run: dict, arm: str, name: str, metric: str):
+    """A platform's headline metric for one arm's final model in one seed's comparison."""
+    d = run.get("detail", {}).get(arm, {}).get(name, {})
+    value = d.get(metric)
+    if value is None and arm in run["modes"]:
+        value = run["modes"][arm]["platforms"].get(name, {}).get(metric)
+    return float("nan") if value is None else float(value)
+
+
+def platforms_over_seeds(runs: list[dict], metric: str) -> dict[str, dict]:
+    """Per platform: each arm's mean over seeds, and federated (and personalised) minus
+    local-only paired by seed — mean, its standard error over the seeds, and `below`: the mean
+    more than two standard errors under zero, or a seed where the held-out intervals alone
+    already put it below (`below_local`)."""
+    import numpy as np
+
+    arms = [*MODES, *([PERSONAL] if all(PERSONAL in r.get("detail", {}) for r in runs) else [])]
+    out = {}
+    for name in runs[0]["modes"]["federated"]["platforms"]:
+        vals = {a: np.array([_final(r, a, name, metric) for r in runs]) for a in arms}
+        entry = {"mean": {a: float(np.nanmean(v)) for a, v in vals.items()}}
+        for a in arms:
+            if a in ("federated", PERSONAL):
+                d = vals[a] - vals["local"]
+                se = float(np.nanstd(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+                flagged = [r["seeds"][0] for r in runs if f"{name} ({a})" in r.get("below_local", [])]
+                mean = float(np.nanmean(d))
+                entry[f"{a}_minus_local"] = {
+                    "mean": mean,
+                    "se": se,
+                    "below": bool(mean + 2 * se < 0) or bool(flagged),
+                    "seeds_below_by_intervals": flagged,
+                }
+        out[name] = entry
+    return out
 
 
 def gap_line(local: float, federated: float, centralized: float, noise: float, what: str) -> str:
@@ -182,6 +220,7 @@ def _format_seeds_table(result: dict) -> str:
     )
     below = [f"seed {r['seeds'][0]}: {', '.join(r['below_local'])}" for r in runs if r.get("below_local")]
     lines.append("below local-only beyond the intervals: " + ("; ".join(below) if below else "none"))
+    lines.extend(_platform_lines(result))
     gaps = np.array(
         [r["modes"]["centralized"]["average"][metric] - r["modes"]["local"]["average"][metric] for r in runs]
     )
@@ -189,6 +228,28 @@ def _format_seeds_table(result: dict) -> str:
     lo, fed, hi = (m[k]["average"][metric] for k in MODES)
     lines.append(gap_line(lo, fed, hi, noise, f"2 s.e. over {len(runs)} seeds"))
     return "\n".join(lines)
+
+
+def _platform_lines(result: dict) -> list[str]:
+    """Per platform, the mean over seeds of each arm and federated (and personalised) minus
+    local-only paired by seed, ± 2 standard errors; `BELOW` where it is under zero beyond that."""
+    per = result.get("platforms") or {}
+    if not per:
+        return []
+    arms = list(next(iter(per.values()))["mean"])
+    width = max(12, *(len(n) for n in per))
+    titles = {"local": "local-only", PERSONAL: "personal"}
+    head = f"{'per platform':<{width}}  " + "  ".join(f"{titles.get(a, a):>11}" for a in arms)
+    lines = [head + "   fed - local (±2 s.e. over seeds)" + ("   personal - local" if PERSONAL in arms else "")]
+    for name, e in per.items():
+        cells = "  ".join(f"{e['mean'][a]:>11.4f}" for a in arms)
+        diffs = []
+        for a in ("federated", PERSONAL):
+            d = e.get(f"{a}_minus_local")
+            if d:
+                diffs.append(f"{d['mean']:+.4f} ± {2 * d['se']:.4f}" + ("  BELOW" if d["below"] else ""))
+        lines.append(f"{name:<{width}}  {cells}   " + "   ".join(f"{x:<22}" for x in diffs).rstrip())
+    return lines
 
 
 def plot_reliability(detail: dict, path: Path) -> None:

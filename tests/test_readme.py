@@ -62,3 +62,7 @@ def test_bring_your_own_data_example_runs_as_written(tmp_path):
     assert [p["name"] for p in platforms] == [p.split("/")[-1].split(".")[0] for p in files["paths"]]
     assert [p["num_train"] + p["num_eval"] for p in platforms] == [60, 60]
     assert "macro_f1" in proc.stdout
+    # the example names an encoder and nothing about training: it runs on the encoder recipe
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["client"]["head_lr"] == 0.01 and saved["client"]["warmup_steps"] == 10
+    assert "encoder recipe" in proc.stdout and "client.head_lr=0.01" in proc.stdout

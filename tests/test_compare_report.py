@@ -1,0 +1,67 @@
+"""What `fl-llm compare` concludes from its numbers: below-local flags, the per-platform summary
+over seeds, the gap-closed line. Pure functions on hand-made results, values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fl_llm.compare import below_local
+from fl_llm.compare_report import format_table, gap_line, platforms_over_seeds
+
+
+def _run(seed: int, local: float, fed: float, central: float, personal: float, below=()):
+    arms = {"local": local, "federated": fed, "centralized": central, "personalised": personal}
+    detail = {a: {"shop": {"auc": v, "interval": [v - 0.01, v + 0.01]}} for a, v in arms.items()}
+    modes = {
+        a: {"platforms": {"shop": {"auc": v, "num_eval": 100}}, "average": {"auc": v}, "per_round": [v]}
+        for a, v in arms.items()
+        if a != "personalised"
+    }
+    return {"metric": "auc", "task": "ctr", "rounds": 1, "seeds": [seed], "partition": {}, "modes": modes,
+            "detail": detail, "below_local": list(below), "federated_minus_local": fed - local}  # fmt: skip
+
+
+def test_below_local_needs_the_intervals_apart():
+    detail = {
+        "local": {"a": {"interval": [0.70, 0.80]}, "b": {"interval": [0.70, 0.80]}},
+        "federated": {"a": {"interval": [0.60, 0.69]}, "b": {"interval": [0.60, 0.71]}},
+    }
+    assert below_local(detail, "auc") == ["a (federated)"]
+
+
+def test_per_platform_summary_pairs_the_seeds():
+    runs = [_run(0, 0.70, 0.74, 0.76, 0.75), _run(1, 0.72, 0.74, 0.77, 0.73), _run(2, 0.68, 0.74, 0.75, 0.74)]
+    shop = platforms_over_seeds(runs, "auc")["shop"]
+    assert shop["mean"]["local"] == pytest.approx(0.70) and shop["mean"]["federated"] == pytest.approx(0.74)
+    fed = shop["federated_minus_local"]  # differences 0.04, 0.02, 0.06: mean 0.04, sd 0.02, se 0.02/√3
+    assert fed["mean"] == pytest.approx(0.04) and fed["se"] == pytest.approx(0.02 / math.sqrt(3))
+    assert fed["below"] is False
+    pers = shop["personalised_minus_local"]  # 0.05, 0.01, 0.06
+    assert pers["mean"] == pytest.approx(0.04) and pers["below"] is False
+
+
+def test_a_platform_that_loses_is_marked_by_the_seeds_or_by_one_seeds_intervals():
+    losing = [_run(0, 0.75, 0.70, 0.76, 0.76), _run(1, 0.74, 0.70, 0.75, 0.75), _run(2, 0.76, 0.71, 0.77, 0.77)]
+    assert platforms_over_seeds(losing, "auc")["shop"]["federated_minus_local"]["below"] is True
+    noisy = [_run(0, 0.70, 0.74, 0.76, 0.75), _run(1, 0.72, 0.60, 0.77, 0.73, below=["shop (federated)"])]
+    noisy.append(_run(2, 0.68, 0.80, 0.75, 0.74))
+    entry = platforms_over_seeds(noisy, "auc")["shop"]["federated_minus_local"]
+    assert entry["below"] is True and entry["seeds_below_by_intervals"] == [1]
+
+
+def test_the_seeds_table_prints_the_platform_lines():
+    from fl_llm.compare_report import over_seeds
+
+    runs = [_run(0, 0.75, 0.70, 0.76, 0.76), _run(1, 0.74, 0.70, 0.75, 0.75), _run(2, 0.76, 0.71, 0.77, 0.77)]
+    table = format_table(over_seeds(runs))
+    line = next(x for x in table.splitlines() if x.startswith("shop"))
+    assert "-0.0467" in line and "BELOW" in line
+
+
+def test_gap_line_states_its_noise_or_why_there_is_no_share():
+    assert gap_line(0.70, 0.75, 0.80, 0.02, "x").startswith("federated closes 50% (±10%)")
+    none = gap_line(0.70, 0.75, 0.69, 0.02, "x")  # pooling did not help: no ratio, not "-500%"
+    assert "no gap to close" in none and "%" not in none.split("(")[0]
+    assert "no gap to close" in gap_line(0.70, 0.75, 0.71, 0.02, "x")  # a gap inside the noise
