@@ -46,3 +46,14 @@ def platform_states(run_dir) -> dict:
         if latest is not None:
             out[d.name] = checkpoint.load(latest)[1]["persistent"]
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (minutes each) run only when asked for (`-m slow`), so the plain
+    `python -m pytest` of the README and CI stays within its time."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,65 @@
+"""Behaviour pins: the default job, and the same job with SCAFFOLD, FedEx, FedSA and secure
+aggregation with int8 uplinks — per-round `eval_loss` and the SHA-256 of the final adapter's
+bytes. A restructuring that changes no behaviour leaves every figure identical (on the same
+machine and torch build: float results are bit-exact only there).
+
+    python benchmarks/pin.py record benchmarks/pinned.json    # before a change (about 7 min, 2 cores)
+    python benchmarks/pin.py check benchmarks/pinned.json     # after it: exit 1 on any difference
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+JOBS = {
+    "default": [],
+    "scaffold": ["strategy.name=scaffold", "client.optimizer=sgd", "client.lr=0.05"],
+    "fedex": ["strategy.name=fedex"],
+    "fedsa": ["strategy.name=fedsa"],
+    "secagg_int8": ["privacy.secagg.enabled=true", "compression.name=int8"],
+}
+
+
+def run_job(name: str, overrides: list[str], root: Path) -> dict:
+    out = root / name
+    cmd = [sys.executable, "-m", "fl_llm", "run", *overrides, f"output_dir={out}", "tracking.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: fl-llm run failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    digest = hashlib.sha256()
+    for path in sorted((out / "adapter").iterdir()):
+        if path.suffix == ".safetensors":
+            digest.update(path.read_bytes())
+    return {"overrides": overrides, "eval_loss": [r["eval_loss"] for r in rows], "adapter_sha256": digest.hexdigest()}
+
+
+def measure() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return {name: run_job(name, overrides, Path(tmp)) for name, overrides in JOBS.items()}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("record", "check"):
+        print(__doc__)
+        return 2
+    mode, path = argv[0], Path(argv[1])
+    got = measure()
+    if mode == "record":
+        path.write_text(json.dumps(got, indent=1) + "\n")
+        print(f"wrote {path}")
+        return 0
+    want = json.loads(path.read_text())
+    bad = [name for name in want if got.get(name) != want[name]]
+    for name in want:
+        print(f"{name:<12} {'same' if name not in bad else 'DIFFERENT'}  adapter {got[name]['adapter_sha256'][:16]}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,30 @@
+"""Behaviour pinned across restructurings: the default job and four variants give the per-round
+eval_loss and final adapter bytes recorded in benchmarks/pinned.json (on the machine and torch
+build that recorded them). Minutes: run with `-m slow`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+PINNED = REPO / "benchmarks" / "pinned.json"
+
+
+@pytest.mark.slow
+def test_the_pinned_jobs_give_the_recorded_results():
+    if not PINNED.exists():
+        pytest.skip("no benchmarks/pinned.json recorded on this machine")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pin.py"), "check", str(PINNED)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert set(json.loads(PINNED.read_text())) == {"default", "scaffold", "fedex", "fedsa", "secagg_int8"}
