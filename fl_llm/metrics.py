@@ -1,32 +1,19 @@
-"""Evaluation metrics over labels and scores, in numpy (no scikit-learn at run time)."""
+"""Evaluation metrics over labels and scores: scikit-learn's where it has them (AUC, average
+precision, F1); here what it lacks — recall at a false-positive rate, hit rate and NDCG over
+candidate lists of varying length, calibration bins, the F1-best threshold, bootstrap intervals."""
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of `x`, ties sharing their average rank."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    # Boundaries of runs of equal values.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    avg = (starts + ends + 1) / 2.0  # mean of 1-based positions start+1..end
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve (Mann-Whitney U); NaN when only one class is present."""
+    """Area under the ROC curve (scikit-learn); NaN when only one class is present."""
     y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    ranks = _average_ranks(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
 
 
 def binary_metrics(labels, scores, groups=None) -> dict[str, float]:
@@ -41,15 +28,11 @@ def binary_metrics(labels, scores, groups=None) -> dict[str, float]:
 
 
 def average_precision(labels, scores) -> float:
-    """PR-AUC as average precision: mean precision at each positive, ties broken pessimistically."""
+    """PR-AUC as average precision (scikit-learn); NaN without a positive."""
     y = np.asarray(labels).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
     if not y.any():
         return float("nan")
-    order = np.lexsort((y, -s))  # by score desc; among ties, negatives first (no optimistic ties)
-    hits = np.cumsum(y[order])
-    precision = hits / np.arange(1, len(y) + 1)
-    return float(precision[y[order]].mean())
+    return float(average_precision_score(y, np.asarray(scores, dtype=np.float64)))
 
 
 def recall_at_fpr(labels, scores, fpr: float) -> float:
@@ -65,13 +48,9 @@ def recall_at_fpr(labels, scores, fpr: float) -> float:
 
 
 def macro_f1(labels, predictions, num_classes: int) -> float:
-    y, p = np.asarray(labels), np.asarray(predictions)
-    f1s = []
-    for c in range(num_classes):
-        tp = np.sum((p == c) & (y == c))
-        fp, fn = np.sum((p == c) & (y != c)), np.sum((p != c) & (y == c))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(f1s))
+    """Unweighted mean of the per-class F1 over all `num_classes` classes (scikit-learn; a class
+    never predicted nor present counts 0)."""
+    return float(f1_score(labels, predictions, labels=list(range(num_classes)), average="macro", zero_division=0))
 
 
 def ranking_metrics(labels, scores, groups, ks=(1, 3)) -> dict[str, float]:
