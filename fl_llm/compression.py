@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, flatten, unflatten
+from fl_llm.tensors import AdapterState, flatten, unflatten
 
 CODECS = ("none", "fp16", "bf16", "int8", "int4", "topk")
 GROUP = 256  # values per int8/int4 scale: 4 bytes of scale per 256 values (1.6% for int8)

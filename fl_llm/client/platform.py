@@ -24,8 +24,9 @@ import numpy as np
 from fl_llm import faults
 from fl_llm.client.train import device_problem, peak_memory, resolve_device
 from fl_llm.config import RunConfig, from_dict
-from fl_llm.model.adapters import AdapterState, get_adapter_state, set_adapter_state, state_nbytes
+from fl_llm.model.adapters import get_adapter_state, set_adapter_state, state_nbytes
 from fl_llm.strategies import STRATEGIES
+from fl_llm.tensors import AdapterState
 
 MIN_PER_CLASS = 20  # fewer rows of a class in a split than this gets a warning at start
 
@@ -455,7 +456,7 @@ class Platform:
         appended integer is its centred clip bit (0 when it did not join the round)."""
         from fl_llm.privacy.dp import centred_bit
         from fl_llm.privacy.secagg import Ring
-        from fl_llm.strategies.base import flatten
+        from fl_llm.tensors import flatten
 
         vec = flatten([update])[0][0] * float(sa["weight"])
         if not np.isfinite(vec).all():  # the ring would turn NaN into 0 and Inf into the range's edge

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm.config import ModelConfig
-
-AdapterState = dict[str, np.ndarray]
+from fl_llm.tensors import AdapterState
 
 
 def lora_config(model_cfg: ModelConfig, rank: int | None = None):

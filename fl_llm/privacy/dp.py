@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, flatten, unflatten
+from fl_llm.tensors import AdapterState, flatten, unflatten
 
 # --- record level: one DP-SGD step --------------------------------------------------------------
 

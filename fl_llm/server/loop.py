@@ -32,7 +32,7 @@ from fl_llm.compression import decompress
 from fl_llm.config import RunConfig, recipe_line, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
-from fl_llm.model.adapters import AdapterState, save_adapter, starting_adapter, state_nbytes
+from fl_llm.model.adapters import save_adapter, starting_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, resolve_name, save_base
 from fl_llm.progress import Progress
 from fl_llm.server import secure
@@ -54,6 +54,7 @@ from fl_llm.server.writer import RoundWriter
 from fl_llm.strategies import STRATEGIES, Strategy
 from fl_llm.strategies.lora import to_rank, update_to_global_rank
 from fl_llm.strategies.step import aggregate_round
+from fl_llm.tensors import AdapterState
 from fl_llm.trackers import Trackers
 from fl_llm.tracking import RunDir, write_json
 

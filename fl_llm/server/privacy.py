@@ -27,7 +27,7 @@ from fl_llm.errors import UserError
 from fl_llm.privacy.accountant import Ledger, Mechanism, Party, calibrate
 from fl_llm.privacy.csprng import dp_generator
 from fl_llm.privacy.dp import adaptive_clip, adaptive_noise_multipliers, dp_mean, noised_mean
-from fl_llm.strategies.base import AdapterState, flatten, unflatten
+from fl_llm.tensors import AdapterState, flatten, unflatten
 
 FEDERATION = "federation"  # the one accounted party of client-level DP
 

@@ -28,11 +28,10 @@ import numpy as np
 
 from fl_llm.compression import LEVELS
 from fl_llm.config import RunConfig
-from fl_llm.model.adapters import AdapterState
 from fl_llm.privacy.secagg import Ring, SecAggError, masked_sum, unmask
 from fl_llm.server.backends import Collected
 from fl_llm.strategies import Strategy
-from fl_llm.strategies.base import unflatten
+from fl_llm.tensors import AdapterState, unflatten
 
 KEY_BYTES = 64  # two X25519 public keys
 

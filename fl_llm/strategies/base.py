@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-AdapterState = dict[str, np.ndarray]
+from fl_llm.tensors import AdapterState
+
 StrategyState = dict[str, Any]
 
 
@@ -69,20 +70,4 @@ def weighted_mean(updates: list[AdapterState], weights) -> AdapterState:
         for pi, u in zip(p[1:], updates[1:]):
             acc += np.multiply(u[k], pi, dtype=np.float64)
         out[k] = acc.astype(np.float32)
-    return out
-
-
-def flatten(updates: list[AdapterState]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
-    """(n × D float64 matrix of the updates, the (key, shape) layout to undo it)."""
-    layout = [(k, updates[0][k].shape) for k in sorted(updates[0])]
-    rows = [np.concatenate([u[k].astype(np.float64).ravel() for k, _ in layout]) for u in updates]
-    return np.stack(rows), layout
-
-
-def unflatten(vector: np.ndarray, layout) -> AdapterState:
-    out, pos = {}, 0
-    for k, shape in layout:
-        size = int(np.prod(shape))
-        out[k] = vector[pos : pos + size].reshape(shape).astype(np.float32)
-        pos += size
     return out

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, StrategyState
+from fl_llm.strategies.base import StrategyState
+from fl_llm.tensors import AdapterState
 
 
 def adaptive_apply(x: AdapterState, m: dict, v: dict, *, lr: float, tau: float) -> AdapterState:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, StrategyState, weighted_mean
+from fl_llm.strategies.base import StrategyState, weighted_mean
+from fl_llm.tensors import AdapterState
 
 
 def fedavg_apply(x: AdapterState, delta: AdapterState, state: StrategyState, *, lr: float):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, StrategyState
+from fl_llm.strategies.base import StrategyState
+from fl_llm.tensors import AdapterState
 
 
 def fedavgm_apply(x: AdapterState, delta: AdapterState, state: StrategyState, *, lr: float, momentum: float):

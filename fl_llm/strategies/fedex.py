@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, normalized
+from fl_llm.strategies.base import normalized
 from fl_llm.strategies.lora import a_key, b_key, layers
+from fl_llm.tensors import AdapterState
 
 
 def fedex_residual(locals_: list[AdapterState], weights, averaged: AdapterState) -> dict[str, tuple]:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, normalized
+from fl_llm.strategies.base import normalized
 from fl_llm.strategies.lora import a_key, b_key, is_a, is_b, layers
+from fl_llm.tensors import AdapterState
 
 
 def flora_stack(locals_: list[AdapterState], weights) -> dict[str, tuple]:

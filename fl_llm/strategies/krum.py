@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, flatten, normalized, unflatten
+from fl_llm.strategies.base import normalized
+from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
 def krum_scores(m: np.ndarray, f: int) -> np.ndarray:

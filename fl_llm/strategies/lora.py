@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-AdapterState = dict[str, np.ndarray]
+from fl_llm.tensors import AdapterState
 
 A_TAG, B_TAG = ".lora_A.", ".lora_B."
 

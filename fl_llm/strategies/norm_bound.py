@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, flatten, normalized, unflatten
+from fl_llm.strategies.base import normalized
+from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
 def norm_bound(updates: list[AdapterState], weights, *, clip: float) -> AdapterState:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState
+from fl_llm.tensors import AdapterState
 
 
 def corrected_gradient(grad, c_i, c):

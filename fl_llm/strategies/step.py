@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fl_llm.config import StrategyConfig
-from fl_llm.strategies.base import AdapterState, Strategy, StrategyState, weighted_mean
+from fl_llm.strategies.base import Strategy, StrategyState, weighted_mean
 from fl_llm.strategies.fedadagrad import fedadagrad_apply
 from fl_llm.strategies.fedadam import fedadam_apply
 from fl_llm.strategies.fedavg import fedavg_apply
@@ -30,6 +30,7 @@ from fl_llm.strategies.median import median
 from fl_llm.strategies.norm_bound import norm_bound
 from fl_llm.strategies.scaffold import server_control_update
 from fl_llm.strategies.trimmed_mean import trimmed_mean
+from fl_llm.tensors import AdapterState
 
 
 @dataclass

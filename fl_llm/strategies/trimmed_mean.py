@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import AdapterState, flatten, unflatten
+from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
 def trim_count(n: int, beta: float) -> int:
