@@ -4,8 +4,8 @@ data and hardware — and what the federation costs on top. Two measurements, on
   step        the platforms' own training step (`fl_llm.client.train.local_train`: padded, or
               packed rows with no attention across examples and the vocabulary projected only
               where an answer is; bf16 autocast on a GPU) against the loop a user would write
-              (the method of ../shared/bench/hf_peft_baseline.py: full-sequence logits, padded
-              batches, or packed rows without boundaries), same model, same examples, drawn from
+              (the usual one: full-sequence logits, padded batches, or examples concatenated
+              into packed rows without boundaries), same model, same examples, drawn from
               the e-commerce prompt-length distribution (log-normal, mean ≈ 220 tokens)
   federation  a short federated run of the config (Ray, as configured); each round's wall time
               split into local training (the busiest worker: one platform's actor, or the sum
@@ -52,10 +52,10 @@ SHAPES = {
         "vocab_size": 128256,
     },
 }
-# the baseline's packed batch in ../shared/bench/hf_peft_baseline.py: rows of 2048 per step
+# the plain loop's packed batch: this many rows of 2048 tokens per step (a GPU's worth at that shape)
 BASELINE_ROWS = {"tiny": 0, "1b": 8, "8b": 2}
 VARIANTS = ("baseline_packed", "baseline_padded", "fl_llm_packed", "fl_llm_padded")
-KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, measured (../shared/bench)
+KNOWN_PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # dense bf16, measured with a matmul benchmark on the device
 
 
 def shape_overrides(shape: str, max_length: int) -> list[str]:

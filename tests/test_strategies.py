@@ -239,7 +239,7 @@ def test_registry_lists_every_family_with_papers():
         "fedit", "ffa", "fedex", "flora", "fedsa", "norm_bound", "median", "trimmed_mean", "krum",
     }  # fmt: skip
     assert expected <= set(STRATEGIES)
-    assert all(s.paper and s.summary and name == s.name for name, s in STRATEGIES.items())
+    assert all(s.paper and s.summary for s in STRATEGIES.values())
     valid_params = set(StrategyConfig.__dataclass_fields__)
     assert all(set(s.params) <= valid_params for s in STRATEGIES.values())
 

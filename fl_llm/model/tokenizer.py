@@ -8,7 +8,7 @@ identical vocabulary.
 
 Rebuild it (only when changing the corpus; the file is committed):
 
-    python -m fl_llm.model.tokenizer [../shared/data]
+    python -m fl_llm.model.tokenizer [DATA_DIR]    # DATA_DIR: the public data sets' folder
 """
 
 from __future__ import annotations
