@@ -18,6 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
+from fl_llm import checkpoint
+from fl_llm.data.sources import task_of
+from fl_llm.model.adapters import save_adapter
+from fl_llm.model.build import is_builtin, save_base
+from fl_llm.tracking import RunDir
+
 
 class RoundWriter:
     def __init__(self) -> None:
@@ -39,3 +47,29 @@ class RoundWriter:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def write_round(cfg, rd: RunDir, rnd: int, *, model, deltas, base_name, rank, frozen, record) -> None:
+    """Round `rnd`'s files, on the writer thread: exactly what was evaluated — the global adapter
+    (standard PEFT; None for FedSA, whose platforms wrote their own) and, once merges exist, the
+    base weights with them folded in (built-in model: base_model/; otherwise
+    base_delta.safetensors) — then the checkpoint, then the metrics line: a crash in between is
+    redone from the checkpoint."""
+    if model is not None:
+        save_adapter(model, cfg.model, rd.adapter, base_name, rank=rank)
+    if deltas is not None:
+        save_base_deltas(cfg, rd, deltas)
+    if frozen is not None:
+        checkpoint.write(rd.checkpoints, rnd, frozen, keep=cfg.checkpoint.keep)
+    rd.log_round(record)
+
+
+def save_base_deltas(cfg, rd: RunDir, deltas: dict[str, np.ndarray]) -> None:
+    if is_builtin(cfg.model):
+        save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task_of(cfg).verbalizer), deltas=deltas)
+    else:
+        from safetensors.numpy import save_file
+
+        tmp = rd.path / ".base_delta.safetensors.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in deltas.items()}, str(tmp))
+        tmp.replace(rd.path / "base_delta.safetensors")
