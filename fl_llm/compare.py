@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from fl_llm.client.api import PlatformAPI
 from fl_llm.client.platform import Platform
 from fl_llm.compare_report import (
     MODES,
@@ -114,9 +115,11 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
     progress.info("== local-only and centralized (pooled data, upper bound), then personalised ==")
     backend = make_backend(cfg)
     try:
-        info = backend.call(ids, "describe", timeout_s=SETUP_TIMEOUT_S).results
+        info = backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S).results
         names = {i: info[i]["name"] for i in ids}
-        init = starting_adapter(cfg.model, backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S).results[0])
+        init = starting_adapter(
+            cfg.model, backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S).results[0]
+        )
         pooled_cfg = to_dict(dataclasses.replace(cfg, backend="local"))
         pooled_cfg["client"]["batch_size"] = cfg.client.batch_size * n
         pooled = Platform(pooled_cfg, POOLED)
@@ -124,13 +127,13 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
         central = init
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
-            trained = backend.call_each({i: (local[i], rnd) for i in ids}, "train", timeout_s=timeout).results
+            trained = backend.call_each({i: (local[i], rnd) for i in ids}, PlatformAPI.train, timeout_s=timeout).results
             local = {i: _apply(cfg, i, local[i], _update(trained[i])) if i in trained else local[i] for i in ids}
-            ev = backend.call_each({i: (local[i],) for i in ids}, "evaluate", timeout_s=timeout).results
+            ev = backend.call_each({i: (local[i],) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
             central = _apply(cfg, POOLED, central, _update(pooled.train(central, rnd)))
-            ev = backend.call(ids, "evaluate", backend.put(central), timeout_s=timeout).results
+            ev = backend.call(ids, PlatformAPI.evaluate, backend.put(central), timeout_s=timeout).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
             line = "  ".join(
                 f"{m} {_weighted_average(per_round[m][rnd - 1], sizes_of(per_round[m][rnd - 1]), metric):.3f}"
@@ -142,7 +145,9 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
         if federated is not None:  # personalised: one more local round from the federated model
             finals["federated"] = {i: federated for i in ids}
             progress.phase("personalised: one local round from the federated model")
-            trained = backend.call_each({i: (federated, rounds) for i in ids}, "train", timeout_s=timeout).results
+            trained = backend.call_each(
+                {i: (federated, rounds) for i in ids}, PlatformAPI.train, timeout_s=timeout
+            ).results
             finals[PERSONAL] = {i: _apply(cfg, i, federated, _update(trained[i])) for i in trained}
         detail = {
             mode: {names[i]: r for i, r in _detailed(backend, states, timeout).items()}
@@ -196,7 +201,9 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
 
 def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dict]:
     """Each platform's detailed evaluation (interval, calibration) of its final model in one arm."""
-    got = backend.call_each({i: (state, None, True) for i, state in states.items()}, "evaluate", timeout_s=timeout)
+    got = backend.call_each(
+        {i: (state, None, True) for i, state in states.items()}, PlatformAPI.evaluate, timeout_s=timeout
+    )
     return got.results
 
 

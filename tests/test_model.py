@@ -309,3 +309,26 @@ def test_head_lr_and_warmup():
         assert np.abs(warm[k]).max() == pytest.approx(np.abs(plain[k]).max() / 4, rel=1e-3)
     assert [warmup_factor((0, 4), s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert warmup_factor((20, 4), 0) == 1.0 and warmup_factor((0, 0), 0) == 1.0
+
+
+def test_platform_implements_the_remote_api_exactly():
+    """Every method of the typed remote API exists on Platform with the same parameters and
+    defaults, and a host actor serves those names only."""
+    import inspect
+
+    from fl_llm.client.api import REMOTE, PlatformAPI, remote_name
+    from fl_llm.client.platform import Platform
+
+    assert REMOTE == {
+        "describe", "initial_adapter", "train", "evaluate", "save_state", "load_state", "save_personal",
+        "secagg_advertise", "secagg_share", "secagg_reveal",
+    }  # fmt: skip
+    for name in REMOTE:
+        want = inspect.signature(getattr(PlatformAPI, name))
+        got = inspect.signature(getattr(Platform, name))
+        assert [(p.name, p.default) for p in got.parameters.values()] == [
+            (p.name, p.default) for p in want.parameters.values()
+        ], name
+        assert remote_name(getattr(PlatformAPI, name)) == name
+    with pytest.raises(ValueError):
+        remote_name(Platform.train)  # the implementation is not the contract

@@ -70,6 +70,7 @@ def collect_released(mode: str, out: Path, monkeypatch=None) -> dict[str, set[st
 
     def spy(self, args_by_id, method, *, timeout_s):
         got = original(self, args_by_id, method, timeout_s=timeout_s)
+        method = method.__name__
         for answer in got.results.values():
             if method in ("describe", "train", "evaluate") and isinstance(answer, dict):
                 seen.setdefault(f"{method} answer", set()).update(answer)
@@ -411,8 +412,11 @@ def test_per_record_outputs_are_not_in_the_remote_api(small_cfg):
     from fl_llm.server.backends import LocalBackend
 
     backend = LocalBackend(load(None, [*FAST, "data.num_platforms=1", "data.synthetic.train_examples=[40]"]))
-    with pytest.raises(ValueError, match="not part of the platform's remote API"):
-        backend.call([0], "_example_losses", {}, None, [0], [0], timeout_s=10)
+    from fl_llm.client.platform import Platform
+
+    for method in (Platform._example_losses, Platform.audit, Platform.secagg_levels, "evaluate", print):
+        with pytest.raises(ValueError, match="not part of the platform's remote API"):
+            backend.call([0], method, {}, None, [0], [0], timeout_s=10)
     assert not hasattr(backend.platforms[0], "example_losses")
 
 

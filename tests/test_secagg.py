@@ -206,7 +206,7 @@ def plain_and_secure(tmp_path_factory):
 
     def recording(self, args_by_id, method, *, timeout_s):
         got = original(self, args_by_id, method, timeout_s=timeout_s)
-        received.extend((method, i, r) for i, r in got.results.items())
+        received.extend((method.__name__, i, r) for i, r in got.results.items())
         return got
 
     backends.LocalBackend.call_each = recording

@@ -48,7 +48,9 @@ class PlatformHost:
         return this_process()
 
     def call(self, platform_id: int, method: str, *args):
-        """`method(*args)` on one of this host's platforms (its remote API only)."""
-        if method.startswith("_"):
-            raise ValueError(f"Platform.{method} is not part of the platform's remote API")
+        """`method(*args)` on one of this host's platforms (a `PlatformAPI` method only)."""
+        from fl_llm.client.api import REMOTE
+
+        if method not in REMOTE:
+            raise ValueError(f"{method!r} is not part of the platform's remote API (fl_llm.client.api.PlatformAPI)")
         return getattr(self.platforms[platform_id], method)(*args)

@@ -4,7 +4,8 @@ This is the only module that imports Ray. Both backends run the same `Platform` 
 the same calls to the round loop:
 
 - `put(state)`     -> a handle to the global adapter, stored once (Ray's object store);
-- `call(ids, method, *args, timeout_s)` -> `Collected`: answers, errors, late and dead platforms;
+- `call(ids, PlatformAPI.method, *args, timeout_s)` -> `Collected`: answers, errors, late and dead
+  platforms (the methods of `fl_llm.client.api.PlatformAPI`, and no others);
 - `restart(i)`     -> a fresh platform i in place of a dead one (it reloads its own data);
 - `shutdown()`.
 """
@@ -21,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_llm.client.api import remote_name
 from fl_llm.client.platform import Platform
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.errors import UserError
@@ -36,17 +38,9 @@ class Collected:
     dead: list[int] = field(default_factory=list)  # its process is gone: restart it before the next call
 
 
-def remote_method(method: str) -> str:
-    """`method` if it is part of the platform's remote API: a name starting with "_" is internal
-    (per-record losses, the model itself) and is never called from the driver."""
-    if method.startswith("_"):
-        raise ValueError(f"Platform.{method} is not part of the platform's remote API")
-    return method
-
-
 class _Backend:
-    def call(self, ids, method: str, *args, timeout_s: float) -> Collected:
-        """`method(*args)` on each platform in `ids`."""
+    def call(self, ids, method, *args, timeout_s: float) -> Collected:
+        """`method(*args)` on each platform in `ids`; `method` is one of `PlatformAPI`'s."""
         return self.call_each({i: args for i in ids}, method, timeout_s=timeout_s)
 
 
@@ -62,17 +56,17 @@ class LocalBackend(_Backend):
     def put(self, obj):
         return obj
 
-    def call_each(self, args_by_id: dict[int, tuple], method: str, *, timeout_s: float) -> Collected:
+    def call_each(self, args_by_id: dict[int, tuple], method, *, timeout_s: float) -> Collected:
         """`method(*args_by_id[i])` on each platform i, one after another."""
         from fl_llm.client.train import RoundDeadline
         from fl_llm.faults import InjectedKill
 
-        remote_method(method)
+        name = remote_name(method)
         out = Collected()
         deadline = time.monotonic() + timeout_s
         for i, args in args_by_id.items():
             try:
-                result = getattr(self.platforms[i], method)(*args)
+                result = getattr(self.platforms[i], name)(*args)
             except RoundDeadline:
                 out.late.append(i)
                 continue
@@ -180,15 +174,15 @@ class RayBackend(_Backend):
             return self._remote.options(**options).remote(self._config, members, self._threads, True)
         return self._remote.options(**options).remote(self._config, members[0], self._threads, True)
 
-    def _method(self, i: int, method: str, args: tuple):
-        remote_method(method)
+    def _method(self, i: int, method, args: tuple):
+        name = remote_name(method)
         actor = self.actors[self.host_of[i]]
-        return actor.call.remote(i, method, *args) if self.hosted else getattr(actor, method).remote(*args)
+        return actor.call.remote(i, name, *args) if self.hosted else getattr(actor, name).remote(*args)
 
     def put(self, obj):
         return self._ray.put(obj)
 
-    def call_each(self, args_by_id: dict[int, tuple], method: str, *, timeout_s: float) -> Collected:
+    def call_each(self, args_by_id: dict[int, tuple], method, *, timeout_s: float) -> Collected:
         """`method(*args_by_id[i])` on each platform i, all at once, collected until the deadline."""
         from fl_llm.client.train import RoundDeadline
 

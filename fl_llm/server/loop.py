@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm import checkpoint
+from fl_llm.client.api import PlatformAPI
 from fl_llm.config import RunConfig
 from fl_llm.progress import Progress
 from fl_llm.server.backends import Collected
@@ -191,7 +192,7 @@ def _collect(r: Run, fed: Federation, rs: Round, args: dict[int, tuple]) -> None
     """3. Local training on each platform, collected until the deadline."""
     r.progress.phase(f"round {rs.rnd}: {len(args)} platforms training")
     t = time.monotonic()
-    rs.trained = r.backend.call_each(args, "train", timeout_s=r.cfg.server.round_timeout_s)
+    rs.trained = r.backend.call_each(args, PlatformAPI.train, timeout_s=r.cfg.server.round_timeout_s)
     fed.merges.confirm(rs.trained.results)
     fed.privacy.spend_training(rs.trained.results, r.names)  # every update received spent budget
     rs.secs["train"] += time.monotonic() - t
@@ -254,7 +255,9 @@ def _evaluate(r: Run, fed: Federation, rs: Round) -> Collected:
     for i in in_run:
         fed.downlink.add(i, fed.merges.payload_bytes(i))
     evals = r.backend.call_each(
-        {i: (r.handle, fed.merges.payload(i)) for i in in_run}, "evaluate", timeout_s=r.cfg.server.round_timeout_s
+        {i: (r.handle, fed.merges.payload(i)) for i in in_run},
+        PlatformAPI.evaluate,
+        timeout_s=r.cfg.server.round_timeout_s,
     )
     fed.merges.confirm(evals.results)
     rs.restarted += _restart(r.backend, evals.dead, fed)
@@ -271,11 +274,13 @@ def _record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: C
     record = _round_record(r, fed, rs, result, dp_stats, evals)
     in_run = fed.failures.active(r.everyone)
     if r.strategy.lora == "fedsa":  # each platform writes its own adapter
-        r.backend.call(in_run, "save_personal", str(r.rd.path / "personal"), r.base_name, timeout_s=SETUP_TIMEOUT_S)
+        r.backend.call(
+            in_run, PlatformAPI.save_personal, str(r.rd.path / "personal"), r.base_name, timeout_s=SETUP_TIMEOUT_S
+        )
     fed.round = rs.rnd
     due = cfg.checkpoint.every and (rs.rnd % cfg.checkpoint.every == 0 or rs.rnd == cfg.server.rounds)
     if due:  # every platform saves what it keeps between rounds, in its own state dir
-        r.backend.call(in_run, "save_state", rs.rnd, cfg.checkpoint.keep, timeout_s=SETUP_TIMEOUT_S)
+        r.backend.call(in_run, PlatformAPI.save_state, rs.rnd, cfg.checkpoint.keep, timeout_s=SETUP_TIMEOUT_S)
         fed.checkpointed = rs.rnd
     rs.secs["save"] = time.monotonic() - t
     rs.secs["round"] = time.monotonic() - rs.t_start
@@ -382,7 +387,7 @@ def _restart(backend, dead: list[int], fed: Federation) -> list[int]:
         fed.downlink.forget(i)
         fed.merges.forget(i)
         if fed.checkpointed:
-            backend.call([i], "load_state", fed.checkpointed, timeout_s=SETUP_TIMEOUT_S)
+            backend.call([i], PlatformAPI.load_state, fed.checkpointed, timeout_s=SETUP_TIMEOUT_S)
     return list(dead)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fl_llm.client.api import PlatformAPI
 from fl_llm.compression import LEVELS
 from fl_llm.config import RunConfig
 from fl_llm.privacy.secagg import Ring, SecAggError, masked_sum, unmask
@@ -77,11 +78,13 @@ def open_round(backend, cohort: list[int], round_: int, cfg: RunConfig, timeout_
     """Steps 0-1. The returned round's `parties` (U2) may train; fewer than t means no round."""
     t0 = time.monotonic()
     sr = SecureRound(round_, threshold_for(cfg, len(cohort)), ring_for(cfg, len(cohort)))
-    adv = backend.call_each({i: (round_, sr.threshold) for i in cohort}, "secagg_advertise", timeout_s=timeout_s)
+    adv = backend.call_each(
+        {i: (round_, sr.threshold) for i in cohort}, PlatformAPI.secagg_advertise, timeout_s=timeout_s
+    )
     sr._absorb(adv)
     sr.keys = dict(sorted(adv.results.items()))
     if len(sr.keys) >= sr.threshold:
-        shared = backend.call_each({i: (sr.keys,) for i in sr.keys}, "secagg_share", timeout_s=timeout_s)
+        shared = backend.call_each({i: (sr.keys,) for i in sr.keys}, PlatformAPI.secagg_share, timeout_s=timeout_s)
         sr._absorb(shared)
         senders = sorted(shared.results)
         sr.inboxes = {v: {u: shared.results[u][v] for u in senders if u != v} for v in senders}
@@ -122,7 +125,9 @@ def close_round(
     dropped = sorted(set(sr.parties) - set(survivors))
     if len(survivors) < sr.threshold:
         raise SecAggError(f"{len(survivors)} of the round's platforms sent a masked update, {sr.threshold} needed")
-    asked = backend.call_each({i: (survivors, dropped) for i in survivors}, "secagg_reveal", timeout_s=timeout_s)
+    asked = backend.call_each(
+        {i: (survivors, dropped) for i in survivors}, PlatformAPI.secagg_reveal, timeout_s=timeout_s
+    )
     sr._absorb(asked)
     for i in survivors:
         sr._count(sr.bytes_down, i, 8 * len(sr.parties))  # the survivor and dropped lists

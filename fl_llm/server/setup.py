@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm import checkpoint
+from fl_llm.client.api import PlatformAPI
 from fl_llm.config import RunConfig, recipe_line, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
@@ -92,7 +93,7 @@ def setup(r: Run, resume_from: Path | None, on_started, privacy: Privacy | None)
     """The platforms describe themselves (their data checked); then the federation's state: from
     the checkpoint (resume) or round 0 evaluated (fresh)."""
     cfg, everyone = r.cfg, r.everyone
-    r.info = _require_all(r.backend.call(everyone, "describe", timeout_s=SETUP_TIMEOUT_S), "start")
+    r.info = _require_all(r.backend.call(everyone, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
     bad = [r.info[i]["user_error"] for i in everyone if r.info[i].get("user_error")]
     if bad:
         raise UserError(bad[0])
@@ -140,7 +141,7 @@ def _resume(r: Run, resume_from: Path, merge_scale: float) -> Federation:
     r.history = state["history"]
     r.rd.rewrite_metrics(r.history)  # rounds logged after the checkpoint are redone
     # each platform takes up its own state as of the checkpoint, from its own state dir
-    _require_all(r.backend.call(r.everyone, "load_state", fed.round, timeout_s=SETUP_TIMEOUT_S), "restore")
+    _require_all(r.backend.call(r.everyone, PlatformAPI.load_state, fed.round, timeout_s=SETUP_TIMEOUT_S), "restore")
     fed.downlink.held.clear()  # the new platform processes hold no adapter yet,
     fed.merges.applied.clear()  # and a pristine base
     r.progress.info(f"resuming after round {fed.round} from {resume_from}")
@@ -151,7 +152,7 @@ def _start_fresh(r: Run, merge_scale: float) -> Federation:
     """Round 0: the initial adapter (identical on every platform: same seed, or model.init_adapter),
     evaluated."""
     cfg, backend, everyone = r.cfg, r.backend, r.everyone
-    fresh = _require_all(backend.call([0], "initial_adapter", timeout_s=SETUP_TIMEOUT_S), "initialise")[0]
+    fresh = _require_all(backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S), "initialise")[0]
     global_state = starting_adapter(cfg.model, fresh)  # or model.init_adapter: a warm start
     fed = Federation(
         round=0,
@@ -164,7 +165,9 @@ def _start_fresh(r: Run, merge_scale: float) -> Federation:
     )
     r.progress.phase("evaluating the initial adapter")
     fed.downlink.send(everyone)
-    initial = backend.call(everyone, "evaluate", backend.put(global_state), timeout_s=cfg.server.round_timeout_s)
+    initial = backend.call(
+        everyone, PlatformAPI.evaluate, backend.put(global_state), timeout_s=cfg.server.round_timeout_s
+    )
     fed.downlink.take_round()  # the initial download is setup, not round 1's traffic
     fed.initial = global_metrics(initial.results)
     r.progress.info(
