@@ -129,10 +129,12 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
             progress.phase(f"round {rnd}/{rounds}: local-only training")
             trained = backend.call_each({i: (local[i], rnd) for i in ids}, PlatformAPI.train, timeout_s=timeout).results
             local = {i: _apply(cfg, i, local[i], _update(trained[i])) if i in trained else local[i] for i in ids}
+            backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)  # each keeps its own state
             ev = backend.call_each({i: (local[i],) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
             central = _apply(cfg, POOLED, central, _update(pooled.train(central, rnd)))
+            pooled.commit(rnd)
             ev = backend.call(ids, PlatformAPI.evaluate, backend.put(central), timeout_s=timeout).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
             line = "  ".join(

@@ -320,7 +320,7 @@ def test_platform_implements_the_remote_api_exactly():
     from fl_llm.client.platform import Platform
 
     assert REMOTE == {
-        "describe", "initial_adapter", "train", "evaluate", "save_state", "load_state", "save_personal",
+        "describe", "initial_adapter", "train", "evaluate", "commit", "save_state", "load_state", "save_personal",
         "secagg_advertise", "secagg_share", "secagg_reveal",
     }  # fmt: skip
     for name in REMOTE:

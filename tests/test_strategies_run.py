@@ -216,3 +216,27 @@ def test_strategy_summary_counts_rounds_below_the_baseline():
     many = summarise({k: [rows(*([1.0] * 30))] for k in ("fedit", "ffa")}, "auc", [0])
     header = format_strategies_table(many).splitlines()[1].split()
     assert header[1] == "1" and header[10] == "30"  # 10 columns, the first and last round among them
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [("scaffold", ["client.optimizer=sgd", "client.lr=0.05"]), ("fedsa", []), ("fedavg", ["compression.name=topk"])],
+)
+def test_a_retried_round_leaves_the_platforms_state_as_it_was(name, extra, tmp_path):
+    """Round 2's first attempt fails (platform 0 raises; 3 valid updates needed), so it is retried.
+    The other platforms trained in that attempt, but what their training staged — SCAFFOLD's cᵢ,
+    FedSA's own B, top-k's residual — is kept only for an accepted update. Training does not
+    depend on the attempt, so the retried run must end exactly where a run without the fault ends."""
+    base = [*TINY, "server.rounds=3", f"strategy.name={name}", *extra, "server.min_platforms=3"]
+    run(load(None, base), tmp_path / "clean")
+    run(load(None, [*base, "faults.error=[{platform: 0, round: 2}]"]), tmp_path / "retried")
+    rows = read_metrics(tmp_path / "retried")
+    assert len(rows[1]["attempts"]) == 1  # round 2 was tried twice
+    assert [r["eval_loss"] for r in rows] == [r["eval_loss"] for r in read_metrics(tmp_path / "clean")]
+    if name != "fedsa":  # the global adapter (FedSA's platforms save their own instead)
+        a, b = _adapter(tmp_path / "clean" / "adapter"), _adapter(tmp_path / "retried" / "adapter")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    else:  # each platform's own B, as saved by the platform
+        for p in (tmp_path / "clean" / "personal").iterdir():
+            mine, theirs = _adapter(p), _adapter(tmp_path / "retried" / "personal" / p.name)
+            assert all(np.array_equal(mine[k], theirs[k]) for k in mine)

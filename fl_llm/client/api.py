@@ -37,6 +37,9 @@ class PlatformAPI(Protocol):
     def evaluate(self, global_state: AdapterState, base: dict | None = None, detail: bool = False) -> dict:
         """The adapter's metrics on this platform's held-out split."""
 
+    def commit(self, round_: int) -> bool:
+        """The driver accepted this round's update: keep the state its training staged."""
+
     def save_state(self, round_: int, keep: int = 2) -> bool:
         """Write what the platform keeps between rounds to its own state dir."""
 

@@ -66,6 +66,10 @@ class Platform:
         # State this platform keeps between rounds (e.g. a strategy's control variates): saved in
         # its own state directory at every checkpoint of the run (save_state / load_state).
         self.persistent: dict = {}
+        # What training this round would change in it, kept apart until the driver accepts the
+        # update (commit): a rejected, late or retried update leaves `persistent` as it was.
+        self.staged: dict = {}
+        self.staged_round: int | None = None
         self.state_dir: Path | None = None
         self._secagg = None  # this round's secure-aggregation state (keys, shares received)
         self.user_error: str | None = None
@@ -238,6 +242,17 @@ class Platform:
             return state
         return fresh_lora(from_rank(state, self.rank, self.cfg.model.lora.alpha, self.global_rank), self.cfg.seed, 0)
 
+    def commit(self, round_: int) -> bool:
+        """The driver accepted this platform's update of `round_`: the state staged while training
+        it (SCAFFOLD's cᵢ, FedSA's own B, DP-AdamBC's moments, top-k's residual) becomes the state
+        kept between rounds. An update that was rejected, late or part of a failed attempt is
+        never committed; the next training starts from the state as it was."""
+        if self.staged_round != round_:
+            return False
+        self.persistent.update(self.staged)
+        self.staged, self.staged_round = {}, None
+        return True
+
     def save_state(self, round_: int, keep: int = 2) -> bool:
         """Write the state kept between rounds as of the end of `round_` into this platform's state
         directory (the driver calls this at each checkpoint; it never reads the files)."""
@@ -321,6 +336,7 @@ class Platform:
         from fl_llm.client.train import DpSgd, RoundDeadline, local_train, scheduled_lr
 
         t0 = time.perf_counter()
+        self.staged, self.staged_round = {}, round_
         if secagg and not self._joins(secagg.get("sample_rate", 1.0), round_, attempt):
             return self._release(self._sits_out(global_state, round_, secagg), round_, "train")
         deadline = None if budget_s is None else time.monotonic() + budget_s
@@ -374,17 +390,17 @@ class Platform:
             )
         moments = metrics.pop("optimizer_state", None)
         if moments is not None and dp is not None:  # computed from noised gradients only: DP covers them
-            self.persistent["adambc"] = moments
+            self.staged["adambc"] = moments
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
         result = {"num_examples": len(self.train_set), "metrics": metrics}
         if self.strategy.lora == "fedsa":  # B stays here: the personal part of the model
-            self.persistent["B"] = {k: v for k, v in local.items() if ".lora_B." in k}
+            self.staged["B"] = {k: v for k, v in local.items() if ".lora_B." in k}
         if scaffold:
             from fl_llm.strategies.scaffold import client_control_update
 
             zero = {k: np.zeros_like(v) for k, v in c_i.items()}
-            self.persistent["c"], delta_c = client_control_update(c_i, control or zero, update, c.local_steps, lr)
+            self.staged["c"], delta_c = client_control_update(c_i, control or zero, update, c.local_steps, lr)
             result["extra"] = {"c": delta_c}
         bad = faults.corruption(self.cfg.faults, self.id, round_)
         if bad:
@@ -409,7 +425,7 @@ class Platform:
             update, codec, rng, self.persistent.get("residual"), self.cfg.compression.topk_fraction
         )
         if residual is not None:
-            self.persistent["residual"] = residual
+            self.staged["residual"] = residual
         return {"payload": payload, "bytes": payload_nbytes(payload)}
 
     # --- secure aggregation: this platform's side of the protocol (fl_llm.privacy.secagg) -------

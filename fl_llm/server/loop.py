@@ -142,13 +142,13 @@ def _train_round(r: Run, fed: Federation, rnd: int) -> Round:
         _collect(r, fed, rs, training)
         _validate(r, fed, rs)
         if len(rs.accepted) >= cfg.server.min_platforms:
-            return rs
+            return _commit(r, rs)
         if fed.privacy.no_retry:  # the noise was booked for this sample, whatever its size
             r.progress.info(
                 f"round {rnd}: {len(rs.accepted)} valid updates from the sampled cohort, fewer than "
                 f"server.min_platforms ({cfg.server.min_platforms}); released with client-level DP noise"
             )
-            return rs
+            return _commit(r, rs)
         rs.attempts.append(attempt_record(attempt, r.names, rs.trained, rs.rejected))
         r.progress.info(
             f"round {rnd}: {len(rs.accepted)} valid updates, {cfg.server.min_platforms} needed "
@@ -205,6 +205,16 @@ def _validate(r: Run, fed: Federation, rs: Round) -> None:
     rs.accepted, rs.rejected = r.uplink.accept(r.backend, rs.trained, fed)
     rs.restarted += _restart(r.backend, rs.trained.dead, fed)
     rs.secs["validate"] += time.monotonic() - t
+
+
+def _commit(r: Run, rs: Round) -> Round:
+    """The round's updates are final: each accepted platform keeps the state its training staged
+    (control variates, personal B, optimizer moments, residuals); the others keep theirs as it was."""
+    t = time.monotonic()
+    if rs.accepted:
+        r.backend.call(rs.accepted, PlatformAPI.commit, rs.rnd, timeout_s=SETUP_TIMEOUT_S)
+    rs.secs["validate"] += time.monotonic() - t
+    return rs
 
 
 def _count_failures(r: Run, fed: Federation, rs: Round) -> None:
