@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm import faults
+from fl_llm.client.rng import platform_rng
+from fl_llm.client.secagg_party import SecAggParty
 from fl_llm.client.train import device_problem, peak_memory, resolve_device
 from fl_llm.config import RunConfig, from_dict
 from fl_llm.model.adapters import get_adapter_state, set_adapter_state, state_nbytes
@@ -29,11 +31,6 @@ from fl_llm.strategies import STRATEGIES
 from fl_llm.tensors import AdapterState
 
 MIN_PER_CLASS = 20  # fewer rows of a class in a split than this gets a warning at start
-
-
-def platform_rng(seed: int, round_: int, platform: int, purpose: int = 0) -> np.random.Generator:
-    """The generator for one (seed, round, platform) draw; never the global RNG."""
-    return np.random.default_rng([seed, round_, platform % 2**32, purpose])  # POOLED is -1
 
 
 class Platform:
@@ -62,6 +59,7 @@ class Platform:
             torch.set_num_threads(num_threads)
         self.cfg: RunConfig = from_dict(config)
         self.id = platform_id
+        self.party = SecAggParty(platform_id, self.cfg)  # its side of secure aggregation
         self.hard_exit = hard_exit
         # State this platform keeps between rounds (e.g. a strategy's control variates): saved in
         # its own state directory at every checkpoint of the run (save_state / load_state).
@@ -71,7 +69,6 @@ class Platform:
         self.staged: dict = {}
         self.staged_round: int | None = None
         self.state_dir: Path | None = None
-        self._secagg = None  # this round's secure-aggregation state (keys, shares received)
         self.user_error: str | None = None
         self.task = sources.task_of(self.cfg)
         self.device = resolve_device(self.cfg.client.device)
@@ -337,7 +334,7 @@ class Platform:
 
         t0 = time.perf_counter()
         self.staged, self.staged_round = {}, round_
-        if secagg and not self._joins(secagg.get("sample_rate", 1.0), round_, attempt):
+        if secagg and not self.party.joins(secagg.get("sample_rate", 1.0), round_, attempt):
             return self._release(self._sits_out(global_state, round_, secagg), round_, "train")
         deadline = None if budget_s is None else time.monotonic() + budget_s
         self._before_training(round_, attempt, deadline, RoundDeadline)
@@ -406,7 +403,7 @@ class Platform:
         if bad:
             update = faults.corrupt(update, bad.kind, bad.factor, seed=self.cfg.seed * 100_003 + round_)
         metrics["peak_memory_bytes"] = peak_memory(self.device)
-        result.update(self._masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
+        result.update(self.party.masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0
         metrics["worker"] = "{}:{}".format(*this_process())  # platforms on one host share it
@@ -428,90 +425,32 @@ class Platform:
             self.staged["residual"] = residual
         return {"payload": payload, "bytes": payload_nbytes(payload)}
 
-    # --- secure aggregation: this platform's side of the protocol (fl_llm.privacy.secagg) -------
+    # --- secure aggregation: this platform's side of the protocol (client/secagg_party.py) ------
 
     def secagg_advertise(self, round_: int, threshold: int) -> dict:
         """Step 0: fresh key pairs for this round; returns the two public keys."""
-        from fl_llm.privacy.secagg import SecAggClient
-
-        self._secagg = SecAggClient(self.id, round_, threshold)
-        return self._secagg.advertise()
-
-    def _secagg_round(self):
-        if self._secagg is None:  # e.g. this process was restarted after the key exchange
-            raise RuntimeError(f"platform {self.id}: no secure-aggregation keys for this round")
-        return self._secagg
+        return self.party.advertise(round_, threshold)
 
     def secagg_share(self, keys: dict) -> dict:
         """Step 1: {peer: encrypted Shamir shares of this platform's mask secrets}."""
-        return self._secagg_round().share(keys)
+        return self.party.share(keys)
 
-    def _joins(self, sample_rate: float, round_: int, attempt: int) -> bool:
-        """Sampled client-level DP under secure aggregation: this platform's own coin, from the OS
-        (or the run seed when privacy.dp.secure_rng=false), seen by no one else."""
-        if sample_rate >= 1.0:
-            return True
-        from fl_llm.privacy.csprng import dp_generator
+    def secagg_reveal(self, survivors: list[int], dropped: list[int]) -> dict:
+        """Step 3: the shares that let the driver unmask the sum of the survivors, and no more."""
+        return self.party.reveal(survivors, dropped)
 
-        coin = dp_generator(self.cfg.privacy.dp.secure_rng, [self.cfg.seed, round_, self.id % 2**32, attempt, 5])
-        return bool(coin.random() < sample_rate)
+    def secagg_levels(self, update: AdapterState, round_: int, sa: dict, joined: bool = True):
+        """What this platform would send into the secure sum for `update` (see SecAggParty.levels)."""
+        return self.party.levels(update, round_, sa, joined)
 
     def _sits_out(self, global_state: AdapterState, round_: int, sa: dict) -> dict:
         """Not in this round's sample: a masked zero of the same length, so the driver's messages
         do not tell who joined."""
         zero = {k: np.zeros_like(global_state[k]) for k in self.strategy.upload_keys(global_state)}
         answer = {"num_examples": len(self.train_set), "metrics": {}}
-        answer.update(self._masked_upload(zero, round_, sa, joined=False))
+        answer.update(self.party.masked_upload(zero, round_, sa, joined=False))
         answer["metrics"]["worker"] = "{}:{}".format(*this_process())
         return answer
-
-    def secagg_levels(self, update: AdapterState, round_: int, sa: dict, joined: bool = True):
-        """(the signed fixed-point levels this platform sends for `update`, the integers appended
-        to them, the share of values clipped to the ring's range). Under client-level DP the update
-        is clipped to norm C, quantized, and the quantized vector bounded to norm C again; the
-        appended integer is its centred clip bit (0 when it did not join the round)."""
-        from fl_llm.privacy.dp import centred_bit
-        from fl_llm.privacy.secagg import Ring
-        from fl_llm.tensors import flatten
-
-        vec = flatten([update])[0][0] * float(sa["weight"])
-        if not np.isfinite(vec).all():  # the ring would turn NaN into 0 and Inf into the range's edge
-            raise ValueError(f"platform {self.id}: the update has NaN/Inf values; not sent into the secure sum")
-        clip = sa.get("clip")
-        extra = []
-        if clip is not None:
-            norm = float(np.linalg.norm(vec))
-            vec = vec * min(1.0, clip / (norm + 1e-12))
-            extra = [centred_bit(norm, clip) if joined else 0]
-        ring = Ring(*sa["ring"])
-        rng = platform_rng(self.cfg.seed, round_, self.id, 3)
-        if clip is not None:  # what is sent, not only the update, must be within C
-            levels, _, clipped = ring.quantize_within(vec, rng, clip)
-        else:
-            levels, clipped = ring.quantize(vec, rng)
-        limit = self.cfg.privacy.secagg.max_clipped
-        if clipped > limit:
-            raise ValueError(
-                f"platform {self.id}: {clipped:.1%} of the update's values lie beyond ±privacy.secagg.clip_range "
-                f"({ring.clip_range:g}), more than privacy.secagg.max_clipped ({limit:.1%}); not sent into the secure sum"
-            )
-        return levels, extra, clipped
-
-    def _masked_upload(self, update: AdapterState, round_: int, sa: dict, joined: bool = True) -> dict:
-        """Step 2: the update weighted, clipped (client-level DP: to norm C, bounded after
-        quantizing, and the centred bit appended for adaptive clipping), quantized into the ring
-        and masked."""
-        from fl_llm.privacy.secagg import Ring
-
-        ring = Ring(*sa["ring"])
-        levels, extra, clipped = self.secagg_levels(update, round_, sa, joined)
-        vector = ring.to_ring(np.concatenate([levels, np.asarray(extra, np.int64)]))
-        masked = self._secagg_round().mask(vector, sa["inbox"], ring)
-        return {"masked": masked, "bytes": int(masked.nbytes), "secagg_clipped": clipped}
-
-    def secagg_reveal(self, survivors: list[int], dropped: list[int]) -> dict:
-        """Step 3: the shares that let the driver unmask the sum of the survivors, and no more."""
-        return self._secagg_round().reveal(survivors, dropped)
 
     def _before_training(self, round_: int, attempt: int, deadline: float | None, late_error) -> None:
         """An injected delay: sleep like a slow machine, but not past the round's deadline."""
