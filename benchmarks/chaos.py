@@ -36,7 +36,16 @@ def main(out: str) -> int:
     env = {**os.environ}
     log = open(out.with_suffix(".log"), "w")
     cmds = [
-        [sys.executable, "-m", "fl_llm", "run", "server.rounds=30", *FAULTS, f"output_dir={out}", "tracking.progress=false"],
+        [
+            sys.executable,
+            "-m",
+            "fl_llm",
+            "run",
+            "server.rounds=30",
+            *FAULTS,
+            f"output_dir={out}",
+            "tracking.progress=false",
+        ],
         [sys.executable, "-m", "fl_llm", "run", "--resume", str(out)],
         [sys.executable, "-m", "fl_llm", "run", "--resume", str(out)],
     ]
@@ -58,7 +67,9 @@ def main(out: str) -> int:
     log.close()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     text = out.with_suffix(".log").read_text()
-    print(f"{len(rows)} rounds logged, rounds {rows[0]['round']}..{rows[-1]['round']}; {time.monotonic() - t0:.0f} s in all")
+    print(
+        f"{len(rows)} rounds logged, rounds {rows[0]['round']}..{rows[-1]['round']}; {time.monotonic() - t0:.0f} s in all"
+    )
     drops = [(b["round"], a["auc"] - b["auc"]) for a, b in zip(rows, rows[1:]) if a["auc"] - b["auc"] > 0.05]
     for r in rows:
         events = {k: r[k] for k in ("failed", "rejected", "restarted") if r.get(k)}

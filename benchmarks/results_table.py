@@ -42,9 +42,14 @@ def table(out_dir: Path) -> str:
         avg.append(f"{np.mean([_mean(r['detail'][PERSONAL], metric) for r in runs]):.3f}")
     lines.append("| average | " + " | ".join(avg) + f" | {result['federated_minus_local']:+.3f} ± "
                  f"{2 * result['federated_minus_local_std'] / len(runs) ** 0.5:.3f} | |")  # fmt: skip
-    times = sorted((p.stat().st_mtime, p) for p in out_dir.glob("seed-*/comparison.json"))
-    starts = [(out_dir / p.parent.name / "federated" / ".fl_llm-run").stat().st_mtime for _, p in times]
-    walls = [f"{(t - s) / 60:.1f}" for (t, _), s in zip(times, starts)]
+    walls = []
+    for r in runs:  # recorded by compare; for older results, from the files' write times
+        if "wall_s" in r:
+            walls.append(f"{r['wall_s'] / 60:.1f}")
+            continue
+        seed_dir = out_dir / f"seed-{r['seeds'][0]}"
+        start = (seed_dir / "federated" / ".fl_llm-run").stat().st_mtime
+        walls.append(f"{((seed_dir / 'comparison.json').stat().st_mtime - start) / 60:.1f}")
     lines.append("")
     lines.append(
         f"{metric}, mean over seeds {', '.join(str(s) for s in result['seeds'])}; minutes per seed: {', '.join(walls)}"

@@ -32,6 +32,7 @@ reads the seeds already compared and continues a federated run from its checkpoi
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from fl_llm.client.api import PlatformAPI
@@ -99,6 +100,7 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
         progress.info(f"== seed {cfg.seed}: compared already ({out_dir / 'comparison.json'}) ==")
         return done
     out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
     metric = task_of(cfg).primary
     n, rounds = cfg.data.num_platforms, cfg.server.rounds
     ids = list(range(n))
@@ -163,6 +165,7 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
     result["detail"] = detail
     result["budget"] = budget(cfg, with_personal=PERSONAL in detail)
     result["below_local"] = below_local(detail, metric)
+    result["wall_s"] = round(time.monotonic() - t_start, 1)
     write_json(out_dir / "comparison.json", result)
     _plot(result, out_dir / "comparison.png")
     plot_reliability(detail, out_dir / "reliability.png")

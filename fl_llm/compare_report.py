@@ -175,6 +175,8 @@ def format_table(result: dict) -> str:
             )
             + " (centralized: one pooled trainer)"
         )
+    if "wall_s" in result:
+        lines.append(f"wall time: {result['wall_s'] / 60:.1f} min")
     if "below_local" in result:
         below = result["below_local"]
         lines.append("below local-only beyond the intervals: " + (", ".join(below) if below else "none"))
