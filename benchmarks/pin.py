@@ -32,10 +32,17 @@ def run_job(name: str, overrides: list[str], root: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: fl-llm run failed:\n{proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # the final model's bytes: the global adapter (FedSA: each platform's own), and the base
+    # weights FedEx folds its residuals into
     digest = hashlib.sha256()
-    for path in sorted((out / "adapter").iterdir()):
-        if path.suffix == ".safetensors":
-            digest.update(path.read_bytes())
+    files = [
+        *out.glob("adapter/*.safetensors"),
+        *out.glob("personal/*/*.safetensors"),
+        *out.glob("base_model/*.safetensors"),
+    ]
+    for path in sorted(files):
+        digest.update(str(path.relative_to(out)).encode())
+        digest.update(path.read_bytes())
     return {"overrides": overrides, "eval_loss": [r["eval_loss"] for r in rows], "adapter_sha256": digest.hexdigest()}
 
 
