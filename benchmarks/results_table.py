@@ -50,6 +50,24 @@ def table(out_dir: Path) -> str:
         seed_dir = out_dir / f"seed-{r['seeds'][0]}"
         start = (seed_dir / "federated" / ".fl_llm-run").stat().st_mtime
         walls.append(f"{((seed_dir / 'comparison.json').stat().st_mtime - start) / 60:.1f}")
+    if any("ece" in d for r in runs for d in r["detail"]["federated"].values()):
+        lines += [
+            "",
+            "| calibration, mean over seeds | ECE local-only | ECE federated | threshold | precision | recall |",
+        ]
+        lines.append("|---|---|---|---|---|---|")
+        for name in per:
+
+            def mean(arm, key, name=name):
+                vals = [r["detail"][arm][name].get(key) for r in runs]
+                vals = [v for v in vals if v is not None and v == v]
+                return sum(vals) / len(vals) if vals else float("nan")
+
+            lines.append(
+                f"| {name} | {mean('local', 'ece'):.3f} | {mean('federated', 'ece'):.3f} | "
+                f"{mean('federated', 'threshold'):.2f} | {mean('federated', 'precision@threshold'):.2f} | "
+                f"{mean('federated', 'recall@threshold'):.2f} |"
+            )
     lines.append("")
     lines.append(
         f"{metric}, mean over seeds {', '.join(str(s) for s in result['seeds'])}; minutes per seed: {', '.join(walls)}"
