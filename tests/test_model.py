@@ -313,7 +313,7 @@ def test_head_lr_and_warmup():
 
 def test_platform_implements_the_remote_api_exactly():
     """Every method of the typed remote API exists on Platform with the same parameters and
-    defaults, and a host actor serves those names only."""
+    defaults; the contract, not the implementation, is what a backend accepts."""
     import inspect
 
     from fl_llm.client.api import REMOTE, PlatformAPI, remote_name
@@ -326,9 +326,8 @@ def test_platform_implements_the_remote_api_exactly():
     for name in REMOTE:
         want = inspect.signature(getattr(PlatformAPI, name))
         got = inspect.signature(getattr(Platform, name))
-        assert [(p.name, p.default) for p in got.parameters.values()] == [
-            (p.name, p.default) for p in want.parameters.values()
-        ], name
+        ours = [(p.name, p.default) for p in got.parameters.values() if not p.name.startswith("_ray")]  # Ray's tracing
+        assert ours == [(p.name, p.default) for p in want.parameters.values()], name
         assert remote_name(getattr(PlatformAPI, name)) == name
     with pytest.raises(ValueError):
         remote_name(Platform.train)  # the implementation is not the contract
