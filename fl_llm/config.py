@@ -7,6 +7,7 @@ raises `UserError` naming the dotted key and what is allowed, before anything ru
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -552,13 +553,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 # The encoder recipe: with model.kind=seq_cls, these replace the defaults of the keys a config does
-# not set (a key it sets, even to null, is kept). Chosen by measurement on real review, risk and
-# recommendation sets with a pretrained MiniLM on 2 CPU cores (docs/results.md): the classification
-# head starts from random and needs a larger step than the adapters on a pretrained body; a short
-# warm-up keeps the first steps of that random head from pushing the adapters off course; and
-# shorter rounds than the built-in model's, since a pretrained body reaches its plateau in a few
-# hundred steps.
+# not set (a key it sets, even to null, is kept). Measured on real review, risk and recommendation
+# sets with a pretrained MiniLM on 2 CPU cores (docs/results.md): the classification head starts
+# from random and takes a larger step than the adapters on the pretrained body, after a short
+# warm-up; LoRA goes on the attention and dense layers as BERT-family encoders name them (for a
+# pretrained encoder, not the built-in model; another encoder's names: set
+# model.lora.target_modules — a name that matches no layer stops the run, listing the layers);
+# and rounds are fewer and shorter than the built-in model's.
 ENCODER_RECIPE: dict[str, Any] = {
+    "model.lora.target_modules": ["query", "key", "value", "dense"],  # BERT-family layer names
     "client.lr": 2e-3,
     "client.head_lr": 1e-2,
     "client.warmup_steps": 10,
@@ -573,14 +576,22 @@ def with_recipe(data: dict) -> dict:
     model = data.get("model")
     if not isinstance(model, dict) or model.get("kind") != "seq_cls":
         return data
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    out = copy.deepcopy(data)
+    builtin = model.get("name_or_path", "tiny") in (None, "tiny")
     for dotted, value in ENCODER_RECIPE.items():
-        section, key = dotted.split(".")
-        node = out.get(section)
-        if node is None:
-            node = out[section] = {}
-        if isinstance(node, dict) and key not in node:
-            node[key] = value
+        if builtin and dotted.startswith("model."):
+            continue  # the built-in model names its layers as a Llama does
+        *path, key = dotted.split(".")
+        node = out
+        for part in path:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                break  # not a mapping: loading will say so
+        else:
+            if key not in node:
+                node[key] = copy.deepcopy(value)
     return out
 
 
@@ -588,8 +599,10 @@ def recipe_line(cfg: RunConfig) -> str:
     """One line naming the encoder recipe's values in this run (each the recipe's unless set)."""
     values = []
     for dotted in ENCODER_RECIPE:
-        section, key = dotted.split(".")
-        values.append(f"{dotted}={getattr(getattr(cfg, section), key)}")
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        values.append(f"{dotted}={value}".replace(" ", ""))
     return "encoder recipe (model.kind=seq_cls; a key you set wins): " + " ".join(values)
 
 

@@ -172,6 +172,9 @@ def test_an_encoder_config_written_from_the_readme_gets_the_recipe(tmp_path):
         "data: {task: review, source: files, num_platforms: 2, files: {paths: [a.csv, b.csv]}}\n"
     )
     assert _recipe_of(config.load(path)) == RECIPE
+    assert config.load(path).model.lora.target_modules == ["query", "key", "value", "dense"]
+    builtin = config.load(None, ["model.kind=seq_cls"])  # the built-in model keeps its Llama names
+    assert builtin.model.lora.target_modules == config.load(None).model.lora.target_modules
     lm = _recipe_of(config.load(None))
     assert lm["head_lr"] is None and lm["warmup_steps"] == 0 and lm["rounds"] == 20
 
