@@ -22,7 +22,6 @@ model untouched. A dead platform is restarted and rejoins the next round; one th
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +41,7 @@ from fl_llm.server.records import (
     excluded_message,
     round_record,
     run_summary,
+    strategy_metrics,
     too_few_message,
 )
 from fl_llm.server.setup import (  # noqa: F401 - RunFailed, SETUP_TIMEOUT_S, with_state_dir: for callers
@@ -339,7 +339,7 @@ def _round_record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, ev
         active=[names[i] for i in fed.failures.active(r.everyone)],
         attempts=rs.attempts,
     )
-    record.update(_strategy_metrics(result.metrics, rs.accepted, names))
+    record.update(strategy_metrics(result.metrics, rs.accepted, names))
     record.update(dp_stats)
     r.uplink.record(record, rs.trained, names, r.progress)
     fed.privacy.metrics(record)
@@ -381,13 +381,6 @@ def _finish(r: Run, fed: Federation) -> dict:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _strategy_metrics(metrics: dict, accepted: list[int], names: dict) -> dict:
-    out = {k: (v.result() if isinstance(v, Future) else v) for k, v in metrics.items() if k != "krum_kept"}
-    if "krum_kept" in metrics:
-        out["krum_kept"] = [names[accepted[j]] for j in metrics["krum_kept"]]
-    return out
 
 
 def _restart(backend, dead: list[int], fed: Federation) -> list[int]:

@@ -3,6 +3,8 @@ and the messages for rounds that could not go on. Plain functions of what the lo
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 from fl_llm.config import RunConfig
 from fl_llm.server.backends import Collected
 from fl_llm.server.guard import Failures
@@ -169,3 +171,12 @@ def platform_table(info: dict, resources: dict | None) -> str:
             f"each platform actor: {resources['cpus_per_platform']:g} CPU, {resources['gpus_per_platform']:g} GPU"
         )
     return "\n".join(lines)
+
+
+def strategy_metrics(metrics: dict, accepted: list[int], names: dict) -> dict:
+    """The strategy's round metrics for the log: values computed in the background resolved,
+    Krum's kept updates by platform name."""
+    out = {k: (v.result() if isinstance(v, Future) else v) for k, v in metrics.items() if k != "krum_kept"}
+    if "krum_kept" in metrics:
+        out["krum_kept"] = [names[accepted[j]] for j in metrics["krum_kept"]]
+    return out
