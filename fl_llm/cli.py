@@ -229,6 +229,8 @@ def cmd_compare(ns) -> int:
     cfg = config_mod.load(path, overrides)
     if ns.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
+    if ns.personal_rounds < 1:
+        raise UserError(f"--personal-rounds must be >= 1, got {ns.personal_rounds}")
     _check_model(cfg)
     per_strategy = None  # {name: config} with --strategies
     if ns.strategies is not None:
@@ -259,7 +261,7 @@ def cmd_compare(ns) -> int:
         if per_strategy:
             compare_strategies(per_strategy, out, progress, seeds=ns.seeds, resume=ns.resume)
         else:
-            compare(cfg, out, progress, seeds=ns.seeds, resume=ns.resume)
+            compare(cfg, out, progress, seeds=ns.seeds, resume=ns.resume, personal_rounds=ns.personal_rounds)
     except UserError:
         if not ns.resume:  # never delete the earlier comparison's runs
             replacing.rollback()
@@ -443,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="repeat over N seeds (default 1)")
+    p.add_argument(
+        "--personal-rounds",
+        type=int,
+        default=1,
+        metavar="P",
+        help="the personalised arm: P local rounds from the federated model, as a fresh local run starts them "
+        "(warm-up, then the peak learning rate; default 1)",
+    )
     p.add_argument(
         "--strategies",
         metavar="A,B,...",

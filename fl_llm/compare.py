@@ -14,9 +14,10 @@ round, on every platform's own held-out split. Writes
 `comparison.json` and `comparison.png` in the output dir; the federated run's own run dir is
 `<output dir>/federated`.
 
-A fourth arm, **personalised**, starts from the federated model and trains one more local
-round (`client.local_steps` steps) on each platform's own data: the lever when one global model
-cannot serve platforms whose data differ. Each arm's budget (optimizer steps and examples per
+A fourth arm, **personalised**, starts from the federated model and trains `personal_rounds`
+more local rounds (`client.local_steps` steps each) on each platform's own data, as a fresh local
+run would start them (the first rounds of the schedule, warm-up included): the lever when one
+global model cannot serve platforms whose data differ. Each arm's budget (optimizer steps and examples per
 platform) is stated in the result. The final models of every arm are evaluated once more with
 detail: a bootstrap interval of the headline metric over each platform's held-out records, the
 calibration bins, and — for yes/no tasks — the threshold chosen on half of the held-out records
@@ -70,20 +71,26 @@ def _apply(cfg: RunConfig, platform: int, state: dict, update: dict) -> dict:
 
 
 def compare(
-    cfg: RunConfig, out_dir: Path, progress: Progress | None = None, seeds: int = 1, resume: bool = False
+    cfg: RunConfig,
+    out_dir: Path,
+    progress: Progress | None = None,
+    seeds: int = 1,
+    resume: bool = False,
+    personal_rounds: int = 1,
 ) -> dict:
     """Local-only vs federated vs centralized (and personalised); over `seeds` seeds (mean and
     std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read."""
     progress = progress or Progress(enabled=False)
     if seeds <= 1:
-        return _compare_one(cfg, Path(out_dir), progress, resume)
+        return _compare_one(cfg, Path(out_dir), progress, resume, personal_rounds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     try:
         for s in range(cfg.seed, cfg.seed + seeds):
             progress.info(f"==== seed {s} ({s - cfg.seed + 1} of {seeds}) ====")
-            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), out_dir / f"seed-{s}", progress, resume))
+            seed_dir = out_dir / f"seed-{s}"
+            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), seed_dir, progress, resume, personal_rounds))
     finally:
         progress.close()
     result = over_seeds(runs)
@@ -93,9 +100,11 @@ def compare(
     return result
 
 
-def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False) -> dict:
+def _compare_one(
+    cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False, personal_rounds: int = 1
+) -> dict:
     out_dir = Path(out_dir)
-    done = _earlier(cfg, out_dir) if resume else None
+    done = _earlier(cfg, out_dir, personal_rounds) if resume else None
     if done is not None:
         progress.info(f"== seed {cfg.seed}: compared already ({out_dir / 'comparison.json'}) ==")
         return done
@@ -146,13 +155,9 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
             progress.info(f"round {rnd:>3}/{rounds}  {metric}: {line}")
         finals = {"local": local, "centralized": {i: central for i in ids}}
         federated = _federated_final(cfg, out_dir / "federated")
-        if federated is not None:  # personalised: one more local round from the federated model
+        if federated is not None:
             finals["federated"] = {i: federated for i in ids}
-            progress.phase("personalised: one local round from the federated model")
-            trained = backend.call_each(
-                {i: (federated, rounds) for i in ids}, PlatformAPI.train, timeout_s=timeout
-            ).results
-            finals[PERSONAL] = {i: _apply(cfg, i, federated, _update(trained[i])) for i in trained}
+            finals[PERSONAL] = _personalise(cfg, backend, federated, personal_rounds, progress)
         detail = {
             mode: {names[i]: r for i, r in _detailed(backend, states, timeout).items()}
             for mode, states in finals.items()
@@ -163,7 +168,8 @@ def _compare_one(cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool
 
     result = _result(cfg, metric, per_round)
     result["detail"] = detail
-    result["budget"] = budget(cfg, with_personal=PERSONAL in detail)
+    result["budget"] = budget(cfg, personal_rounds if PERSONAL in detail else 0)
+    result["personal_rounds"] = personal_rounds
     result["below_local"] = below_local(detail, metric)
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     write_json(out_dir / "comparison.json", result)
@@ -204,6 +210,19 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
     return {k: np.asarray(v) for k, v in checkpoint.load(path, verified=True)[1]["global_state"].items()}
 
 
+def _personalise(cfg: RunConfig, backend, federated: dict, rounds: int, progress: Progress) -> dict:
+    """Each platform's model after `rounds` local rounds from the federated one: rounds 1..P of the
+    schedule, as a fresh local run starts (the warm-up again, then the peak learning rate)."""
+    ids, timeout = list(range(cfg.data.num_platforms)), cfg.server.round_timeout_s
+    states = {i: federated for i in ids}
+    for rnd in range(1, rounds + 1):
+        progress.phase(f"personalised: local round {rnd}/{rounds} from the federated model")
+        trained = backend.call_each({i: (states[i], rnd) for i in ids}, PlatformAPI.train, timeout_s=timeout).results
+        states = {i: _apply(cfg, i, states[i], _update(trained[i])) if i in trained else states[i] for i in ids}
+        backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)
+    return states
+
+
 def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dict]:
     """Each platform's detailed evaluation (interval, calibration) of its final model in one arm."""
     got = backend.call_each(
@@ -212,9 +231,10 @@ def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dic
     return got.results
 
 
-def budget(cfg: RunConfig, with_personal: bool) -> dict[str, dict[str, int]]:
+def budget(cfg: RunConfig, personal_rounds: int = 0) -> dict[str, dict[str, int]]:
     """Optimizer steps and examples each arm spends per platform (centralized: its pooled trainer,
-    whose step takes every platform's batch)."""
+    whose step takes every platform's batch; personalised: the federated arm's, then
+    `personal_rounds` local rounds)."""
     n, rounds, steps, batch = cfg.data.num_platforms, cfg.server.rounds, cfg.client.local_steps, cfg.client.batch_size
     per_round = cfg.server.platforms_per_round or n
     participation = min(1.0, per_round / n)
@@ -226,9 +246,9 @@ def budget(cfg: RunConfig, with_personal: bool) -> dict[str, dict[str, int]]:
         },
         "centralized": {"steps": rounds * steps, "examples": rounds * steps * batch * n},
     }
-    if with_personal:
-        fed = out["federated"]
-        out[PERSONAL] = {"steps": fed["steps"] + steps, "examples": fed["examples"] + steps * batch}
+    if personal_rounds:
+        fed, extra = out["federated"], personal_rounds * steps
+        out[PERSONAL] = {"steps": fed["steps"] + extra, "examples": fed["examples"] + extra * batch}
     return out
 
 
@@ -245,9 +265,10 @@ def below_local(detail: dict, metric: str) -> list[str]:
     return out
 
 
-def _earlier(cfg: RunConfig, out_dir: Path) -> dict | None:
+def _earlier(cfg: RunConfig, out_dir: Path, personal_rounds: int) -> dict | None:
     """A finished comparison of this seed in `out_dir`, when its federated run had this config (a
-    run with another config is an error naming the setting)."""
+    run with another config is an error naming the setting) and its personalised arm as many
+    rounds (else the seed is compared again, reusing its federated run)."""
     import json
 
     from fl_llm.compare_strategies import earlier_run
@@ -255,7 +276,8 @@ def _earlier(cfg: RunConfig, out_dir: Path) -> dict | None:
     done = out_dir / "comparison.json"
     if not done.is_file() or earlier_run(cfg, out_dir / "federated") != "reuse":
         return None
-    return json.loads(done.read_text())
+    result = json.loads(done.read_text())
+    return result if result.get("personal_rounds", 1) == personal_rounds else None
 
 
 def _update(answer: dict) -> dict:

@@ -198,7 +198,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
             "data.synthetic.eval_examples=40",
         ],
     )
-    result = compare(cfg, tmp_path / "cmp")
+    result = compare(cfg, tmp_path / "cmp", personal_rounds=2)
     assert (tmp_path / "cmp" / "comparison.json").exists()
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "federated" / "metrics.jsonl").exists()
@@ -217,7 +217,8 @@ def test_compare_writes_table_json_and_plot(tmp_path):
             assert {"threshold", "precision@threshold", "recall@threshold"} <= set(d)
     assert result["budget"]["local"] == {"steps": 12, "examples": 12 * 16}
     assert result["budget"]["centralized"]["examples"] == 2 * 12 * 16
-    assert result["budget"]["personalised"]["steps"] == 24
+    assert result["budget"]["personalised"]["steps"] == 12 + 2 * 12 and result["personal_rounds"] == 2
+    assert result["detail"]["personalised"] != result["detail"]["federated"]  # it trained further
     assert isinstance(result["below_local"], list) and "budget per platform" in table
     assert "gap local-only -> centralized" in table or "closes" in table
     assert (tmp_path / "cmp" / "reliability.png").stat().st_size > 1000
