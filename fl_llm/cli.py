@@ -311,8 +311,8 @@ def strategies_help() -> str:
     for s in STRATEGIES.values():
         lines.append(f"  {s.name:<13} {s.summary}")
         lines.append(f"  {'':<13} paper: {s.paper}")
-        if s.params:
-            lines.append(f"  {'':<13} keys: {', '.join('strategy.' + p for p in s.params)}")
+        if s.keys:
+            lines.append(f"  {'':<13} keys: {', '.join('strategy.' + p for p in s.keys)}")
     return "\n".join(lines)
 
 

@@ -201,8 +201,10 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
     import numpy as np
 
     from fl_llm import checkpoint
+    from fl_llm.strategies import STRATEGIES
 
-    if cfg.strategy.name in ("fedex", "flora", "fedsa"):
+    strategy = STRATEGIES[cfg.strategy.name]
+    if strategy.merges_into_base or not strategy.one_global_model:
         return None
     path, _ = checkpoint.latest_intact(run_dir / "checkpoints")
     if path is None:

@@ -142,13 +142,9 @@ def _check_hosts(cfg: RunConfig, strategy) -> None:
             "config key 'ray.placement' needs ray.platforms_per_gpu=1: a host actor holds several platforms, "
             "so it cannot sit on each one's own node"
         )
-    why = None
-    if strategy.lora in ("fedex", "flora"):
-        why = f"strategy.name={strategy.name} merges into each platform's frozen weights, which the host shares"
-    elif cfg.privacy.dp.level == "record":
+    why = strategy.shared_host_conflict()
+    if why is None and cfg.privacy.dp.level == "record":
         why = "privacy.dp.level=record wraps each platform's model for per-example gradients"
-    elif strategy.client == "scaffold":
-        why = "strategy.name=scaffold keeps per-parameter control variates keyed to one adapter per model"
     if why:
         raise UserError(f"config key 'ray.platforms_per_gpu' must be 1 here: {why}")
 
@@ -173,7 +169,7 @@ def _check_packing(cfg: RunConfig) -> None:
 
 def _refuse_individual(cfg: RunConfig, strategy, setting: str, because: str) -> None:
     """`setting` hides individual updates: refuse strategies that need them."""
-    if strategy.needs_individual_updates(cfg.strategy.robust) or strategy.client == "scaffold":
+    if strategy.needs_individual_updates(cfg.strategy.robust):
         robust = f" strategy.robust={cfg.strategy.robust}" if cfg.strategy.robust != "none" else ""
         raise UserError(
             f"{setting} cannot run with strategy.name={strategy.name}{robust}: {because}, and this strategy "
@@ -245,29 +241,7 @@ def _check_privacy(cfg: RunConfig, strategy, cohort: int) -> None:
 
 def _check_strategy(cfg: RunConfig, strategy, cohort: int) -> None:
     st, n = cfg.strategy, cfg.data.num_platforms
-    if strategy.robust and st.robust not in ("none", strategy.robust):
-        raise UserError(
-            f"config key 'strategy.robust' is {st.robust!r} but strategy.name={strategy.name} already is the "
-            f"{strategy.robust} rule; use strategy.name=fedavg strategy.robust={st.robust}"
-        )
-    if strategy.lora in ("fedex", "flora"):
-        if st.robust != "none":
-            raise UserError(
-                f"config key 'strategy.robust' must be none with strategy.name={strategy.name}: it is exact only "
-                "for the plain weighted mean of the factors"
-            )
-        if st.server_lr not in (None, 1.0):
-            raise UserError(
-                f"config key 'strategy.server_lr' must be null or 1 with strategy.name={strategy.name}: its "
-                "merge into the base weights is exact only for the plain average"
-            )
-    if strategy.client == "scaffold" and cfg.model.lora.ranks and len(set(cfg.model.lora.ranks)) > 1:
-        raise UserError("strategy.name=scaffold needs one LoRA rank for all platforms (model.lora.ranks)")
-    if strategy.client == "scaffold" and cfg.client.optimizer != "sgd":
-        raise UserError(
-            "config key 'client.optimizer' must be sgd with strategy.name=scaffold: its control variates "
-            "(option II) assume plain SGD local steps; set client.optimizer=sgd (and a larger client.lr)"
-        )
+    strategy.check(cfg, cohort)
     if strategy.rule(st.robust) == "krum" and cohort <= 2 * st.krum_byzantine + 2:
         raise UserError(
             f"strategy krum with strategy.krum_byzantine={st.krum_byzantine} needs more than "

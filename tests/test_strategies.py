@@ -241,7 +241,7 @@ def test_registry_lists_every_family_with_papers():
     assert expected <= set(STRATEGIES)
     assert all(s.paper and s.summary for s in STRATEGIES.values())
     valid_params = set(StrategyConfig.__dataclass_fields__)
-    assert all(set(s.params) <= valid_params for s in STRATEGIES.values())
+    assert all(set(s.keys) <= valid_params for s in STRATEGIES.values())
 
 
 @pytest.mark.parametrize(

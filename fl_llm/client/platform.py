@@ -147,7 +147,8 @@ class Platform:
             self.model.set_adapter(self.adapter)
         train = set(self.cfg.model.lora.trainable_modules)
         for name, param in self.model.named_parameters():
-            if f".lora_A.{self.adapter}." in name and self.strategy.lora == "ffa":
+            own = f".lora_A.{self.adapter}." in name or f".lora_B.{self.adapter}." in name
+            if own and self.strategy.frozen(name):
                 param.requires_grad_(False)
             elif train and ".lora_" in name and name.split(".lora_")[0].rsplit(".", 1)[-1] not in train:
                 param.requires_grad_(False)
@@ -299,14 +300,14 @@ class Platform:
     def _load_global(self, global_state: AdapterState, base: dict | None) -> AdapterState:
         """Set the model to the global adapter (at this platform's rank; FedSA: with its own B).
         Returns the adapter it starts from, in this platform's shapes."""
-        from fl_llm.strategies.lora import is_b, to_rank
+        from fl_llm.strategies.lora import to_rank
 
         self._activate()
         self._apply_base_merges(base)
         state = to_rank(global_state, self.rank, self.cfg.model.lora.alpha, self.global_rank)
-        if self.strategy.lora == "fedsa":
-            own = self.persistent.get("B")
-            state = {k: own[k] if own is not None and is_b(k) else v for k, v in state.items()}
+        own = self.persistent.get("B")  # FedSA: its own B; the tensors a strategy keeps here
+        if own is not None:
+            state = {k: own[k] if self.strategy.personal(k) else v for k, v in state.items()}
         set_adapter_state(self.model, state)
         return state
 
@@ -341,7 +342,7 @@ class Platform:
         start = self._load_global(global_state, base)
         c = self.cfg.client
         lr = scheduled_lr(c.lr, c.lr_schedule, round_, self.cfg.server.rounds)
-        scaffold = self.strategy.client == "scaffold"
+        scaffold = self.strategy.local_term == "scaffold"
         if scaffold:
             c_i = self.persistent.get("c") or {k: np.zeros_like(v) for k, v in start.items()}
         dp, batch_rng = None, platform_rng(self.cfg.seed, round_, self.id)
@@ -374,7 +375,7 @@ class Platform:
                 pad_id=self.pad_id,
                 deadline=deadline,
                 on_step=self._fault_hook(round_, attempt),
-                prox_mu=self.cfg.strategy.mu if self.strategy.client == "prox" else 0.0,
+                prox_mu=self.cfg.strategy.mu if self.strategy.local_term == "prox" else 0.0,
                 correction={k: control[k] - c_i[k] for k in c_i} if scaffold and control is not None else None,
                 dp=dp,
                 pack_length=c.pack_length,
@@ -391,8 +392,9 @@ class Platform:
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
         result = {"num_examples": len(self.train_set), "metrics": metrics}
-        if self.strategy.lora == "fedsa":  # B stays here: the personal part of the model
-            self.staged["B"] = {k: v for k, v in local.items() if ".lora_B." in k}
+        personal = {k: v for k, v in local.items() if self.strategy.personal(k)}
+        if personal:  # FedSA's B stays here: the personal part of the model
+            self.staged["B"] = personal
         if scaffold:
             from fl_llm.strategies.scaffold import client_control_update
 

@@ -283,7 +283,7 @@ def _record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: C
     r.writer.wait()  # the previous round's files first: a slow disk is the driver's time
     record = _round_record(r, fed, rs, result, dp_stats, evals)
     in_run = fed.failures.active(r.everyone)
-    if r.strategy.lora == "fedsa":  # each platform writes its own adapter
+    if not r.strategy.one_global_model:  # FedSA: each platform writes its own adapter
         r.backend.call(
             in_run, PlatformAPI.save_personal, str(r.rd.path / "personal"), r.base_name, timeout_s=SETUP_TIMEOUT_S
         )
@@ -304,7 +304,7 @@ def _record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: C
             cfg,
             r.rd,
             rs.rnd,
-            model=None if r.strategy.lora == "fedsa" else fed.global_state,
+            model=fed.global_state if r.strategy.one_global_model else None,
             deltas=fed.merges.base_weight_deltas() if result.merge else None,
             base_name=r.base_name,
             rank=max(r.ranks),

@@ -213,7 +213,7 @@ def checkpoint_to_resume(rd: RunDir, progress: Progress) -> Path:
 
 def control_handle(backend, strategy: Strategy, fed: Federation):
     """SCAFFOLD's server control variate c, stored once for every platform (None otherwise)."""
-    if strategy.client != "scaffold":
+    if strategy.local_term != "scaffold":
         return None
     c = fed.strategy_state.get("c") or {k: np.zeros_like(v) for k, v in fed.global_state.items()}
     return backend.put(c)

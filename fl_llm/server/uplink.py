@@ -128,7 +128,7 @@ def validate(
         own = to_rank(global_state, ranks[i], cfg.model.lora.alpha, max(ranks))
         r = trained.results[i]
         why, r["update_norm"] = judge_update(r.get("update"), {k: own[k] for k in sent}, cfg.server.max_update_norm)
-        if why is None and strategy.client == "scaffold":
+        if why is None and strategy.local_term == "scaffold":
             why = check_update(trained.results[i].get("extra", {}).get("c"), own)
             why = why and f"control variate: {why}"
         if why is None:

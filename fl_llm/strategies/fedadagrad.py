@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import StrategyState
+from fl_llm.strategies.base import ServerOptimizer, Strategy, StrategyState
 from fl_llm.tensors import AdapterState
 
 
@@ -42,3 +42,15 @@ def fedadagrad_apply(x, delta, state, *, lr: float, beta1: float, tau: float):
     m = first_moment(state, delta, beta1)
     v = {k: (initial_v(state, k, d, tau) + d * d).astype(np.float32) for k, d in delta.items()}
     return adaptive_apply(x, m, v, lr=lr, tau=tau), {**state, "m": m, "v": v}
+
+
+FEDADAGRAD = ServerOptimizer(
+    "fedadagrad",
+    ("server_lr", "beta1", "tau"),
+    0.1,
+    lambda x, d, s, p, lr: fedadagrad_apply(x, d, s, lr=lr, beta1=p.beta1, tau=p.tau),
+)
+
+STRATEGY = Strategy(
+    "fedadagrad", "Reddi et al., Adaptive Federated Optimization, ICLR 2021", "Adagrad on Δ at the server", FEDADAGRAD
+)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import StrategyState, weighted_mean
+from fl_llm.strategies.base import ServerOptimizer, Strategy, StrategyState, weighted_mean
 from fl_llm.tensors import AdapterState
 
 
@@ -27,3 +27,13 @@ def fedavg_step(
 ) -> tuple[AdapterState, StrategyState]:
     """The whole FedAvg round: weighted mean of the updates, then the server step."""
     return fedavg_apply(global_state, weighted_mean(updates, weights), state, lr=server_lr)
+
+
+FEDAVG = ServerOptimizer("fedavg", ("server_lr",), 1.0, lambda x, d, s, p, lr: fedavg_apply(x, d, s, lr=lr))
+
+STRATEGY = Strategy(
+    "fedavg",
+    "McMahan et al., AISTATS 2017; server lr: Reddi et al., ICLR 2021",
+    "example-weighted mean of the updates, x <- x + η·Δ",
+    FEDAVG,
+)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from fl_llm.strategies.base import normalized
-from fl_llm.strategies.lora import a_key, b_key, layers
+from fl_llm.strategies.fedavg import FEDAVG
+from fl_llm.strategies.lora import ExactMerge, a_key, b_key, layers
 from fl_llm.tensors import AdapterState
 
 
@@ -31,3 +32,16 @@ def fedex_residual(locals_: list[AdapterState], weights, averaged: AdapterState)
         a_res = np.concatenate([loc[ak] - averaged[ak] for loc in locals_], axis=0)
         out[layer] = (b_res.astype(np.float32), a_res.astype(np.float32))
     return out
+
+
+class FedEx(ExactMerge):
+    def correct(self, new: AdapterState, locals_, weights, *, seed: int, round_: int):
+        return new, fedex_residual(locals_, weights, new)
+
+
+STRATEGY = FedEx(
+    "fedex",
+    "Singhal et al., FedEx-LoRA, ACL 2025",
+    "average A and B, fold the residual Σpᵢ(Bᵢ−B̄)(Aᵢ−Ā) into the base weights: exact",
+    FEDAVG,
+)

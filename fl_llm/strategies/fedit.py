@@ -9,3 +9,15 @@ Not exact: B̄·Ā differs from the average of the updates Σ pᵢBᵢAᵢ by Σ
 covariance term that grows as platforms disagree (logged every round as `aggregation_error`).
 It is what `fedavg` computes; the name is kept so LoRA comparisons can say what they compare.
 """
+
+from __future__ import annotations
+
+from fl_llm.strategies.base import Strategy
+from fl_llm.strategies.fedavg import FEDAVG
+
+STRATEGY = Strategy(
+    "fedit",
+    "Zhang et al., Towards Building the Federated GPT, ICASSP 2024",
+    "naive: average A and B separately (not exact; the baseline)",
+    FEDAVG,
+)

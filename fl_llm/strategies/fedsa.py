@@ -10,9 +10,24 @@ its own personalised adapter. Linear in what it aggregates.
 
 from __future__ import annotations
 
+from fl_llm.strategies.base import Strategy
+from fl_llm.strategies.fedavg import FEDAVG
 from fl_llm.strategies.lora import is_b
 
 
-def fedsa_upload_keys(keys) -> list[str]:
-    """What a platform sends: everything but its own B factors."""
-    return [k for k in keys if not is_b(k)]
+class FedSA(Strategy):
+    def personal(self, key: str) -> bool:
+        """Each platform's own B factors."""
+        return is_b(key)
+
+    @property
+    def one_global_model(self) -> bool:
+        return False  # each platform saves its own adapter: the shared A, its own B
+
+
+STRATEGY = FedSA(
+    "fedsa",
+    "Guo et al., Selective Aggregation for LoRA in FL (FedSA-LoRA), ICLR 2025",
+    "A averaged, B kept on each platform: personalised models",
+    FEDAVG,
+)

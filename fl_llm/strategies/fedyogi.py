@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fl_llm.strategies.base import ServerOptimizer, Strategy
 from fl_llm.strategies.fedadagrad import adaptive_apply, first_moment, initial_v
 
 
@@ -22,3 +23,18 @@ def fedyogi_apply(x, delta, state, *, lr: float, beta1: float, beta2: float, tau
         v_old, d2 = initial_v(state, k, d, tau), d * d
         v[k] = (v_old - np.float32(1 - beta2) * d2 * np.sign(v_old - d2)).astype(np.float32)
     return adaptive_apply(x, m, v, lr=lr, tau=tau), {**state, "m": m, "v": v}
+
+
+FEDYOGI = ServerOptimizer(
+    "fedyogi",
+    ("server_lr", "beta1", "beta2", "tau"),
+    0.01,
+    lambda x, d, s, p, lr: fedyogi_apply(x, d, s, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau),
+)
+
+STRATEGY = Strategy(
+    "fedyogi",
+    "Reddi et al., Adaptive Federated Optimization, ICLR 2021",
+    "Yogi on Δ at the server (additive second moment)",
+    FEDYOGI,
+)

@@ -9,9 +9,19 @@ aggregate stays linear (works under secure aggregation and with DP).
 
 from __future__ import annotations
 
+from fl_llm.strategies.base import Strategy
+from fl_llm.strategies.fedavg import FEDAVG
 from fl_llm.strategies.lora import is_a
 
 
-def ffa_upload_keys(keys) -> list[str]:
-    """What a platform sends: everything but the frozen A factors."""
-    return [k for k in keys if not is_a(k)]
+class FFA(Strategy):
+    def frozen(self, key: str) -> bool:
+        return is_a(key)
+
+
+STRATEGY = FFA(
+    "ffa",
+    "Sun et al., Improving LoRA in Privacy-preserving FL (FFA-LoRA), ICLR 2024",
+    "A frozen at its shared init, only B trained and averaged: exact, half the bytes",
+    FEDAVG,
+)

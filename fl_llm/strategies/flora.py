@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from fl_llm.strategies.base import normalized
-from fl_llm.strategies.lora import a_key, b_key, is_a, is_b, layers
+from fl_llm.strategies.fedavg import FEDAVG
+from fl_llm.strategies.lora import ExactMerge, a_key, b_key, is_a, is_b, layers
 from fl_llm.tensors import AdapterState
 
 
@@ -45,3 +46,16 @@ def fresh_lora(like: AdapterState, seed: int, round_: int) -> AdapterState:
         else:
             out[k] = v
     return out
+
+
+class FLoRA(ExactMerge):
+    def correct(self, new: AdapterState, locals_, weights, *, seed: int, round_: int):
+        return fresh_lora(new, seed, round_), flora_stack(locals_, weights)
+
+
+STRATEGY = FLoRA(
+    "flora",
+    "Wang et al., FLoRA, NeurIPS 2024",
+    "stack the factors, merge Σpᵢ BᵢAᵢ into the base, fresh LoRA each round: exact, any ranks",
+    FEDAVG,
+)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import normalized
+from fl_llm.strategies.base import Strategy, normalized
+from fl_llm.strategies.fedavg import FEDAVG
 from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
@@ -42,3 +43,13 @@ def multi_krum(updates: list[AdapterState], weights, *, f: int, select: int = 0)
     chosen = sorted(np.argsort(krum_scores(mat, f), kind="stable")[:m].tolist()) if n > 2 else list(range(n))
     p = normalized([np.asarray(weights, dtype=np.float64)[i] for i in chosen])
     return unflatten(p @ mat[chosen], layout), chosen
+
+
+STRATEGY = Strategy(
+    "krum",
+    "Blanchard et al., NeurIPS 2017 (Krum); El Mhamdi et al., ICML 2018 (Multi-Krum)",
+    "average the m updates closest to their n − f − 2 nearest neighbours",
+    FEDAVG,
+    params=("krum_byzantine", "krum_select"),
+    robust="krum",
+)

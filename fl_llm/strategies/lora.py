@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fl_llm.errors import UserError
+from fl_llm.strategies.base import Strategy
 from fl_llm.tensors import AdapterState
 
 A_TAG, B_TAG = ".lora_A.", ".lora_B."
@@ -143,3 +145,32 @@ def from_rank(state: AdapterState, rank: int, alpha: float, global_rank: int) ->
         else:
             out[k] = v
     return out
+
+
+class ExactMerge(Strategy):
+    """A strategy that merges the exact average of the platforms' products B·A into the base
+    weights (FedEx-LoRA, FLoRA): it reads each platform's factors, and is exact only for the plain
+    weighted mean at step size 1."""
+
+    needs_locals = True
+    merges_into_base = True
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.params  # no server_lr, no robust rule: both would break the exactness
+
+    def shared_host_conflict(self) -> str | None:
+        return f"strategy.name={self.name} merges into each platform's frozen weights, which the host shares"
+
+    def check(self, cfg, cohort: int) -> None:
+        super().check(cfg, cohort)
+        if cfg.strategy.robust != "none":
+            raise UserError(
+                f"config key 'strategy.robust' must be none with strategy.name={self.name}: it is exact only "
+                "for the plain weighted mean of the factors"
+            )
+        if cfg.strategy.server_lr not in (None, 1.0):
+            raise UserError(
+                f"config key 'strategy.server_lr' must be null or 1 with strategy.name={self.name}: its "
+                "merge into the base weights is exact only for the plain average"
+            )

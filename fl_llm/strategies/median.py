@@ -13,9 +13,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from fl_llm.strategies.base import Strategy
+from fl_llm.strategies.fedavg import FEDAVG
 from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
 def median(updates: list[AdapterState], weights=None) -> AdapterState:
     m, layout = flatten(updates)
     return unflatten(np.median(m, axis=0), layout)
+
+
+STRATEGY = Strategy(
+    "median",
+    "Yin et al., Byzantine-Robust Distributed Learning, ICML 2018",
+    "coordinate-wise median of the updates",
+    FEDAVG,
+    params=(),
+    robust="median",
+)

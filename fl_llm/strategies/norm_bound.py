@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import normalized
+from fl_llm.strategies.base import Strategy, normalized
+from fl_llm.strategies.fedavg import FEDAVG
 from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
@@ -20,3 +21,13 @@ def norm_bound(updates: list[AdapterState], weights, *, clip: float) -> AdapterS
     norms = np.linalg.norm(m, axis=1)
     scale = np.minimum(1.0, clip / np.maximum(norms, 1e-30))
     return unflatten(normalized(weights) @ (m * scale[:, None]), layout)
+
+
+STRATEGY = Strategy(
+    "norm_bound",
+    "Sun et al., Can You Really Backdoor Federated Learning?, 2019",
+    "clip each update to norm C, then the weighted mean",
+    FEDAVG,
+    params=("clip_norm",),
+    robust="norm_bound",
+)

@@ -1,9 +1,10 @@
-"""One round of aggregation for any registered strategy, composed from the per-paper functions.
+"""One round of aggregation for any registered strategy, composed from its declarations.
 
     1 combine   the updates into Δ: weighted mean, or a robust rule (strategy.robust / the name)
-    2 server    x ← server optimizer(x, Δ)             (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi)
-    3 LoRA      fedex: fold the residual into the base;  flora: merge the stack, start a fresh LoRA
-    4 SCAFFOLD  c ← c + Σ Δcᵢ / N
+    2 server    x, state ← optimizer.update(x, Δ, state)   (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi)
+    3 correct   the strategy's own step after it (FedEx: fold the residual into the base; FLoRA: merge
+                the stack, start a fresh LoRA)
+    4 end       server state from what the platforms sent besides updates (SCAFFOLD: c)
     5 measure   aggregation_error = ‖Σ pᵢBᵢAᵢ − (B·A + merged)‖ / ‖Σ pᵢBᵢAᵢ‖
 
 Pure: numpy in, numpy out; the state is a dict of arrays the checkpoint carries.
@@ -17,18 +18,10 @@ import numpy as np
 
 from fl_llm.config import StrategyConfig
 from fl_llm.strategies.base import Strategy, StrategyState, weighted_mean
-from fl_llm.strategies.fedadagrad import fedadagrad_apply
-from fl_llm.strategies.fedadam import fedadam_apply
-from fl_llm.strategies.fedavg import fedavg_apply
-from fl_llm.strategies.fedavgm import fedavgm_apply
-from fl_llm.strategies.fedex import fedex_residual
-from fl_llm.strategies.fedyogi import fedyogi_apply
-from fl_llm.strategies.flora import flora_stack, fresh_lora
 from fl_llm.strategies.krum import multi_krum
 from fl_llm.strategies.lora import aggregation_error, local_states
 from fl_llm.strategies.median import median
 from fl_llm.strategies.norm_bound import norm_bound
-from fl_llm.strategies.scaffold import server_control_update
 from fl_llm.strategies.trimmed_mean import trimmed_mean
 from fl_llm.tensors import AdapterState
 
@@ -57,20 +50,6 @@ def combine(rule: str, updates: list[AdapterState], weights, p: StrategyConfig) 
     raise ValueError(f"unknown combination rule {rule!r}")
 
 
-def server_step(name: str, x: AdapterState, delta: AdapterState, state: StrategyState, p: StrategyConfig, lr: float):
-    if name == "fedavg":
-        return fedavg_apply(x, delta, state, lr=lr)
-    if name == "fedavgm":
-        return fedavgm_apply(x, delta, state, lr=lr, momentum=p.momentum)
-    if name == "fedadagrad":
-        return fedadagrad_apply(x, delta, state, lr=lr, beta1=p.beta1, tau=p.tau)
-    if name == "fedadam":
-        return fedadam_apply(x, delta, state, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau)
-    if name == "fedyogi":
-        return fedyogi_apply(x, delta, state, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau)
-    raise ValueError(f"unknown server optimizer {name!r}")
-
-
 def aggregate_round(
     strategy: Strategy,
     p: StrategyConfig,
@@ -92,32 +71,23 @@ def aggregate_round(
     computes the `aggregation_error` metric off the round's critical path (the metric is then a
     future; nothing here mutates the arrays it reads).
     """
-    locals_ = local_states(global_state, updates) if strategy.lora in ("fedex", "flora") else None
-    if strategy.client == "scaffold":  # the paper averages uniformly
-        weights = [1.0] * len(updates)
+    locals_ = local_states(global_state, updates) if strategy.needs_locals else None
+    weights = strategy.round_weights(weights)
     metrics: dict = {}
 
-    # 1-2. combine, then the server step (FedEx and FLoRA are exact only for the plain mean)
+    # 1-2. combine, then the server optimizer's step
     delta, info = combine(strategy.rule(p.robust), updates, weights, p)
     metrics.update(info)
-    lr = p.server_lr if p.server_lr is not None else strategy.default_lr
-    new, state = server_step(strategy.server, global_state, delta, dict(state), p, lr)
+    opt = strategy.optimizer
+    lr = p.server_lr if p.server_lr is not None else opt.default_lr
+    new, state = opt.update(global_state, delta, dict(state) or opt.init(), p, lr)
 
-    # 3. LoRA-aware corrections
-    merge = None
-    if strategy.lora == "fedex":
-        merge = fedex_residual(locals_, weights, new)
-    elif strategy.lora == "flora":
-        merge = flora_stack(locals_, weights)
-        new = fresh_lora(new, seed, round_)
-
-    # 4. SCAFFOLD's server control variate
-    if strategy.client == "scaffold":
-        c = state.get("c") or {k: np.zeros_like(v) for k, v in global_state.items()}
-        state["c"] = server_control_update(c, [e["c"] for e in extras or []], num_platforms)
+    # 3-4. the strategy's own correction, and its server state
+    new, merge = strategy.correct(new, locals_, weights, seed=seed, round_=round_)
+    state = strategy.end_round(state, global_state, extras, num_platforms)
 
     # 5. how far the new global is from the exact average of the platforms' adapters
-    if strategy.lora != "fedsa":  # FedSA keeps B apart on purpose: there is no single product
+    if strategy.one_global_model:  # FedSA keeps B apart on purpose: there is no single product
 
         def error() -> float | None:
             return aggregation_error(global_state, locals_ or local_states(global_state, updates), weights, new, merge)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fl_llm.strategies.base import Strategy
+from fl_llm.strategies.fedavg import FEDAVG
 from fl_llm.tensors import AdapterState, flatten, unflatten
 
 
@@ -28,3 +30,13 @@ def trimmed_mean(updates: list[AdapterState], weights=None, *, beta: float) -> A
     k = trim_count(len(updates), beta)
     ordered = np.sort(m, axis=0)
     return unflatten(ordered[k : len(updates) - k].mean(axis=0), layout)
+
+
+STRATEGY = Strategy(
+    "trimmed_mean",
+    "Yin et al., Byzantine-Robust Distributed Learning, ICML 2018",
+    "coordinate-wise mean without the β fraction at each end",
+    FEDAVG,
+    params=("trim_fraction",),
+    robust="trimmed_mean",
+)
