@@ -249,9 +249,13 @@ class StrategyConfig:
         None, "server learning rate η (null = the strategy's default: 1 FedAvg-like, 0.1 adagrad, 0.01 adam/yogi)", gt=0
     )
     momentum: float = opt(0.9, "fedavgm: server momentum β", min=0, max=1)
-    beta1: float = opt(0.9, "fedadagrad / fedadam / fedyogi: first-moment decay β₁", min=0, max=1)
-    beta2: float = opt(0.99, "fedadam / fedyogi: second-moment decay β₂", min=0, max=1)
-    tau: float = opt(1e-3, "fedadagrad / fedadam / fedyogi: adaptivity τ", gt=0)
+    beta1: float = opt(
+        0.9, "adaptive server optimizers (fedadagrad, fedadam, ...): first-moment decay β₁", min=0, max=1
+    )
+    beta2: float = opt(
+        0.99, "adaptive server optimizers with a decaying second moment (fedadam, ...): its decay β₂", min=0, max=1
+    )
+    tau: float = opt(1e-3, "adaptive server optimizers: adaptivity τ, the floor of the step's denominator", gt=0)
     mu: float = opt(0.01, "fedprox: proximal weight μ (0 = FedAvg)", min=0)
     robust: Literal["none", "norm_bound", "median", "trimmed_mean", "krum"] = opt(
         "none", "how updates are combined before the server step: weighted mean, or a robust rule"
