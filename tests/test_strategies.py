@@ -41,6 +41,22 @@ def test_fedadam_two_steps_by_hand():
     np.testing.assert_allclose(x2["w"], x1["w"] + 0.1 * m2 / (np.sqrt(v2) + 1e-3), rtol=1e-5)
 
 
+def test_fedams_keeps_the_largest_second_moment_by_hand():
+    """Two rounds through the registry: the second Δ is 0, so v decays but v̂ keeps round 1's."""
+    p = StrategyConfig(name="fedams", server_lr=0.01, beta1=0.9, beta2=0.99, tau=1e-3)
+    x = {"w": np.array([1.0, 1.0], np.float32)}
+    one = aggregate_round(STRATEGIES["fedams"], p, x, [{"w": np.array([0.1, -0.2], np.float32)}], [1], {},
+                          seed=0, round_=1, num_platforms=1)  # fmt: skip
+    # m = 0.1·Δ = (0.01, -0.02), v = 0.01·Δ² = (1e-4, 4e-4) = v̂: x + 0.01·m/√v̂ = x ± 0.01
+    np.testing.assert_allclose(one.global_state["w"], [1.01, 0.99], rtol=1e-5)
+    two = aggregate_round(STRATEGIES["fedams"], p, one.global_state, [{"w": np.zeros(2, np.float32)}], [1],
+                          one.state, seed=0, round_=2, num_platforms=1)  # fmt: skip
+    # m = 0.9·m = (0.009, -0.018); v̂ stays (1e-4, 4e-4): x + 0.01·(0.9, -0.9) (FedAdam's v would shrink)
+    np.testing.assert_allclose(two.global_state["w"], [1.019, 0.981], rtol=1e-5)
+    np.testing.assert_allclose(two.state["vhat"]["w"], [1e-4, 4e-4], rtol=1e-5)
+    assert STRATEGIES["fedams"].keys == ("server_lr", "beta1", "beta2", "tau", "robust")
+
+
 def test_fedyogi_two_steps_by_hand():
     x = {"w": np.array([0.0, 0.0], np.float32)}
     d1 = {"w": np.array([0.3, -0.05], np.float32)}

@@ -14,6 +14,7 @@ _FILES = (
     "fedadagrad",
     "fedadam",
     "fedyogi",
+    "fedams",
     # client-side corrections
     "fedprox",
     "scaffold",
