@@ -1,0 +1,174 @@
+"""The run configuration's operational sections: where platforms run (Ray), uplink compression,
+checkpoints, fault injection, privacy (DP and secure aggregation) and tracking — and `opt`,
+`section`, the helpers every config field is declared with. `fl_llm.config` holds the rest of the
+schema and `RunConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str, **rules: Any) -> Any:
+    """A config field: default, one line of help, and optional rules (min, max, gt, choices)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class PlatformPlacement:
+    platform: int = opt(0, "platform index", min=0)
+    resources: dict[str, float] = opt(
+        {}, "custom Ray resources its actor needs, e.g. {fashion-node: 1} for a node started with that resource"
+    )
+    labels: dict[str, str] = opt({}, "node labels its actor must run on (Ray label selector), e.g. {site: fashion}")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = opt(None, "null starts a local Ray instance; 'auto' or 'ray://host:port' joins a cluster")
+    num_cpus: int | None = opt(None, "CPUs of the local instance (null = all of this machine)", min=1)
+    cpus_per_platform: float | None = opt(
+        None, "CPUs reserved per platform actor (null = share the cluster's CPUs evenly, at most 1)", gt=0
+    )
+    gpus_per_platform: float | None = opt(
+        None, "GPUs per platform actor (null = share the cluster's GPUs evenly, 0 if it has none)", min=0
+    )
+    placement: list[PlatformPlacement] = opt(
+        [],
+        "[{platform, resources, labels}]: pin a platform's actor to the node that holds its data; a platform "
+        "whose node is absent stops the run at start",
+    )
+    platforms_per_gpu: int = opt(
+        1,
+        "platforms per host actor, which holds the base model once (one GPU each where there are GPUs) and "
+        "trains its platforms' own adapters in turn; 1 = one actor per platform",
+        min=1,
+    )
+
+
+@dataclass
+class CompressionConfig:
+    name: Literal["none", "fp16", "bf16", "int8", "int4", "topk"] = opt(
+        "none",
+        "how platforms send their update: none (float32), fp16/bf16 casts, int8/int4 stochastic quantization "
+        "with a scale per 256 values, topk with error feedback; under secure aggregation int8/int4 narrow the "
+        "masked ring instead (16 / 8 bits per value)",
+    )
+    topk_fraction: float = opt(0.01, "topk: share of the values sent each round (the rest carries over)", gt=0, max=1)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(1, "write a full-state checkpoint every this many rounds (0 = never)", min=0)
+    keep: int = opt(2, "how many of the newest checkpoints to keep", min=1)
+
+
+@dataclass
+class PlatformRound:
+    platform: int = opt(0, "platform index", min=0)
+    round: int = opt(1, "round in which the fault strikes (mid-training)", min=1)
+
+
+@dataclass
+class DelayFault:
+    platform: int = opt(0, "platform index", min=0)
+    seconds: float = opt(1.0, "how long it sleeps before training", min=0)
+    rounds: list[int] = opt([], "rounds in which it sleeps (empty = every round)")
+
+
+@dataclass
+class CorruptFault:
+    platform: int = opt(0, "platform index", min=0)
+    rounds: list[int] = opt([], "rounds in which its update is corrupted (empty = every round)")
+    kind: Literal["nan", "inf", "shape", "keys", "scale", "noise"] = opt(
+        "nan",
+        "nan / inf values, a wrong shape, a wrong key set, the update times factor, or noise of factor x its norm",
+    )
+    factor: float = opt(100.0, "scale and noise: how much larger than the honest update", gt=0)
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection, for rehearsing failures: never set in production."""
+
+    kill: list[PlatformRound] = opt([], "[{platform, round}]: the platform's actor process exits mid-training")
+    error: list[PlatformRound] = opt([], "[{platform, round}]: the platform's training raises an exception")
+    delay: list[DelayFault] = opt([], "[{platform, seconds, rounds}]: the platform sleeps before training")
+    corrupt: list[CorruptFault] = opt(
+        [], "[{platform, rounds, kind, factor}]: the platform sends a corrupted (or malicious) update"
+    )
+
+
+@dataclass
+class DpConfig:
+    level: Literal["none", "record", "client"] = opt(
+        "none",
+        "none; record: DP-SGD inside each platform (protects each customer record); "
+        "client: DP-FedAvg on the driver (protects each platform's whole data set)",
+    )
+    noise_multiplier: float | None = opt(
+        None, "noise std / clip norm, z (null = calibrated from privacy.target_epsilon before training)", min=0
+    )
+    clip_norm: float = opt(1.0, "record: per-example gradient norm bound C; client: update norm bound C", gt=0)
+    adaptive_clip: bool = opt(False, "client: adapt C toward a quantile of the update norms (Andrew et al. 2021)")
+    target_quantile: float = opt(0.5, "adaptive_clip: the quantile γ of update norms C tracks", gt=0, max=1)
+    clip_lr: float = opt(0.2, "adaptive_clip: geometric step η_C", gt=0)
+    accountant: Literal["pld", "rdp"] = opt("pld", "primary accountant (the other one is reported as a cross-check)")
+    secure_rng: bool = opt(
+        True,
+        "draw DP noise and Poisson sampling from the OS entropy pool (false: from the run seed, reproducible "
+        "but anyone who knows the seed can subtract the noise; for experiments only)",
+    )
+
+
+@dataclass
+class SecAggConfig:
+    enabled: bool = opt(
+        False, "secure aggregation (Bonawitz et al. 2017): the driver learns only the sum of the updates"
+    )
+    threshold: int | None = opt(
+        None,
+        "t of the t-of-n secret sharing: the sum is recovered while at least t platforms of the round "
+        "survive, and fewer than t colluding parties learn nothing (null: a majority of the round, at least 2)",
+        min=2,
+    )
+    max_clipped: float = opt(
+        0.01,
+        "a platform refuses to send an update with a larger share of values beyond ±clip_range (or any NaN/Inf): "
+        "it fails the round instead of corrupting the sum",
+        gt=0,
+        max=1,
+    )
+    clip_range: float = opt(
+        0.1,
+        "each (weighted) update value is clipped to ±this before fixed-point quantization; the share clipped "
+        "is logged as secagg_clipped (raise it if that is not ~0)",
+        gt=0,
+    )
+
+
+@dataclass
+class PrivacyConfig:
+    dp: DpConfig = section(DpConfig, "differential privacy")
+    secagg: SecAggConfig = section(SecAggConfig, "secure aggregation")
+    target_epsilon: float | None = opt(
+        None,
+        "privacy budget ε: calibrates the noise (dp.noise_multiplier null) or stops the run before it is passed",
+        gt=0,
+    )
+    delta: float = opt(1e-5, "δ of the (ε, δ) guarantee (well below 1 / number of records)", gt=0, max=0.1)
+
+
+@dataclass
+class TrackingConfig:
+    progress: bool = opt(True, "live progress display on a terminal")
+    mlflow: bool = opt(False, "log params, metrics per round and artifacts to MLflow (metrics.jsonl is always written)")
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI (null = a local file store, ./mlruns)")
+    mlflow_experiment: str = opt("fl_llm", "MLflow experiment name")
+    tensorboard: bool = opt(False, "write TensorBoard event files to RUN_DIR/tensorboard")
