@@ -13,6 +13,9 @@ knows nothing of them and sees only what a real failure would show it.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 from fl_llm.config import FaultsConfig
@@ -73,3 +76,34 @@ def corrupt(update: dict[str, np.ndarray], kind: str, factor: float = 100.0, see
     else:
         raise ValueError(f"unknown corruption {kind!r}")
     return out
+
+
+def delay_before_training(faults: FaultsConfig, platform: int, round_: int, deadline: float | None, late_error) -> None:
+    """An injected delay: sleep like a slow machine, but not past the round's deadline (then
+    raise `late_error`)."""
+    delay = delay_seconds(faults, platform, round_)
+    if delay <= 0:
+        return
+    wake = time.monotonic() + delay
+    while (now := time.monotonic()) < wake:
+        if deadline is not None and now > deadline:
+            raise late_error(f"round {round_}: past the deadline while delayed")
+        time.sleep(min(0.05, wake - now))
+
+
+def step_hook(faults: FaultsConfig, platform: int, round_: int, attempt: int, hard_exit: bool):
+    """Called after the first local step: where injected kills and errors strike mid-training.
+    `hard_exit`: a kill ends the process (a Ray actor); else it raises `InjectedKill`."""
+    kill = should_kill(faults, platform, round_, attempt)
+    error = should_error(faults, platform, round_, attempt)
+    if not (kill or error):
+        return None
+
+    def hook(step: int) -> None:
+        if kill:
+            if hard_exit:
+                os._exit(KILL_EXIT_CODE)  # no cleanup, no exception: like a lost node
+            raise InjectedKill(f"platform {platform}: injected kill in round {round_}")
+        raise InjectedError(f"platform {platform}: injected error in round {round_}")
+
+    return hook

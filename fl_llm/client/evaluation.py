@@ -1,0 +1,117 @@
+"""A platform's evaluation and membership audit, run where its records are: `Evaluation` is
+mixed into `Platform`, and reads its model, held-out split and task. Only aggregate figures
+leave (metrics, calibration, an interval; the audit's attack statistics)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fl_llm.client.rng import platform_rng
+from fl_llm.tensors import AdapterState
+
+
+class Evaluation:
+    """Evaluation and audit methods of `Platform` (see there for the attributes they read)."""
+
+    def _example_losses(self, global_state: AdapterState, base: dict | None, train_idx, eval_idx):
+        """Per-record answer NLL of `global_state` on the given training and held-out rows. Never
+        sent anywhere: `audit` turns them into figures here."""
+        from fl_llm.client.train import example_losses
+
+        self._load_global(global_state, base)
+        kw = {"batch_size": self.cfg.client.eval_batch_size, "device": self.device, "pad_id": self.pad_id}
+        kw["words"] = self.loss_words
+        return example_losses(self.model, self.train_set, train_idx, **kw), example_losses(
+            self.model, self.eval_set, eval_idx, **kw
+        )
+
+    def audit(
+        self,
+        start: AdapterState,
+        final: AdapterState,
+        base: dict | None,
+        state_round: int,
+        max_examples: int,
+        epsilon: float,
+        delta: float,
+        alpha: float,
+    ) -> dict:
+        """The membership audit, run where the records are: members are this platform's training
+        records, non-members its held-out ones (label-matched); the attacks score both under the
+        model before private training (`start`) and the final one (`final`, with the base merges
+        `base` and this platform's own state as of round `state_round`). Returns only the
+        figures (`fl_llm.privacy.audit.attack_report`); no per-record score leaves."""
+        from fl_llm.privacy.audit import attack_report, label_matched_samples
+
+        rng = np.random.default_rng([self.cfg.seed, self.id, 0xA0D])
+        members, nonmembers = label_matched_samples(self.train_set.labels, self.eval_set.labels, max_examples, rng)
+        base_m, base_n = self._example_losses(start, None, members, nonmembers)
+        self.load_state(state_round)
+        ft_m, ft_n = self._example_losses(final, base, members, nonmembers)
+        split_rng = np.random.default_rng([self.cfg.seed, self.id, 0xA0E])
+        return {
+            "members": len(members),
+            "nonmembers": len(nonmembers),
+            "mean_loss": {"members": float(ft_m.mean()), "nonmembers": float(ft_n.mean())},
+            "attacks": {
+                "loss": attack_report(-ft_m, -ft_n, epsilon, delta, alpha, split_rng),
+                "reference": attack_report(base_m - ft_m, base_n - ft_n, epsilon, delta, alpha, split_rng),
+            },
+        }
+
+    def evaluate(self, global_state: AdapterState, base: dict | None = None, detail: bool = False) -> dict:
+        """Loss and task metrics of `global_state` on this platform's held-out split (after the
+        base merges in `base`; FedSA: with this platform's own B). For a yes/no task also its
+        calibration (ECE) and the decision threshold chosen on one half of the held-out records
+        (best F1) with the precision and recall it gets on the other half. `detail` (for `fl-llm
+        compare`) adds the reliability bins and a bootstrap interval of the headline metric."""
+        from fl_llm.client.train import evaluate
+
+        t0 = time.perf_counter()
+        self._load_global(global_state, base)
+        out = evaluate(
+            self.model,
+            self.eval_set,
+            answer_ids=self.answer_ids,
+            batch_size=self.cfg.client.eval_batch_size,
+            device=self.device,
+            pad_id=self.pad_id,
+            words=self.loss_words,
+        )
+        probs = out["probs"]
+        scores = probs[:, 1] if probs.shape[1] == 2 else probs
+        metrics = self.task.metrics(self.eval_set.labels, scores, self.eval_set.groups)
+        result = {k: float(v) for k, v in metrics.items()}
+        result["eval_loss"] = out["loss_sum"] / max(out["tokens"], 1)
+        result["num_eval"] = len(self.eval_set)
+        labels = np.asarray(self.eval_set.labels)
+        if probs.shape[1] == 2 and len(labels) >= 4:
+            result.update(self._calibration(labels, scores, detail))
+        if detail:
+            from fl_llm.metrics import bootstrap_interval
+
+            primary = self.task.primary
+            rng = platform_rng(self.cfg.seed, 0, self.id, 0xB007)
+            groups = self.eval_set.groups
+
+            def headline(y, s):
+                return self.task.metrics(y, s, None if primary.startswith(("hr@", "ndcg@")) else groups)[primary]
+
+            result["interval"] = list(bootstrap_interval(labels, scores, headline, rng))
+        result["eval_seconds"] = time.perf_counter() - t0
+        return result
+
+    def _calibration(self, labels: np.ndarray, scores: np.ndarray, detail: bool) -> dict:
+        from fl_llm.metrics import at_threshold, best_f1_threshold, calibration
+
+        ece, bins = calibration(labels, scores)
+        order = platform_rng(self.cfg.seed, 0, self.id, 0x7E5).permutation(len(labels))
+        val, test = order[: len(order) // 2], order[len(order) // 2 :]
+        threshold = best_f1_threshold(labels[val], scores[val])
+        at = at_threshold(labels[test], scores[test], threshold)
+        out = {"ece": ece, "threshold": threshold, **{f"{k}@threshold": v for k, v in at.items()}}
+        if detail:
+            out["reliability"] = bins
+        return out
