@@ -85,7 +85,7 @@ def test_saved_adapter_loads_with_peft_and_is_the_evaluated_model(ray_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fl_llm.client.train import evaluate
+    from fl_llm.client.evaluation import evaluate_model as evaluate
     from fl_llm.data.batching import answer_token_ids, encode
     from fl_llm.data.sources import load_platform_data
     from fl_llm.data.tasks import TASKS

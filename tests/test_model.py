@@ -187,7 +187,7 @@ def test_left_truncation_keeps_the_question_and_answer():
 
 def test_padded_and_unpadded_scores_agree(cfg):
     """Left padding with explicit positions must not change a row's prediction."""
-    from fl_llm.client.train import evaluate
+    from fl_llm.client.evaluation import evaluate_model as evaluate
 
     model, tok = _trained_looking_model(cfg, 0)
     task = TASKS["recommendation"]
@@ -204,7 +204,8 @@ def test_padded_and_unpadded_scores_agree(cfg):
 def test_verbalizer_loss_is_the_log_loss_of_the_answer_probabilities(cfg):
     """client.loss=verbalizer: the cross-entropy over the answer words alone, at the answer —
     the same number as the log loss of the scored answer probabilities."""
-    from fl_llm.client.train import evaluate, example_losses
+    from fl_llm.client.evaluation import evaluate_model as evaluate
+    from fl_llm.client.evaluation import example_losses
 
     model, tok = _trained_looking_model(cfg, 1)
     task = TASKS["recommendation"]

@@ -69,7 +69,7 @@ def _reevaluate(run_dir, platform: int, cfg):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fl_llm.client.train import evaluate
+    from fl_llm.client.evaluation import evaluate_model as evaluate
     from fl_llm.data.batching import answer_token_ids, encode
     from fl_llm.data.sources import load_platform_data, task_of
 

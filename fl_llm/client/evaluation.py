@@ -9,6 +9,8 @@ import time
 import numpy as np
 
 from fl_llm.client.rng import platform_rng
+from fl_llm.client.train import _answer_loss, _forward
+from fl_llm.data.batching import IGNORE, Encoded, collate
 from fl_llm.tensors import AdapterState
 
 
@@ -18,8 +20,6 @@ class Evaluation:
     def _example_losses(self, global_state: AdapterState, base: dict | None, train_idx, eval_idx):
         """Per-record answer NLL of `global_state` on the given training and held-out rows. Never
         sent anywhere: `audit` turns them into figures here."""
-        from fl_llm.client.train import example_losses
-
         self._load_global(global_state, base)
         kw = {"batch_size": self.cfg.client.eval_batch_size, "device": self.device, "pad_id": self.pad_id}
         kw["words"] = self.loss_words
@@ -67,11 +67,9 @@ class Evaluation:
         calibration (ECE) and the decision threshold chosen on one half of the held-out records
         (best F1) with the precision and recall it gets on the other half. `detail` (for `fl-llm
         compare`) adds the reliability bins and a bootstrap interval of the headline metric."""
-        from fl_llm.client.train import evaluate
-
         t0 = time.perf_counter()
         self._load_global(global_state, base)
-        out = evaluate(
+        out = evaluate_model(
             self.model,
             self.eval_set,
             answer_ids=self.answer_ids,
@@ -115,3 +113,51 @@ class Evaluation:
         if detail:
             out["reliability"] = bins
         return out
+
+
+def evaluate_model(
+    model, enc: Encoded, *, answer_ids: list[int], batch_size: int, device, pad_id, words: list[int] | None = None
+) -> dict:
+    """Answer-token loss (over `words` alone when given, as in training) and the probability of
+    each answer at the end of the prompt.
+
+    Returns `loss_sum`, `tokens` and `probs` (examples x answers, normalised over the answers).
+    """
+    import torch
+
+    model.eval()
+    loss_sum, tokens, probs = 0.0, 0, []
+    with torch.inference_mode():
+        for start in range(0, len(enc), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(enc)))
+            batch = collate(enc, idx, pad_id)
+            logits, targets = _forward(model, batch, device)
+            loss_sum += float(_answer_loss(logits, targets, "sum", words))
+            tokens += int((targets != IGNORE).sum())
+            if "keep" in batch:
+                rows = torch.arange(len(idx), device=logits.device)
+                pos = torch.from_numpy(batch["score_idx"]).to(logits.device)
+                answer_logits = logits[rows, pos][:, answer_ids]
+            else:
+                answer_logits = logits
+            probs.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
+    return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}
+
+
+def example_losses(
+    model, enc: Encoded, idx: np.ndarray, *, batch_size: int, device, pad_id, words: list[int] | None = None
+) -> np.ndarray:
+    """Mean answer-token NLL of each example in `idx` (the membership audit's raw material), with
+    the loss the run trained on (`words`: the verbalizer loss)."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            logits, targets = _forward(model, collate(enc, rows, pad_id), device)
+            nll = _answer_loss(logits, targets, "none", words)
+            counts = (targets != IGNORE).sum(-1).clamp(min=1) if targets.dim() > 1 else 1
+            out.append((nll.sum(-1) / counts if targets.dim() > 1 else nll).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)

@@ -4,9 +4,8 @@ The driver constructs it with the run config and a platform id — a data *locat
 records. Everything the platform returns is either adapter tensors (its update) or aggregate
 numbers (counts, mean losses, AUC): no record and no per-example output leaves this class, and
 under differential privacy no un-noised statistic of its training records either
-(`fl_llm.privacy.release`). State it keeps between rounds (control variates, a personal B,
-optimizer moments, an error-feedback residual) lives in its own state directory
-(`client.state_dir`), which the driver never reads.
+(`fl_llm.privacy.release`). State it keeps between rounds (control variates, a personal B, optimizer
+moments, an error-feedback residual) lives in its own `client.state_dir`, never read by the driver.
 It composes its data (`data/sources.py`, `data_facts.py`), its model (`model_setup.py`), its local
 trainer (`train.py`), its uplink codec (`compression.py`), its secure-aggregation party
 (`secagg_party.py`) and its evaluation (`evaluation.py`). The Ray backend makes it an actor; the local backend calls the very same class in-process.

@@ -6,6 +6,7 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -130,33 +131,9 @@ def _answer_loss(logits, targets, reduction: str, words: list[int] | None = None
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
-def local_train(
-    model,
-    enc: Encoded,
-    *,
-    steps,
-    batch_size,
-    lr,
-    weight_decay,
-    max_grad_norm,
-    rng,
-    device,
-    pad_id,
-    optimizer: str = "adamw",
-    adambc_floor: float = 0.3,
-    optimizer_state: dict | None = None,
-    deadline: float | None = None,
-    on_step=None,
-    prox_mu: float = 0.0,
-    correction: dict | None = None,
-    dp: DpSgd | None = None,
-    pack_length: int = 0,
-    autocast: bool = False,
-    words: list[int] | None = None,
-    head_lr: float | None = None,
-    warmup: tuple[int, int] = (0, 0),
-) -> dict:
-    """Train the trainable (adapter) parameters for `steps` optimizer steps; returns train metrics.
+@dataclass
+class LocalTraining:
+    """Train the trainable (adapter) parameters for `steps` optimizer steps (`run`: its metrics).
 
     A fresh optimizer each round: optimizer state is not part of the federated model and would
     go stale while the global adapter moves. Past `deadline` (time.monotonic) it raises
@@ -177,106 +154,154 @@ def local_train(
     `warmup`: (steps taken in earlier rounds, warm-up steps W) — the rate rises linearly over the
     run's first W steps, counted across rounds, so every platform and a resumed run agree.
     """
-    import torch
 
-    from fl_llm.model.adapters import state_key
-    from fl_llm.strategies.fedprox import proximal_term
+    model: Any
+    enc: Encoded
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    max_grad_norm: float
+    rng: Any
+    device: Any
+    pad_id: int
+    optimizer: str = "adamw"
+    adambc_floor: float = 0.3
+    optimizer_state: dict | None = None
+    deadline: float | None = None
+    on_step: Any = None
+    prox_mu: float = 0.0
+    correction: dict | None = None
+    dp: DpSgd | None = None
+    pack_length: int = 0
+    autocast: bool = False
+    words: list[int] | None = None
+    head_lr: float | None = None
+    warmup: tuple[int, int] = (0, 0)
 
-    adapter = getattr(model, "active_adapter", "default")
-    named = [(state_key(n, adapter), p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    rates = [lr if head_lr is None or ".lora_" in key else head_lr for key, _ in named]
-    # one group per distinct rate (usually one: the same optimizer as before head_lr existed)
-    group_rates = sorted(set(rates), key=rates.index)
-    expected = dp.sample_rate * len(enc) if dp is not None else 0.0  # DP-SGD's expected batch q·N
-    groups = [{"params": [p for p, r in zip(params, rates) if r == g], "lr": g} for g in group_rates]
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
-    elif optimizer == "dp_adambc":  # σ² of DP-SGD's noise on each coordinate of the mean gradient
-        from fl_llm.privacy.dp import AdamBC
+    def run(self) -> dict:
+        import torch
 
-        noise_var = (dp.noise_multiplier * dp.clip / expected) ** 2 if dp is not None else 0.0
-        opt = AdamBC(
-            params,
-            lr=rates,
-            weight_decay=weight_decay,
-            noise_var=noise_var,
-            floor=adambc_floor,
-            state=optimizer_state,
-        )
-    else:
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    anchors = [p.detach().clone() for p in params] if prox_mu else None
-    fix = None
-    if correction is not None:
-        fix = [torch.from_numpy(np.asarray(correction[k], np.float32)).to(p.device, p.dtype) for k, p in named]
-    model.train()
-    if dp is not None:
-        from fl_llm.privacy.dp import poisson_batch
+        from fl_llm.model.adapters import state_key
 
-        batches = [poisson_batch(len(enc), dp.sample_rate, rng) for _ in range(steps)]
-        private = _PrivateGradients(model, params, dp, expected_batch=expected, words=words)
-    else:
-        batches = batch_indices(len(enc), batch_size, steps, rng)
-    losses, dp_stats = [], []
-    tokens, slots = 0, 0
-    use_autocast = autocast and torch.device(device).type == "cuda"
-    # packed steps with the default attention: one flat sequence, attention within each example
-    flat = bool(pack_length) and dp is None and _configured_attention(model) == "sdpa"
-    scope = ExitStack()
-    try:
-        if flat:
-            scope.enter_context(segments(model))
-        for step, idx in enumerate(batches):
-            if deadline is not None and time.monotonic() > deadline:
-                raise RoundDeadline(f"stopped after {step} of {steps} steps: past the round's deadline")
-            if dp is not None:
-                loss, stats = private.step(enc, idx, pad_id, device)
-                dp_stats.append(stats)
-                if prox_mu:  # ∇ (μ/2)‖w − x‖² = μ(w − x): no data in it
-                    for p, a in zip(params, anchors):
-                        p.grad.add_(p.detach() - a, alpha=prox_mu)
-            else:
-                if flat:
-                    batch = flatten(enc, idx)
-                elif pack_length:
-                    batch = pack(enc, idx, pad_id, pack_length)
-                else:
-                    batch = collate(enc, idx, pad_id)
-                slots += batch["input_ids"].size
-                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_autocast):
-                    logits, targets = _forward(model, batch, device)
-                loss = _answer_loss(logits, targets, "mean", words)
-                objective = loss + proximal_term(params, anchors, prox_mu) if prox_mu else loss
-                objective.backward()
-                loss = float(loss.detach())
-            if fix is not None:  # SCAFFOLD: y ← y − η(g − cᵢ + c)
-                for p, f in zip(params, fix):
-                    p.grad.add_(f)
-            if max_grad_norm > 0 and dp is None:  # under DP the per-example clip bounds the step
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            _set_rates(opt, group_rates, rates, warmup_factor(warmup, step))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if loss is not None:  # a DP step's batch may be empty
-                losses.append(loss)
-            tokens += int(sum(len(enc.input_ids[i]) for i in idx))
-            if on_step is not None:
-                on_step(step)
-    finally:
-        scope.close()
+        enc, dp = self.enc, self.dp
+        adapter = getattr(self.model, "active_adapter", "default")
+        named = [(state_key(n, adapter), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        rates = [self.lr if self.head_lr is None or ".lora_" in key else self.head_lr for key, _ in named]
+        # one group per distinct rate (usually one: the same optimizer as before head_lr existed)
+        group_rates = sorted(set(rates), key=rates.index)
+        expected = dp.sample_rate * len(enc) if dp is not None else 0.0  # DP-SGD's expected batch q·N
+        opt = self._make_optimizer(rates, group_rates, expected)
+        self.anchors = [p.detach().clone() for p in self.params] if self.prox_mu else None
+        fix = None
+        if self.correction is not None:
+            fix = [torch.from_numpy(np.asarray(self.correction[k], np.float32)).to(p.device, p.dtype) for k, p in named]
+        self.model.train()
         if dp is not None:
-            private.close()
-    out = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": len(batches)}
-    out.update(tokens=tokens, slots=slots or tokens)
-    if optimizer == "dp_adambc":
-        out["optimizer_state"] = opt.state()
-    if dp is not None:
-        out["dp_steps"] = len(batches)
-        out["dp_mean_batch"] = float(np.mean([s["batch"] for s in dp_stats]))
-        out["dp_clipped_fraction"] = float(np.mean([s["clipped"] for s in dp_stats]))
-        out["dp_grad_norm"] = float(np.mean([s["grad_norm"] for s in dp_stats if s["batch"]] or [0.0]))
-    return out
+            from fl_llm.privacy.dp import poisson_batch
+
+            batches = [poisson_batch(len(enc), dp.sample_rate, self.rng) for _ in range(self.steps)]
+            self.private = _PrivateGradients(self.model, self.params, dp, expected_batch=expected, words=self.words)
+        else:
+            batches = batch_indices(len(enc), self.batch_size, self.steps, self.rng)
+        losses, dp_stats, tokens, self.slots = [], [], 0, 0
+        # packed steps with the default attention: one flat sequence, attention within each example
+        self.flat = bool(self.pack_length) and dp is None and _configured_attention(self.model) == "sdpa"
+        scope = ExitStack()
+        try:
+            if self.flat:
+                scope.enter_context(segments(self.model))
+            for step, idx in enumerate(batches):
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    raise RoundDeadline(f"stopped after {step} of {self.steps} steps: past the round's deadline")
+                loss = self._gradients(idx, dp_stats)
+                if fix is not None:  # SCAFFOLD: y ← y − η(g − cᵢ + c)
+                    for p, f in zip(self.params, fix):
+                        p.grad.add_(f)
+                if self.max_grad_norm > 0 and dp is None:  # under DP the per-example clip bounds the step
+                    torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+                _set_rates(opt, group_rates, rates, warmup_factor(self.warmup, step))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if loss is not None:  # a DP step's batch may be empty
+                    losses.append(loss)
+                tokens += int(sum(len(enc.input_ids[i]) for i in idx))
+                if self.on_step is not None:
+                    self.on_step(step)
+        finally:
+            scope.close()
+            if dp is not None:
+                self.private.close()
+        return self._metrics(losses, len(batches), tokens, opt, dp_stats)
+
+    def _make_optimizer(self, rates: list[float], group_rates: list[float], expected: float):
+        import torch
+
+        groups = [{"params": [p for p, r in zip(self.params, rates) if r == g], "lr": g} for g in group_rates]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "dp_adambc":  # σ² of DP-SGD's noise on each coordinate of the mean gradient
+            from fl_llm.privacy.dp import AdamBC
+
+            dp = self.dp
+            noise_var = (dp.noise_multiplier * dp.clip / expected) ** 2 if dp is not None else 0.0
+            return AdamBC(
+                self.params,
+                lr=rates,
+                weight_decay=self.weight_decay,
+                noise_var=noise_var,
+                floor=self.adambc_floor,
+                state=self.optimizer_state,
+            )
+        return torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _gradients(self, idx, dp_stats: list) -> float | None:
+        """One step's gradients in the parameters' .grad (DP-SGD's clipped and noised ones under
+        `dp`; FedProx's term added); the step's mean loss."""
+        import torch
+
+        from fl_llm.strategies.fedprox import proximal_term
+
+        if self.dp is not None:
+            loss, stats = self.private.step(self.enc, idx, self.pad_id, self.device)
+            dp_stats.append(stats)
+            if self.prox_mu:  # ∇ (μ/2)‖w − x‖² = μ(w − x): no data in it
+                for p, a in zip(self.params, self.anchors):
+                    p.grad.add_(p.detach() - a, alpha=self.prox_mu)
+            return loss
+        if self.flat:
+            batch = flatten(self.enc, idx)
+        elif self.pack_length:
+            batch = pack(self.enc, idx, self.pad_id, self.pack_length)
+        else:
+            batch = collate(self.enc, idx, self.pad_id)
+        self.slots += batch["input_ids"].size
+        device_type = torch.device(self.device).type
+        use_autocast = self.autocast and device_type == "cuda"
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_autocast):
+            logits, targets = _forward(self.model, batch, self.device)
+        loss = _answer_loss(logits, targets, "mean", self.words)
+        objective = loss + proximal_term(self.params, self.anchors, self.prox_mu) if self.prox_mu else loss
+        objective.backward()
+        return float(loss.detach())
+
+    def _metrics(self, losses: list, steps: int, tokens: int, opt, dp_stats: list) -> dict:
+        out = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
+        out.update(tokens=tokens, slots=self.slots or tokens)
+        if self.optimizer == "dp_adambc":
+            out["optimizer_state"] = opt.state()
+        if self.dp is not None:
+            out["dp_steps"] = steps
+            out["dp_mean_batch"] = float(np.mean([s["batch"] for s in dp_stats]))
+            out["dp_clipped_fraction"] = float(np.mean([s["clipped"] for s in dp_stats]))
+            out["dp_grad_norm"] = float(np.mean([s["grad_norm"] for s in dp_stats if s["batch"]] or [0.0]))
+        return out
+
+
+def local_train(model, enc: Encoded, **settings) -> dict:
+    """Train the trainable (adapter) parameters; returns train metrics (settings: `LocalTraining`)."""
+    return LocalTraining(model, enc, **settings).run()
 
 
 def warmup_factor(warmup: tuple[int, int], step: int) -> float:
@@ -345,51 +370,3 @@ class _PrivateGradients:
         self.module.remove_hooks()
         for p in self.params:
             p.grad_sample = None
-
-
-def evaluate(
-    model, enc: Encoded, *, answer_ids: list[int], batch_size: int, device, pad_id, words: list[int] | None = None
-) -> dict:
-    """Answer-token loss (over `words` alone when given, as in training) and the probability of
-    each answer at the end of the prompt.
-
-    Returns `loss_sum`, `tokens` and `probs` (examples x answers, normalised over the answers).
-    """
-    import torch
-
-    model.eval()
-    loss_sum, tokens, probs = 0.0, 0, []
-    with torch.inference_mode():
-        for start in range(0, len(enc), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(enc)))
-            batch = collate(enc, idx, pad_id)
-            logits, targets = _forward(model, batch, device)
-            loss_sum += float(_answer_loss(logits, targets, "sum", words))
-            tokens += int((targets != IGNORE).sum())
-            if "keep" in batch:
-                rows = torch.arange(len(idx), device=logits.device)
-                pos = torch.from_numpy(batch["score_idx"]).to(logits.device)
-                answer_logits = logits[rows, pos][:, answer_ids]
-            else:
-                answer_logits = logits
-            probs.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
-    return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}
-
-
-def example_losses(
-    model, enc: Encoded, idx: np.ndarray, *, batch_size: int, device, pad_id, words: list[int] | None = None
-) -> np.ndarray:
-    """Mean answer-token NLL of each example in `idx` (the membership audit's raw material), with
-    the loss the run trained on (`words`: the verbalizer loss)."""
-    import torch
-
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(idx), batch_size):
-            rows = idx[start : start + batch_size]
-            logits, targets = _forward(model, collate(enc, rows, pad_id), device)
-            nll = _answer_loss(logits, targets, "none", words)
-            counts = (targets != IGNORE).sum(-1).clamp(min=1) if targets.dim() > 1 else 1
-            out.append((nll.sum(-1) / counts if targets.dim() > 1 else nll).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
