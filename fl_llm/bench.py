@@ -278,6 +278,18 @@ def peak_flops(peak_tflops: float | None, hw: dict) -> float | None:
     return next((v * 1e12 for k, v in KNOWN_PEAK_TFLOPS.items() if k in gpu), None)
 
 
+def _variant(name, model, tokenizer, cfg, enc, pack_length, steps, warmup, baseline_batch, rows) -> dict:
+    """One step measurement: fl_llm's loop (packed, or padded at the padded baseline's batch) or
+    the baseline's (packed rows at the platforms' batch, or padded)."""
+    if name == "fl_llm_packed":
+        return fl_llm_step(model, tokenizer, cfg, enc, pack_length, steps, warmup, cfg.client.batch_size)
+    if name == "fl_llm_padded":
+        return fl_llm_step(model, tokenizer, cfg, enc, 0, steps, warmup, baseline_batch)
+    mode, batch = ("packed", cfg.client.batch_size) if name == "baseline_packed" else ("padded", baseline_batch)
+    kw = {"batch": batch, "rows": rows, "pack_length": pack_length, "steps": steps, "warmup": warmup}
+    return baseline_step(model, tokenizer, enc, mode, **kw)
+
+
 def bench(
     cfg,
     *,
@@ -334,26 +346,7 @@ def bench(
             use_client_settings(model, cfg)
             switched = True
         try:
-            if name.startswith("fl_llm"):
-                if name == "fl_llm_packed":
-                    row = fl_llm_step(model, tokenizer, cfg, enc, pack_length, steps, warmup, cfg.client.batch_size)
-                else:  # padded: the padded baseline's batch
-                    row = fl_llm_step(model, tokenizer, cfg, enc, 0, steps, warmup, baseline_batch)
-            else:
-                mode, batch = (
-                    ("packed", cfg.client.batch_size) if name == "baseline_packed" else ("padded", baseline_batch)
-                )
-                row = baseline_step(
-                    model,
-                    tokenizer,
-                    enc,
-                    mode,
-                    batch=batch,
-                    rows=rows,
-                    pack_length=pack_length,
-                    steps=steps,
-                    warmup=warmup,
-                )
+            row = _variant(name, model, tokenizer, cfg, enc, pack_length, steps, warmup, baseline_batch, rows)
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             row = {"oom": True}

@@ -89,6 +89,34 @@ class LocalBackend(_Backend):
         self.platforms = []
 
 
+def _init_ray(cfg: RunConfig) -> None:
+    """Start or join Ray as `ray.address` says. Unset means a fresh private instance on this
+    machine, reachable from it alone — never a cluster someone else started here (which
+    `ray.init()` would join). Inside a submitted job Ray sets RAY_ADDRESS to the job's cluster."""
+    import ray
+
+    address = cfg.ray.address
+    check_address(address)
+    in_job = bool(os.environ.get("RAY_ADDRESS"))
+    local = address is None and not in_job
+    try:
+        with loopback_only(local):
+            ray.init(
+                address="local" if local else address,
+                num_cpus=cfg.ray.num_cpus if local else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="WARNING",
+                **({"_node_ip_address": LOOPBACK} if local else {}),
+                # a submitted job brings its own runtime env (working dir, env vars): merging
+                # ours into it is refused by Ray, so only a local instance gets one
+                **({"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}} if local else {}),
+            )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = "a private local Ray instance" if local else f"ray.address {address!r}"
+        raise UserError(f"{where}: Ray did not start or connect ({_first_line(e)})") from None
+
+
 class RayBackend(_Backend):
     """One long-lived Ray actor per platform; the base model stays resident in each."""
 
@@ -99,30 +127,8 @@ class RayBackend(_Backend):
 
         self._ray = ray
         self._started_here = False
-        address = cfg.ray.address
         if not ray.is_initialized():
-            check_address(address)
-            # Unset means a fresh private instance on this machine, reachable from it alone —
-            # never a cluster someone else started here (which `ray.init()` would join). Inside a
-            # submitted job Ray sets RAY_ADDRESS to the job's cluster.
-            in_job = bool(os.environ.get("RAY_ADDRESS"))
-            local = address is None and not in_job
-            try:
-                with loopback_only(local):
-                    ray.init(
-                        address="local" if local else address,
-                        num_cpus=cfg.ray.num_cpus if local else None,
-                        include_dashboard=False,
-                        log_to_driver=False,
-                        logging_level="WARNING",
-                        **({"_node_ip_address": LOOPBACK} if local else {}),
-                        # a submitted job brings its own runtime env (working dir, env vars): merging
-                        # ours into it is refused by Ray, so only a local instance gets one
-                        **({"runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}} if local else {}),
-                    )
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                where = "a private local Ray instance" if local else f"ray.address {address!r}"
-                raise UserError(f"{where}: Ray did not start or connect ({_first_line(e)})") from None
+            _init_ray(cfg)
             self._started_here = True
         n = cfg.data.num_platforms
         k = cfg.ray.platforms_per_gpu

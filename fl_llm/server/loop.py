@@ -39,9 +39,8 @@ from fl_llm.server.records import (
     attempt_record,
     causes_line,
     excluded_message,
-    round_record,
+    round_entry,
     run_summary,
-    strategy_metrics,
     too_few_message,
 )
 from fl_llm.server.setup import (  # noqa: F401 - RunFailed, SETUP_TIMEOUT_S, with_state_dir: for callers
@@ -281,7 +280,7 @@ def _record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: C
     metrics line, in that order."""
     cfg, t = r.cfg, time.monotonic()
     r.writer.wait()  # the previous round's files first: a slow disk is the driver's time
-    record = _round_record(r, fed, rs, result, dp_stats, evals)
+    record = round_entry(r, fed, rs, result, dp_stats, evals)
     in_run = fed.failures.active(r.everyone)
     if not r.strategy.one_global_model:  # FedSA: each platform writes its own adapter
         r.backend.call(
@@ -316,34 +315,6 @@ def _record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: C
     if fed.privacy.ledger is not None:
         write_json(r.rd.path / "privacy.json", fed.privacy.ledger.report())
     r.progress.round_line(record, cfg.server.rounds)
-
-
-def _round_record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: Collected) -> dict:
-    """The round's line of metrics.jsonl (aggregate numbers only)."""
-    names = r.names
-    record = round_record(
-        rs.rnd,
-        r.primary,
-        names,
-        rs.cohort,
-        rs.trained,
-        rs.accepted,
-        rs.rejected,
-        evals,
-        fed.downlink,
-        fed.privacy.level,
-    )
-    record.update(
-        restarted=[names[i] for i in rs.restarted],
-        excluded={names[i]: why for i, why in rs.excluded.items()},
-        active=[names[i] for i in fed.failures.active(r.everyone)],
-        attempts=rs.attempts,
-    )
-    record.update(strategy_metrics(result.metrics, rs.accepted, names))
-    record.update(dp_stats)
-    r.uplink.record(record, rs.trained, names, r.progress)
-    fed.privacy.metrics(record)
-    return record
 
 
 # --- the end ----------------------------------------------------------------------------------

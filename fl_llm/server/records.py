@@ -180,3 +180,32 @@ def strategy_metrics(metrics: dict, accepted: list[int], names: dict) -> dict:
     if "krum_kept" in metrics:
         out["krum_kept"] = [names[accepted[j]] for j in metrics["krum_kept"]]
     return out
+
+
+def round_entry(r, fed, rs, result, dp_stats: dict, evals) -> dict:
+    """The round's line of metrics.jsonl (aggregate numbers only), from the run `r`, the driver's
+    state `fed`, the round's bookkeeping `rs`, the strategy's result and the evaluations."""
+    names = r.names
+    record = round_record(
+        rs.rnd,
+        r.primary,
+        names,
+        rs.cohort,
+        rs.trained,
+        rs.accepted,
+        rs.rejected,
+        evals,
+        fed.downlink,
+        fed.privacy.level,
+    )
+    record.update(
+        restarted=[names[i] for i in rs.restarted],
+        excluded={names[i]: why for i, why in rs.excluded.items()},
+        active=[names[i] for i in fed.failures.active(r.everyone)],
+        attempts=rs.attempts,
+    )
+    record.update(strategy_metrics(result.metrics, rs.accepted, names))
+    record.update(dp_stats)
+    r.uplink.record(record, rs.trained, names, r.progress)
+    fed.privacy.metrics(record)
+    return record
