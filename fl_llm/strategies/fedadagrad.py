@@ -54,3 +54,13 @@ FEDADAGRAD = ServerOptimizer(
 STRATEGY = Strategy(
     "fedadagrad", "Reddi et al., Adaptive Federated Optimization, ICLR 2021", "Adagrad on Δ at the server", FEDADAGRAD
 )
+
+
+def adam_like(name: str, apply, default_lr: float) -> ServerOptimizer:
+    """A server optimizer with FedAdam's hyper-parameters (η, β₁, β₂, τ) around `apply`."""
+    return ServerOptimizer(
+        name,
+        ("server_lr", "beta1", "beta2", "tau"),
+        default_lr,
+        lambda x, d, s, p, lr: apply(x, d, s, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau),
+    )

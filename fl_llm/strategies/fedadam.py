@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import ServerOptimizer, Strategy
-from fl_llm.strategies.fedadagrad import adaptive_apply, first_moment, initial_v
+from fl_llm.strategies.base import Strategy
+from fl_llm.strategies.fedadagrad import adam_like, adaptive_apply, first_moment, initial_v
 
 
 def fedadam_apply(x, delta, state, *, lr: float, beta1: float, beta2: float, tau: float):
@@ -24,12 +24,7 @@ def fedadam_apply(x, delta, state, *, lr: float, beta1: float, beta2: float, tau
     return adaptive_apply(x, m, v, lr=lr, tau=tau), {**state, "m": m, "v": v}
 
 
-FEDADAM = ServerOptimizer(
-    "fedadam",
-    ("server_lr", "beta1", "beta2", "tau"),
-    0.01,
-    lambda x, d, s, p, lr: fedadam_apply(x, d, s, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau),
-)
+FEDADAM = adam_like("fedadam", fedadam_apply, 0.01)
 
 STRATEGY = Strategy(
     "fedadam", "Reddi et al., Adaptive Federated Optimization, ICLR 2021", "Adam on Δ at the server", FEDADAM

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fl_llm.strategies.base import ServerOptimizer, Strategy, StrategyState
-from fl_llm.strategies.fedadagrad import first_moment
+from fl_llm.strategies.base import Strategy, StrategyState
+from fl_llm.strategies.fedadagrad import adam_like, first_moment
 from fl_llm.tensors import AdapterState
 
 
@@ -36,12 +36,7 @@ def fedams_apply(x: AdapterState, delta: AdapterState, state: StrategyState, *, 
     return new, {**state, "m": m, "v": v, "vhat": vhat}
 
 
-FEDAMS = ServerOptimizer(
-    "fedams",
-    ("server_lr", "beta1", "beta2", "tau"),
-    0.01,
-    lambda x, d, s, p, lr: fedams_apply(x, d, s, lr=lr, beta1=p.beta1, beta2=p.beta2, tau=p.tau),
-)
+FEDAMS = adam_like("fedams", fedams_apply, 0.01)
 
 STRATEGY = Strategy(
     "fedams",
