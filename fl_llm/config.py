@@ -3,8 +3,8 @@
 Every option a user can set lives here, with its type, its allowed range and a line of help
 (`fl-llm run --help` prints them all). Loading never half-succeeds: an unknown key or a bad value
 raises `UserError` naming the dotted key and what is allowed, before anything runs. The schema is
-here and in `config_sections.py` (the operational sections); loading, overrides and the encoder
-recipe are in `config_load.py`, whose functions this module re-exports (`fl_llm.config.load`).
+here and in `config_sections.py` (the operational sections); loading (validated by pydantic),
+overrides and the encoder recipe are in `config_load.py`, whose functions this module re-exports (`fl_llm.config.load`).
 """
 
 from __future__ import annotations
@@ -26,22 +26,22 @@ from fl_llm.config_sections import (
 
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = opt(128, "width of the built-in tiny Llama", min=8)
-    num_layers: int = opt(2, "transformer blocks", min=1)
-    num_heads: int = opt(4, "attention heads (must divide hidden_size)", min=1)
-    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention (null = num_heads)", min=1)
-    intermediate_size: int = opt(256, "MLP width", min=8)
+    hidden_size: int = opt(128, "width of the built-in tiny Llama", ge=8)
+    num_layers: int = opt(2, "transformer blocks", ge=1)
+    num_heads: int = opt(4, "attention heads (must divide hidden_size)", ge=1)
+    num_kv_heads: int | None = opt(None, "key/value heads for grouped-query attention (null = num_heads)", ge=1)
+    intermediate_size: int = opt(256, "MLP width", ge=8)
     vocab_size: int | None = opt(
-        None, "embedding rows (null = the built-in tokenizer's 8192; more only adds unused rows)", min=8192
+        None, "embedding rows (null = the built-in tokenizer's 8192; more only adds unused rows)", ge=8192
     )
-    max_positions: int = opt(512, "longest sequence the model accepts", min=16)
+    max_positions: int = opt(512, "longest sequence the model accepts", ge=16)
 
 
 @dataclass
 class LoraSettings:
-    r: int = opt(8, "LoRA rank", min=1)
+    r: int = opt(8, "LoRA rank", ge=1)
     alpha: float = opt(16.0, "LoRA scaling numerator: scale = alpha / r", gt=0)
-    dropout: float = opt(0.0, "dropout on the LoRA input", min=0, max=1)
+    dropout: float = opt(0.0, "dropout on the LoRA input", ge=0, le=1)
     target_modules: list[str] = opt(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "module names (or ['all-linear']) that get adapters",
@@ -66,7 +66,7 @@ class ModelConfig:
         "4bit: QLoRA — the frozen base loaded in 4-bit NF4 (bitsandbytes, double quantization, bf16 compute); "
         "needs a CUDA GPU, the bitsandbytes package and a model directory or hub id",
     )
-    max_length: int = opt(256, "longest tokenized example; longer prompts are cut from the left", min=8)
+    max_length: int = opt(256, "longest tokenized example; longer prompts are cut from the left", ge=8)
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = opt(
         "sdpa",
         "attention kernel: sdpa (PyTorch's), eager, flex_attention (GPU: skips the blocks a packed row's "
@@ -86,14 +86,14 @@ class SyntheticConfig:
     train_examples: list[int] = opt(
         [600, 400, 250], "training examples per platform (one number per platform, or one for all)"
     )
-    eval_examples: int = opt(300, "held-out evaluation examples per platform", min=10)
-    history_liked: int = opt(3, "liked items shown per prompt", min=1, max=20)
-    history_disliked: int = opt(2, "disliked items shown per prompt", min=0, max=20)
+    eval_examples: int = opt(300, "held-out evaluation examples per platform", ge=10)
+    history_liked: int = opt(3, "liked items shown per prompt", ge=1, le=20)
+    history_disliked: int = opt(2, "disliked items shown per prompt", ge=0, le=20)
     world_seed: int | None = opt(
         None,
         "seed of the synthetic world (catalog, platforms' customers); null = the run seed. Another value "
         "keeps the model's init and draws other data: e.g. public data for a warm start (model.init_adapter)",
-        min=0,
+        ge=0,
     )
 
 
@@ -108,7 +108,7 @@ class FilesConfig:
         "share of each platform's rows held out for evaluation, drawn at random (seeded by seed and platform) "
         "when eval_paths is empty",
         gt=0,
-        max=0.9,
+        le=0.9,
     )
     split_by: str | None = opt(None, "column whose values are the platforms (one file for everyone)")
     split_values: list[str] = opt([], "which values of split_by become platforms, in order (empty: all, sorted)")
@@ -119,7 +119,7 @@ class FilesConfig:
         None,
         "keep a random sample (seeded) of at most this many training rows per platform, and of held-out rows "
         "in proportion to eval_fraction",
-        min=1,
+        ge=1,
     )
     sheet: str | None = opt(None, "Excel workbooks (.xlsx): the sheet to read (null: the first)")
     drop_missing: bool = opt(False, "skip rows with an empty needed value instead of stopping")
@@ -132,7 +132,7 @@ class PartitionConfig:
     )
     alpha: float = opt(0.3, "Dirichlet concentration for dirichlet and size_skew (small = skewed)", gt=0)
     by: str = opt("label", "dirichlet: skew the label, or this column's values")
-    min_size: int = opt(20, "fewest training rows any platform may get", min=1)
+    min_size: int = opt(20, "fewest training rows any platform may get", ge=1)
 
 
 @dataclass
@@ -141,7 +141,7 @@ class DataConfig:
     template: str | None = opt(None, "prompt template with {field} slots (null: the task's own)")
     verbalizer: list[str] = opt([], "answer text per label, e.g. [' No', ' Yes'] (empty: the task's own)")
     source: Literal["synthetic", "files"] = opt("synthetic", "where each platform's data comes from")
-    num_platforms: int = opt(3, "number of platforms (companies) in the federation", min=1)
+    num_platforms: int = opt(3, "number of platforms (companies) in the federation", ge=1)
     synthetic: SyntheticConfig = section(SyntheticConfig, "the seeded synthetic e-commerce world")
     files: FilesConfig = section(FilesConfig, "your own data files (data.source=files)")
     partition: PartitionConfig = section(PartitionConfig, "how pooled rows are split into platforms")
@@ -149,8 +149,8 @@ class DataConfig:
 
 @dataclass
 class ClientConfig:
-    local_steps: int = opt(20, "optimizer steps each platform takes per round", min=1)
-    batch_size: int = opt(16, "examples per local step", min=1)
+    local_steps: int = opt(20, "optimizer steps each platform takes per round", ge=1)
+    batch_size: int = opt(16, "examples per local step", ge=1)
     lr: float = opt(2e-3, "AdamW learning rate on the platform", gt=0)
     head_lr: float | None = opt(
         None,
@@ -159,7 +159,7 @@ class ClientConfig:
         gt=0,
     )
     warmup_steps: int = opt(
-        0, "linear learning-rate warm-up over the run's first N local steps, counted across rounds (0: none)", min=0
+        0, "linear learning-rate warm-up over the run's first N local steps, counted across rounds (0: none)", ge=0
     )
     lr_schedule: Literal["constant", "cosine"] = opt(
         "cosine", "learning rate over the rounds: constant, or cosine decay from lr to lr/10 at the last round"
@@ -181,16 +181,16 @@ class ClientConfig:
     adambc_floor: float = opt(
         0.3, "dp_adambc: the smallest denominator, as a fraction κ of the noise std (1 = AdamW's there)", gt=0
     )
-    weight_decay: float = opt(0.0, "AdamW weight decay", min=0)
-    max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", min=0)
-    eval_batch_size: int = opt(64, "examples per evaluation forward pass", min=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping per step (0 = off)", ge=0)
+    eval_batch_size: int = opt(64, "examples per evaluation forward pass", ge=1)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "'auto' uses a GPU when the actor has one")
     pack_length: int = opt(
         0,
         "pack each step's examples instead of padding them, no attention across examples (0 = pad to the "
         "batch's longest): one flat sequence with the default sdpa attention, rows of this many tokens with "
         "other attention implementations; at least model.max_length",
-        min=0,
+        ge=0,
     )
     gradient_checkpointing: bool = opt(
         False, "recompute activations in the backward pass: less memory, ~30% more compute"
@@ -211,16 +211,16 @@ class ClientConfig:
 
 @dataclass
 class ServerConfig:
-    rounds: int = opt(20, "federated rounds", min=1)
-    platforms_per_round: int = opt(0, "platforms sampled per round (0 = all)", min=0)
-    min_platforms: int = opt(1, "fewest valid updates that make a round (see too_few)", min=1)
+    rounds: int = opt(20, "federated rounds", ge=1)
+    platforms_per_round: int = opt(0, "platforms sampled per round (0 = all)", ge=0)
+    min_platforms: int = opt(1, "fewest valid updates that make a round (see too_few)", ge=1)
     too_few: Literal["retry", "stop"] = opt(
         "retry", "fewer than min_platforms valid updates: retry the round (round_retries times, then stop) or stop"
     )
-    round_retries: int = opt(2, "extra attempts at a round that got too few updates", min=0)
+    round_retries: int = opt(2, "extra attempts at a round that got too few updates", ge=0)
     round_timeout_s: float = opt(600.0, "updates not in by then are left out of the round", gt=0)
     max_failures: int = opt(
-        3, "a platform that fails (crash, error, late, rejected update) this many rounds in a row is excluded", min=1
+        3, "a platform that fails (crash, error, late, rejected update) this many rounds in a row is excluded", ge=1
     )
     outlier_factor: float | None = opt(
         10.0,
@@ -240,28 +240,26 @@ class StrategyConfig:
     server_lr: float | None = opt(
         None, "server learning rate η (null = the strategy's default: 1 FedAvg-like, 0.1 adagrad, 0.01 adam/yogi)", gt=0
     )
-    momentum: float = opt(0.9, "fedavgm: server momentum β", min=0, max=1)
-    beta1: float = opt(
-        0.9, "adaptive server optimizers (fedadagrad, fedadam, ...): first-moment decay β₁", min=0, max=1
-    )
+    momentum: float = opt(0.9, "fedavgm: server momentum β", ge=0, le=1)
+    beta1: float = opt(0.9, "adaptive server optimizers (fedadagrad, fedadam, ...): first-moment decay β₁", ge=0, le=1)
     beta2: float = opt(
-        0.99, "adaptive server optimizers with a decaying second moment (fedadam, ...): its decay β₂", min=0, max=1
+        0.99, "adaptive server optimizers with a decaying second moment (fedadam, ...): its decay β₂", ge=0, le=1
     )
     tau: float = opt(1e-3, "adaptive server optimizers: adaptivity τ, the floor of the step's denominator", gt=0)
-    mu: float = opt(0.01, "fedprox: proximal weight μ (0 = FedAvg)", min=0)
+    mu: float = opt(0.01, "fedprox: proximal weight μ (0 = FedAvg)", ge=0)
     robust: Literal["none", "norm_bound", "median", "trimmed_mean", "krum"] = opt(
         "none", "how updates are combined before the server step: weighted mean, or a robust rule"
     )
     clip_norm: float = opt(1.0, "norm_bound: largest L2 norm an update keeps", gt=0)
-    trim_fraction: float = opt(0.1, "trimmed_mean: fraction dropped at each end per coordinate", min=0, max=0.49)
-    krum_byzantine: int = opt(1, "krum: number f of bad updates to tolerate (needs cohort > 2f + 2)", min=0)
-    krum_select: int = opt(0, "krum: m updates averaged (1 = Krum, 0 = cohort - f: Multi-Krum)", min=0)
+    trim_fraction: float = opt(0.1, "trimmed_mean: fraction dropped at each end per coordinate", ge=0, le=0.49)
+    krum_byzantine: int = opt(1, "krum: number f of bad updates to tolerate (needs cohort > 2f + 2)", ge=0)
+    krum_select: int = opt(0, "krum: m updates averaged (1 = Krum, 0 = cohort - f: Multi-Krum)", ge=0)
 
 
 @dataclass
 class RunConfig:
     name: str = opt("default", "run name; the run dir is <output_dir or runs/<name>-<timestamp>>")
-    seed: int = opt(0, "seed of every random draw (data, model init, sampling)", min=0)
+    seed: int = opt(0, "seed of every random draw (data, model init, sampling)", ge=0)
     output_dir: str | None = opt(None, "run directory (null = runs/<name>-<timestamp>)")
     backend: Literal["ray", "local"] = opt("ray", "'ray' (one actor per platform) or 'local' (in-process)")
     model: ModelConfig = section(ModelConfig, "base model and LoRA")

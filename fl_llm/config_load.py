@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import functools
 import types
 import typing
 from pathlib import Path
@@ -47,100 +47,88 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _hint(tp: Any, part: str | int) -> Any:
+    """The type one step down from `tp`: a dataclass's field, a list's item, a mapping's value."""
+    tp = _optional(tp)
+    if dataclasses.is_dataclass(tp):
+        return typing.get_type_hints(tp).get(part)
+    args = typing.get_args(tp)
+    return args[-1] if args else None
+
+
+def _optional(tp: Any) -> Any:
+    """X for `X | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else tp
+    return tp
+
+
+def _prepare(value: Any, tp: Any, key: str) -> Any:
+    """What pydantic's lax mode would read too freely, refused (a bool from "yes" or 1, a number
+    from true, an integer from "4"); a scalar where a list goes, wrapped; mapping keys as text."""
+    tp = _optional(tp) if value is not None else tp
     origin = typing.get_origin(tp)
-    bad = UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise bad
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except UserError:
-                pass
-        raise bad
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        _, val_tp = typing.get_args(tp)
-        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp) and value is None:  # an empty section (`client:`): its defaults
+        return {}
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        return {k: _prepare(v, hints[k], f"{key}.{k}".lstrip(".")) if k in hints else v for k, v in value.items()}
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]
-        if dataclasses.is_dataclass(item_tp):
-            return [_build(item_tp, v, f"{key}[{i}].") for i, v in enumerate(items)]
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(items)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        if not math.isfinite(value):  # .nan / .inf parse as YAML floats; no setting means them
-            raise UserError(f"config key '{key}' must be a finite number, got {value}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise TypeError(f"unsupported config type {tp} at {key}")
+        return [_prepare(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(items)]
+    if origin is dict and isinstance(value, dict):
+        return {str(k): _prepare(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    loose = (tp is bool and not isinstance(value, bool)) or (tp in (int, float) and isinstance(value, bool))
+    if loose or (tp is int and isinstance(value, str)):
+        raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    return value
 
 
-def _check_rules(value: Any, meta: dict, key: str) -> None:
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if v is None or isinstance(v, str) or dataclasses.is_dataclass(v):
-            continue
-        if "min" in meta and v < meta["min"]:
-            raise UserError(f"config key '{key}' must be >= {meta['min']}, got {v!r}")
-        if "max" in meta and v > meta["max"]:
-            raise UserError(f"config key '{key}' must be <= {meta['max']}, got {v!r}")
-        if "gt" in meta and v <= meta["gt"]:
-            raise UserError(f"config key '{key}' must be > {meta['gt']}, got {v!r}")
+def _user_error(error: dict) -> UserError:
+    """One pydantic error as fl_llm says it: the dotted key, what it accepts, what it got."""
+    loc, tp, key = error["loc"], _run_config(), ""
+    for part in loc[:-1] if error["type"] == "unexpected_keyword_argument" else loc:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}"
+        tp = _hint(tp, part)
+    key, got = key.lstrip("."), error.get("input")
+    if error["type"] == "unexpected_keyword_argument":
+        where = f"under '{key}'" if key else "at the top level"
+        valid = ", ".join(f.name for f in dataclasses.fields(_optional(tp)))
+        return UserError(f"unknown config key '{key + '.' if key else ''}{loc[-1]}'; valid keys {where}: {valid}")
+    if error["type"] == "finite_number":  # .nan / .inf parse as YAML floats; no setting means them
+        return UserError(f"config key '{key}' must be a finite number, got {got}")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than_equal": "<=", "less_than": "<"}
+    if error["type"] in bounds:  # the rules declared with `opt` (gt, ge, le)
+        (limit,) = error["ctx"].values()
+        return UserError(f"config key '{key}' must be {bounds[error['type']]} {limit:g}, got {got!r}")
+    return UserError(f"config key '{key}' must be {_type_name(tp)}, got {got!r}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"under '{prefix.rstrip('.')}'" if prefix else "at the top level"
-        raise UserError(f"unknown config key '{prefix}{unknown[0]}'; valid keys {where}: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = prefix + name
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], data.get(name), key + ".")
-        elif name in data:
-            value = _coerce(data[name], hints[name], key)
-            _check_rules(value, f.metadata, key)
-            kwargs[name] = value
-    return cls(**kwargs)
+@functools.cache
+def _validator():
+    """pydantic's validator of `RunConfig`: unknown keys refused, NaN and infinities too."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    def mark(cls: type) -> None:
+        cls.__pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+        for tp in typing.get_type_hints(cls).values():
+            inner = _hint(tp, 0) if typing.get_origin(_optional(tp)) is list else _optional(tp)
+            if dataclasses.is_dataclass(inner):
+                mark(inner)
+
+    mark(_run_config())
+    return TypeAdapter(_run_config())
+
+
+def _build(data: Any) -> Any:
+    """`RunConfig` from a mapping, validated by pydantic: the types, and the rules declared with `opt`."""
+    from pydantic import ValidationError
+
+    try:
+        return _validator().validate_python(_prepare(data, _run_config(), ""))
+    except ValidationError as e:
+        raise _user_error(e.errors()[0]) from None
 
 
 # The encoder recipe: with model.kind=seq_cls, these replace the defaults of the keys a config does
@@ -200,7 +188,7 @@ def recipe_line(cfg: RunConfig) -> str:
 def from_dict(data: dict) -> RunConfig:
     from fl_llm.config_checks import check_cross_fields  # needs the registries; they need this module
 
-    cfg = _build(_run_config(), with_recipe(data), "")
+    cfg = _build(with_recipe(data))
     check_cross_fields(cfg)
     return cfg
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 
 def opt(default: Any, help: str, **rules: Any) -> Any:
-    """A config field: default, one line of help, and optional rules (min, max, gt, choices)."""
+    """A config field: default, one line of help, and optional bounds (ge, le, gt) pydantic enforces."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
@@ -22,7 +22,7 @@ def section(cls: type, help: str) -> Any:
 
 @dataclass
 class PlatformPlacement:
-    platform: int = opt(0, "platform index", min=0)
+    platform: int = opt(0, "platform index", ge=0)
     resources: dict[str, float] = opt(
         {}, "custom Ray resources its actor needs, e.g. {fashion-node: 1} for a node started with that resource"
     )
@@ -32,12 +32,12 @@ class PlatformPlacement:
 @dataclass
 class RayConfig:
     address: str | None = opt(None, "null starts a local Ray instance; 'auto' or 'ray://host:port' joins a cluster")
-    num_cpus: int | None = opt(None, "CPUs of the local instance (null = all of this machine)", min=1)
+    num_cpus: int | None = opt(None, "CPUs of the local instance (null = all of this machine)", ge=1)
     cpus_per_platform: float | None = opt(
         None, "CPUs reserved per platform actor (null = share the cluster's CPUs evenly, at most 1)", gt=0
     )
     gpus_per_platform: float | None = opt(
-        None, "GPUs per platform actor (null = share the cluster's GPUs evenly, 0 if it has none)", min=0
+        None, "GPUs per platform actor (null = share the cluster's GPUs evenly, 0 if it has none)", ge=0
     )
     placement: list[PlatformPlacement] = opt(
         [],
@@ -48,7 +48,7 @@ class RayConfig:
         1,
         "platforms per host actor, which holds the base model once (one GPU each where there are GPUs) and "
         "trains its platforms' own adapters in turn; 1 = one actor per platform",
-        min=1,
+        ge=1,
     )
 
 
@@ -60,31 +60,31 @@ class CompressionConfig:
         "with a scale per 256 values, topk with error feedback; under secure aggregation int8/int4 narrow the "
         "masked ring instead (16 / 8 bits per value)",
     )
-    topk_fraction: float = opt(0.01, "topk: share of the values sent each round (the rest carries over)", gt=0, max=1)
+    topk_fraction: float = opt(0.01, "topk: share of the values sent each round (the rest carries over)", gt=0, le=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(1, "write a full-state checkpoint every this many rounds (0 = never)", min=0)
-    keep: int = opt(2, "how many of the newest checkpoints to keep", min=1)
+    every: int = opt(1, "write a full-state checkpoint every this many rounds (0 = never)", ge=0)
+    keep: int = opt(2, "how many of the newest checkpoints to keep", ge=1)
 
 
 @dataclass
 class PlatformRound:
-    platform: int = opt(0, "platform index", min=0)
-    round: int = opt(1, "round in which the fault strikes (mid-training)", min=1)
+    platform: int = opt(0, "platform index", ge=0)
+    round: int = opt(1, "round in which the fault strikes (mid-training)", ge=1)
 
 
 @dataclass
 class DelayFault:
-    platform: int = opt(0, "platform index", min=0)
-    seconds: float = opt(1.0, "how long it sleeps before training", min=0)
+    platform: int = opt(0, "platform index", ge=0)
+    seconds: float = opt(1.0, "how long it sleeps before training", ge=0)
     rounds: list[int] = opt([], "rounds in which it sleeps (empty = every round)")
 
 
 @dataclass
 class CorruptFault:
-    platform: int = opt(0, "platform index", min=0)
+    platform: int = opt(0, "platform index", ge=0)
     rounds: list[int] = opt([], "rounds in which its update is corrupted (empty = every round)")
     kind: Literal["nan", "inf", "shape", "keys", "scale", "noise"] = opt(
         "nan",
@@ -113,11 +113,11 @@ class DpConfig:
         "client: DP-FedAvg on the driver (protects each platform's whole data set)",
     )
     noise_multiplier: float | None = opt(
-        None, "noise std / clip norm, z (null = calibrated from privacy.target_epsilon before training)", min=0
+        None, "noise std / clip norm, z (null = calibrated from privacy.target_epsilon before training)", ge=0
     )
     clip_norm: float = opt(1.0, "record: per-example gradient norm bound C; client: update norm bound C", gt=0)
     adaptive_clip: bool = opt(False, "client: adapt C toward a quantile of the update norms (Andrew et al. 2021)")
-    target_quantile: float = opt(0.5, "adaptive_clip: the quantile γ of update norms C tracks", gt=0, max=1)
+    target_quantile: float = opt(0.5, "adaptive_clip: the quantile γ of update norms C tracks", gt=0, le=1)
     clip_lr: float = opt(0.2, "adaptive_clip: geometric step η_C", gt=0)
     accountant: Literal["pld", "rdp"] = opt("pld", "primary accountant (the other one is reported as a cross-check)")
     secure_rng: bool = opt(
@@ -136,14 +136,14 @@ class SecAggConfig:
         None,
         "t of the t-of-n secret sharing: the sum is recovered while at least t platforms of the round "
         "survive, and fewer than t colluding parties learn nothing (null: a majority of the round, at least 2)",
-        min=2,
+        ge=2,
     )
     max_clipped: float = opt(
         0.01,
         "a platform refuses to send an update with a larger share of values beyond ±clip_range (or any NaN/Inf): "
         "it fails the round instead of corrupting the sum",
         gt=0,
-        max=1,
+        le=1,
     )
     clip_range: float = opt(
         0.1,
@@ -162,7 +162,7 @@ class PrivacyConfig:
         "privacy budget ε: calibrates the noise (dp.noise_multiplier null) or stops the run before it is passed",
         gt=0,
     )
-    delta: float = opt(1e-5, "δ of the (ε, δ) guarantee (well below 1 / number of records)", gt=0, max=0.1)
+    delta: float = opt(1e-5, "δ of the (ε, δ) guarantee (well below 1 / number of records)", gt=0, le=0.1)
 
 
 @dataclass
