@@ -26,5 +26,7 @@ def test_the_pinned_jobs_give_the_recorded_results():
         cwd=REPO,
         timeout=1800,
     )
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip())  # recorded on other hardware: bit-exact floats do not carry
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert set(json.loads(PINNED.read_text())) == {"default", "scaffold", "fedex", "fedsa", "secagg_int8"}
+    assert set(json.loads(PINNED.read_text())) == {"machine", "default", "scaffold", "fedex", "fedsa", "secagg_int8"}
