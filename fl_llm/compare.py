@@ -138,9 +138,7 @@ def _compare_one(
         central = init
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
-            trained = backend.call_each({i: (local[i], rnd) for i in ids}, PlatformAPI.train, timeout_s=timeout).results
-            local = {i: _apply(cfg, i, local[i], _update(trained[i])) if i in trained else local[i] for i in ids}
-            backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)  # each keeps its own state
+            local = _local_round(cfg, backend, local, rnd)
             ev = backend.call_each({i: (local[i],) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
@@ -215,14 +213,20 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
 def _personalise(cfg: RunConfig, backend, federated: dict, rounds: int, progress: Progress) -> dict:
     """Each platform's model after `rounds` local rounds from the federated one: rounds 1..P of the
     schedule, as a fresh local run starts (the warm-up again, then the peak learning rate)."""
-    ids, timeout = list(range(cfg.data.num_platforms)), cfg.server.round_timeout_s
-    states = {i: federated for i in ids}
+    states = {i: federated for i in range(cfg.data.num_platforms)}
     for rnd in range(1, rounds + 1):
         progress.phase(f"personalised: local round {rnd}/{rounds} from the federated model")
-        trained = backend.call_each({i: (states[i], rnd) for i in ids}, PlatformAPI.train, timeout_s=timeout).results
-        states = {i: _apply(cfg, i, states[i], _update(trained[i])) if i in trained else states[i] for i in ids}
-        backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)
+        states = _local_round(cfg, backend, states, rnd)
     return states
+
+
+def _local_round(cfg: RunConfig, backend, states: dict[int, dict], rnd: int) -> dict[int, dict]:
+    """One local round of round `rnd`'s schedule on every platform, each from its own state; a
+    platform that did not answer keeps its state. Each commits what it keeps between rounds."""
+    timeout = cfg.server.round_timeout_s
+    trained = backend.call_each({i: (s, rnd) for i, s in states.items()}, PlatformAPI.train, timeout_s=timeout).results
+    backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)
+    return {i: _apply(cfg, i, s, _update(trained[i])) if i in trained else s for i, s in states.items()}
 
 
 def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dict]:
