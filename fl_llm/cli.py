@@ -9,6 +9,8 @@
     fl-llm bench [CONFIG] [KEY=VALUE ...]       # throughput vs plain transformers + peft, federation overhead
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
+    fl-llm provision federation.yaml --out kits # separate organisations: a CA and each party's kit
+    fl-llm serve platform.yaml federation.bundle=kits/shop-a   # one organisation's platform service
 
 Exit codes: 0 done; 2 a user error (config, data, paths, cluster), with one line saying what;
 1 the federation could not go on (e.g. too few platforms answered).
@@ -332,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.set_defaults(func=cmd_config)
+    __import__("fl_llm.remote.cli", fromlist=["add_commands"]).add_commands(sub)  # provision, serve
     sub.add_parser("tasks", help="list the tasks (data.task)").set_defaults(func=cmd_tasks)
     sub.add_parser("strategies", help="list the aggregation strategies (strategy.name)").set_defaults(
         func=cmd_strategies

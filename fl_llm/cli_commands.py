@@ -24,6 +24,11 @@ def cmd_compare(ns) -> int:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     if ns.personal_rounds < 1:
         raise UserError(f"--personal-rounds must be >= 1, got {ns.personal_rounds}")
+    if cfg.federation.platforms and ns.strategies is None:
+        raise UserError(
+            "fl-llm compare pools every platform's data (its centralized arm): it runs on one organisation's "
+            "platforms, not on federation.platforms; --strategies compares federated runs and works with them"
+        )
     _check_model(cfg)
     per_strategy = None  # {name: config} with --strategies
     if ns.strategies is not None:

@@ -16,8 +16,10 @@ from fl_llm.config_sections import (
     CheckpointConfig,
     CompressionConfig,
     FaultsConfig,
+    FederationConfig,
     PrivacyConfig,
     RayConfig,
+    ServeConfig,
     TrackingConfig,
     opt,
     section,
@@ -273,6 +275,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "full-state checkpoints for --resume")
     faults: FaultsConfig = section(FaultsConfig, "fault injection for testing (never in production)")
     tracking: TrackingConfig = section(TrackingConfig, "logging")
+    federation: FederationConfig = section(
+        FederationConfig,
+        "a federation of organisations: remote platform services, mutual TLS (coordinator and service)",
+    )
+    serve: ServeConfig = section(ServeConfig, "`fl-llm serve`: this organisation's platform service and its policy")
 
 
 # The loading API, re-exported so that `fl_llm.config.load` is where users find it.

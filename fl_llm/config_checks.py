@@ -118,6 +118,7 @@ def check_cross_fields(cfg: RunConfig) -> None:
     _check_secagg(cfg, strategy, cohort)
     _check_packing(cfg)
     _check_hosts(cfg, strategy)
+    _check_federation(cfg)
     if cfg.client.loss == "verbalizer" and cfg.model.kind != "causal_lm":
         raise UserError(
             "config key 'client.loss' must be lm with model.kind=seq_cls: a classifier's loss is already over "
@@ -252,3 +253,26 @@ def _check_strategy(cfg: RunConfig, strategy, cohort: int) -> None:
         raise UserError(
             f"config key 'model.lora.ranks' must hold data.num_platforms ({n}) ranks >= 1, or be empty; got {ranks}"
         )
+
+
+def _check_federation(cfg: RunConfig) -> None:
+    """Remote platform services: one per platform, each with a name and an address, a kit to
+    reach them with, and no fault injection (a service's faults are its own config's)."""
+    remote = cfg.federation.platforms
+    if not remote:
+        return
+    if len(remote) != cfg.data.num_platforms:
+        raise UserError(
+            f"config key 'federation.platforms' lists {len(remote)} platform services but data.num_platforms is "
+            f"{cfg.data.num_platforms}; set data.num_platforms={len(remote)}"
+        )
+    for i, p in enumerate(remote):
+        host, _, port = p.address.rpartition(":")
+        if not p.name or not host or not port.isdigit():
+            raise UserError(f"config key 'federation.platforms[{i}]' needs a name and an address host:port, got {p}")
+    if len({p.name for p in remote}) != len(remote):
+        raise UserError("config key 'federation.platforms' names a platform twice")
+    if not cfg.federation.bundle:
+        raise UserError("config key 'federation.bundle' must name the coordinator's kit (`fl-llm provision`)")
+    if any([cfg.faults.kill, cfg.faults.error, cfg.faults.delay, cfg.faults.corrupt]):
+        raise UserError("config key 'faults' injects into platforms of this run; a platform service takes its own")

@@ -199,7 +199,7 @@ def to_dict(cfg: RunConfig) -> dict:
 
 # Settings that say where and how a run ran, not what it computes: `run --resume` and `compare
 # --resume` let them change. (Not server.rounds: the learning-rate schedule spans the rounds.)
-WHERE_NOT_WHAT = ("server.round_timeout_s", "backend", "ray.", "tracking.", "checkpoint.")
+WHERE_NOT_WHAT = ("server.round_timeout_s", "backend", "ray.", "tracking.", "checkpoint.", "federation.")
 
 
 def key_in(key: str, patterns: tuple[str, ...]) -> bool:

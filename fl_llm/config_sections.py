@@ -172,3 +172,53 @@ class TrackingConfig:
     mlflow_uri: str | None = opt(None, "MLflow tracking URI (null = a local file store, ./mlruns)")
     mlflow_experiment: str = opt("fl_llm", "MLflow experiment name")
     tensorboard: bool = opt(False, "write TensorBoard event files to RUN_DIR/tensorboard")
+
+
+@dataclass
+class RemotePlatform:
+    name: str = opt("", "the platform's name in the federation file (the name its certificate carries)")
+    address: str = opt("", "host:port where its `fl-llm serve` listens")
+
+
+@dataclass
+class FederationConfig:
+    platforms: list[RemotePlatform] = opt(
+        [],
+        "[{name, address}]: drive these platform services (`fl-llm serve`, one per organisation) over mutual TLS, "
+        "in the federation file's order; empty = platforms of this run's own (backend)",
+    )
+    bundle: str | None = opt(None, "this party's start-up kit from `fl-llm provision` (ca.pem, cert.pem, key.pem, ...)")
+    connect_timeout_s: float = opt(60.0, "how long the coordinator waits for a platform service to answer", gt=0)
+    max_message_mb: float = opt(256.0, "largest message (a streamed adapter included) either side accepts", gt=0)
+
+
+@dataclass
+class PolicyConfig:
+    require: list[Literal["record_dp", "client_dp", "secagg"]] = opt(
+        [], "what every job must use: record_dp, client_dp, secagg (all listed are required)"
+    )
+    max_epsilon: float | None = opt(
+        None,
+        "the most record-level ε (at max_delta) this platform's data may spend, over every job in its ledger; "
+        "a job whose plan would pass it is refused (null = no cap)",
+        gt=0,
+    )
+    max_delta: float = opt(1e-5, "with max_epsilon: the largest δ a job may use", gt=0, le=0.1)
+    strategies: list[str] = opt([], "strategy.name values it accepts (empty: any)")
+    metrics: list[str] = opt([], "metrics it reports besides eval_loss and num_eval (empty: all)")
+    max_rounds: int | None = opt(None, "the most rounds a job may ask of it", ge=1)
+
+
+@dataclass
+class ServeConfig:
+    listen: str = opt("127.0.0.1:7443", "host:port `fl-llm serve` listens on (mutual TLS only)")
+    data_index: int | None = opt(
+        None,
+        "which platform of data.* this service loads, e.g. 0 when data.* describes this company's data alone "
+        "(null: its position in the federation file)",
+        ge=0,
+    )
+    backend: Literal["local", "ray"] = opt(
+        "local", "run the platform in the service's process, or as an actor on this organisation's Ray (ray.*)"
+    )
+    policy: PolicyConfig = section(PolicyConfig, "what this platform releases and to which jobs")

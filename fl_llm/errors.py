@@ -11,3 +11,7 @@ EXIT_USER_ERROR = 2
 
 class UserError(Exception):
     """Something the user can fix: the message says what and where."""
+
+
+class PlatformGone(RuntimeError):
+    """A platform's process ended (a platform service's Ray actor died): it must be started again."""

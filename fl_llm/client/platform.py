@@ -48,6 +48,7 @@ class Platform(Evaluation):
         num_threads: int | None = None,
         hard_exit: bool = False,
         shared: tuple | None = None,
+        data_index: int | None = None,
     ):
         import torch
 
@@ -58,6 +59,9 @@ class Platform(Evaluation):
             torch.set_num_threads(num_threads)
         self.cfg: RunConfig = from_dict(config)
         self.id = platform_id
+        # Which of data.*'s platforms it loads: its id, except behind `fl-llm serve`, where a
+        # company's own config describes its data alone (serve.data_index)
+        self.data_index = platform_id if data_index is None else data_index
         self.name = f"platform-{platform_id}"  # until its data names it
         self.party = SecAggParty(platform_id, self.cfg)  # its side of secure aggregation
         self.hard_exit = hard_exit
@@ -95,7 +99,7 @@ class Platform(Evaluation):
         problem = device_problem(self.cfg, self.device)
         if problem:
             raise UserError(f"platform {self.id}: {problem}")
-        data = sources.load_platform_data(self.cfg, self.id)
+        data = sources.load_platform_data(self.cfg, self.data_index)
         self.name = data.name
         if self.cfg.client.state_dir:
             self.state_dir = Path(self.cfg.client.state_dir.replace("{name}", safe_name(self.name)))

@@ -13,19 +13,19 @@ the same calls to the round loop:
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fl_llm.client.api import remote_name
+from fl_llm.client.api import PlatformAPI, remote_name
 from fl_llm.client.platform import Platform
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.errors import UserError
+from fl_llm.server.placement import host_placement, pinning, placement
 
 
 @dataclass
@@ -278,68 +278,6 @@ def loopback_only(local: bool):
         services.resolve_ip_for_localhost = original
 
 
-def pinning(cfg: RunConfig, resources: dict, nodes: list[dict]) -> dict[int, dict]:
-    """Actor options that pin each platform to its node (`ray.placement`): custom resources or a
-    label selector. A platform whose node is absent would wait forever: that is an error here."""
-    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
-    out = {}
-    for pin in cfg.ray.placement:
-        where = f"ray.placement: platform {pin.platform}"
-        for name, amount in pin.resources.items():
-            if float(resources.get(name, 0.0)) < amount:
-                raise UserError(
-                    f"{where} needs resource {name!r} x {amount:g}, but no node of the cluster offers it "
-                    f"(offered: {resources.get(name, 0):g}); start the platform's node with "
-                    f"`ray start --resources='{{\"{name}\": 1}}' ...`, or fix the name"
-                )
-        if pin.labels and not any(
-            all((n.get("Labels") or {}).get(k) == v for k, v in pin.labels.items()) for n in alive
-        ):
-            raise UserError(
-                f"{where} needs a node labelled {pin.labels}, and no live node of the cluster has those labels; "
-                f"start it with `ray start --labels=...`, or fix the labels"
-            )
-        options: dict = {}
-        if pin.resources:
-            options["resources"] = dict(pin.resources)
-        if pin.labels:
-            options["label_selector"] = dict(pin.labels)
-        out[pin.platform] = options
-    return out
-
-
-def host_placement(cfg: RunConfig, resources: dict, hosts: int) -> tuple[float, float]:
-    """(CPUs, GPUs) per host actor: one GPU each where the cluster has enough, else a share."""
-    total_cpu, total_gpu = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    cpus = min(float(cfg.ray.platforms_per_gpu), total_cpu / hosts) if total_cpu else 0.0
-    gpus = min(1.0, total_gpu / hosts) if total_gpu else 0.0
-    return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4
-
-
-def placement(cfg: RunConfig, resources: dict) -> tuple[float, float]:
-    """(CPUs, GPUs) per platform actor, from the config and what the cluster offers.
-
-    An actor that asks for a GPU the cluster lacks would wait forever, so that is an error here.
-    """
-    n = cfg.data.num_platforms
-    total_cpu, total_gpu = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    cpus = cfg.ray.cpus_per_platform
-    if cpus is None:
-        cpus = min(1.0, total_cpu / n) if total_cpu else 0.0
-    gpus = cfg.ray.gpus_per_platform
-    if gpus is None:
-        gpus = min(1.0, total_gpu / n) if total_gpu else 0.0
-    if gpus > 0 and total_gpu == 0:
-        raise UserError(f"ray.gpus_per_platform is {gpus} but the Ray cluster has no GPU")
-    if cpus * n > total_cpu + 1e-9 or gpus * n > total_gpu + 1e-9:
-        raise UserError(
-            f"{n} platforms x ({cpus} CPU, {gpus} GPU) do not fit the cluster's "
-            f"{total_cpu:g} CPUs and {total_gpu:g} GPUs; lower ray.cpus_per_platform / ray.gpus_per_platform"
-        )
-    # Ray counts resources in 1e-4 units: round down, or n shares of 2/3 would not fit in 2.
-    return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4
-
-
 def reap(processes: list[tuple[str, int]], timeout_s: float = 20.0) -> None:
     """Wait for the platform processes this run started on this host to exit; kill any still
     there after `timeout_s` (each is a `ray::` worker of ours, identified by host and pid)."""
@@ -388,5 +326,57 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def start_ray(cfg: RunConfig) -> None:
+    """Start or join Ray now (`fl-llm serve` with serve.backend=ray: before its gRPC server runs
+    threads, which Ray's forked processes must not inherit)."""
+    import ray
+
+    if not ray.is_initialized():
+        _init_ray(cfg)
+
+
+class RayPlatform:
+    """One platform as an actor of this organisation's own Ray (`fl-llm serve` with
+    serve.backend=ray): its methods called synchronously, as the service calls a `Platform`."""
+
+    def __init__(self, cfg: RunConfig, index: int, data_index: int | None = None):
+        import ray
+
+        start_ray(cfg)
+        cpus, gpus = placement(replace(cfg, data=replace(cfg.data, num_platforms=1)), ray.cluster_resources())
+        self._ray = ray
+        self._actor = (
+            ray.remote(Platform)
+            .options(num_cpus=cpus, num_gpus=gpus, max_restarts=0)
+            .remote(to_dict(cfg), index, max(1, int(cpus)), True, None, data_index)
+        )
+
+    def __getattr__(self, name: str):
+        from fl_llm.client.train import RoundDeadline
+        from fl_llm.errors import PlatformGone
+
+        remote_name(getattr(PlatformAPI, name, None))  # the remote API and nothing else
+        method, ray = getattr(self._actor, name), self._ray
+
+        def call(*args):
+            try:
+                return ray.get(method.remote(*args))
+            except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as e:
+                raise PlatformGone(_first_line(e)) from None
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e, RoundDeadline) or isinstance(getattr(e, "cause", None), RoundDeadline):
+                    raise RoundDeadline(str(e)) from None
+                raise
+
+        return call
+
+    def close(self) -> None:
+        self._ray.kill(self._actor, no_restart=True)
+
+
 def make_backend(cfg: RunConfig, run_id: str = "run"):
+    if cfg.federation.platforms:  # other organisations' platform services (fl_llm.remote)
+        from fl_llm.remote.coordinator import RemoteBackend
+
+        return RemoteBackend(cfg, run_id)
     return RayBackend(cfg, run_id) if cfg.backend == "ray" else LocalBackend(cfg, run_id)

@@ -116,6 +116,7 @@ _NOT_METRICS = {
     "excluded",
     "active",
     "attempts",
+    "wire_bytes",
 }
 
 
@@ -129,7 +130,7 @@ def run_summary(cfg, primary, rd, history, fed, info, wall) -> dict:
         "run_dir": str(rd.path),
         "task": cfg.data.task,
         "strategy": cfg.strategy.name,
-        "backend": cfg.backend,
+        "backend": "remote" if cfg.federation.platforms else cfg.backend,
         "rounds": len(history),
         "initial": fed.initial,
         "metric": primary,
@@ -152,7 +153,14 @@ def run_summary(cfg, primary, rd, history, fed, info, wall) -> dict:
         "excluded": {names.get(i, str(i)): why for i, why in fed.failures.excluded.items()},
         "wall_seconds": round(fed.elapsed_s + wall, 2),
         "platforms": [info[i] for i in sorted(info)],
+        **_policies(info),
     }
+
+
+def _policies(info: dict) -> dict:
+    """Remote platforms: the policy each one applied to this job (what it required and reports)."""
+    got = {p["name"]: p["policy"] for p in info.values() if "policy" in p}
+    return {"policies": got} if got else {}
 
 
 def platform_table(info: dict, resources: dict | None) -> str:
@@ -166,6 +174,8 @@ def platform_table(info: dict, resources: dict | None) -> str:
             f"{resources['hosts']} host actors, each {resources['platforms_per_host']} platforms on one base model: "
             f"{resources['cpus_per_host']:g} CPU, {resources['gpus_per_host']:g} GPU"
         )
+    elif resources and "services" in resources:
+        lines.append(f"{resources['services']} platform services of their own organisations (mutual TLS)")
     elif resources:
         lines.append(
             f"each platform actor: {resources['cpus_per_platform']:g} CPU, {resources['gpus_per_platform']:g} GPU"
@@ -208,4 +218,6 @@ def round_entry(r, fed, rs, result, dp_stats: dict, evals) -> dict:
     record.update(dp_stats)
     r.uplink.record(record, rs.trained, names, r.progress)
     fed.privacy.metrics(record)
+    if hasattr(r.backend, "take_wire"):  # remote platforms: what really crossed the network
+        record["wire_bytes"] = r.backend.take_wire()
     return record

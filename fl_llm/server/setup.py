@@ -115,6 +115,8 @@ def setup(r: Run, resume_from: Path | None, on_started, privacy: Privacy | None)
     r.uplink = make_uplink(cfg, r.strategy, r.ranks, r.info)
     r.handle = r.backend.put(fed.global_state)
     r.control = control_handle(r.backend, r.strategy, fed)
+    if hasattr(r.backend, "take_wire"):
+        r.backend.take_wire()  # the rounds' own traffic from here on (metrics.jsonl: wire_bytes)
     return fed
 
 
