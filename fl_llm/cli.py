@@ -188,7 +188,7 @@ def cmd_run(ns) -> int:
     progress.info(
         f"fl_llm run '{cfg.name}': {cfg.data.num_platforms} platforms, {cfg.server.rounds} rounds, "
         f"task {cfg.data.task}, strategy {cfg.strategy.name}, model {cfg.model.name_or_path}, "
-        f"backend {cfg.backend}\nrun dir: {run_dir}" + (" (resuming)" if ns.resume else "")
+        f"backend {cfg.backend_in_use}\nrun dir: {run_dir}" + (" (resuming)" if ns.resume else "")
     )
     if ns.extend:  # the run's config now says how long it runs
         from fl_llm.tracking import RunDir

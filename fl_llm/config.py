@@ -281,6 +281,11 @@ class RunConfig:
     )
     serve: ServeConfig = section(ServeConfig, "`fl-llm serve`: this organisation's platform service and its policy")
 
+    @property
+    def backend_in_use(self) -> str:
+        """Where the platforms run: 'remote' (other organisations' services) or `backend`."""
+        return "remote" if self.federation.platforms else self.backend
+
 
 # The loading API, re-exported so that `fl_llm.config.load` is where users find it.
 from fl_llm.config_load import (  # noqa: E402

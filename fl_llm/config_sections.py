@@ -221,4 +221,7 @@ class ServeConfig:
     backend: Literal["local", "ray"] = opt(
         "local", "run the platform in the service's process, or as an actor on this organisation's Ray (ray.*)"
     )
+    threads: int | None = opt(
+        None, "torch CPU threads of the platform (null: torch's default, every core of this machine)", ge=1
+    )
     policy: PolicyConfig = section(PolicyConfig, "what this platform releases and to which jobs")

@@ -380,3 +380,24 @@ def test_a_service_killed_mid_round_and_restarted_rejoins(federation, tmp_path):
     assert NAMES[2] in rows[1]["failed"] and "unreachable" in rows[1]["failed"][NAMES[2]]
     assert rows[1]["restarted"] == [NAMES[2]] and rows[1]["seconds"]["train"] < 50
     assert rows[2]["platforms"][NAMES[2]]["participated"] and summary["status"] == "completed"
+
+
+def test_a_coordinator_config_that_cannot_work_stops_with_one_line(tmp_path, capsys):
+    from fl_llm.cli import main
+
+    two = "federation.platforms=[{name: a, address: 'h:1'}, {name: b, address: 'h:2'}]"
+    both = [two, "data.num_platforms=2", "data.synthetic.train_examples=[100]"]
+    for args, says in [
+        ([two], "lists 2 platform services but data.num_platforms is 3"),
+        (both, "federation.bundle' must name the coordinator's kit"),
+        ([*both, "federation.bundle=/nonexistent"], "missing ca.pem"),
+        (["federation.platforms=[{name: a, address: nohost}]", *both[1:], "data.num_platforms=1"], "host:port"),
+        ([*both, "federation.bundle=x", "faults.kill=[{platform: 0, round: 1}]"], "its own"),
+    ]:
+        assert main(["run", *args, f"output_dir={tmp_path / 'r'}"]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+    assert main(["compare", *both, "federation.bundle=x", f"output_dir={tmp_path / 'c'}"]) == 2
+    assert "pools every platform's data" in capsys.readouterr().err
+    assert main(["serve", "federation.bundle=/nonexistent"]) == 2
+    assert "missing ca.pem" in capsys.readouterr().err

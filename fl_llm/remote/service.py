@@ -283,4 +283,5 @@ class PlatformService:
             return RayPlatform(cfg, self.index, self.data_index)
         from fl_llm.client.platform import Platform
 
-        return Platform(to_dict(cfg), self.index, hard_exit=True, data_index=self.data_index)
+        threads = self.own.serve.threads
+        return Platform(to_dict(cfg), self.index, threads, hard_exit=True, data_index=self.data_index)

@@ -130,7 +130,7 @@ def run_summary(cfg, primary, rd, history, fed, info, wall) -> dict:
         "run_dir": str(rd.path),
         "task": cfg.data.task,
         "strategy": cfg.strategy.name,
-        "backend": "remote" if cfg.federation.platforms else cfg.backend,
+        "backend": cfg.backend_in_use,
         "rounds": len(history),
         "initial": fed.initial,
         "metric": primary,

@@ -83,7 +83,7 @@ def start(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, t_start:
     primary = task_of(cfg).primary
     trackers = Trackers(cfg, rd.path, primary, resume)  # MLflow / TensorBoard, when asked for
     n, lora = cfg.data.num_platforms, cfg.model.lora
-    progress.phase(f"starting {n} platforms on the {cfg.backend} backend (each loads its own data)")
+    progress.phase(f"starting {n} platforms on the {cfg.backend_in_use} backend (each loads its own data)")
     backend = make_backend(with_state_dir(cfg, rd), rd.path.name)
     ranks = lora.ranks or [lora.r] * n
     return Run(cfg, rd, progress, backend, STRATEGIES[cfg.strategy.name], ranks, primary, base_name, trackers, t_start)
