@@ -401,3 +401,13 @@ def test_a_coordinator_config_that_cannot_work_stops_with_one_line(tmp_path, cap
     assert "pools every platform's data" in capsys.readouterr().err
     assert main(["serve", "federation.bundle=/nonexistent"]) == 2
     assert "missing ca.pem" in capsys.readouterr().err
+
+
+def test_the_deployment_guides_platform_config_is_valid():
+    """docs/deployment.md's example platform config loads as written (every key exists)."""
+    from fl_llm.config import from_dict
+
+    text = (REPO / "docs" / "deployment.md").read_text()
+    block = text.split("# fashion-mall.yaml\n", 1)[1].split("```", 1)[0]
+    cfg = from_dict(yaml.safe_load(block))
+    assert cfg.serve.policy.require == ["record_dp"] and cfg.serve.data_index == 0 and cfg.data.num_platforms == 1
