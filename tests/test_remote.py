@@ -81,8 +81,9 @@ def federation(tmp_path_factory):
     ray.shutdown()
 
 
-def _coordinator(federation, *extra):
-    return [*SMALL, f"federation.bundle={federation['kits'] / 'coordinator'}", _platforms(federation["ports"]), *extra]
+def _coordinator(federation, *extra, ports=None):
+    where = _platforms(ports or federation["ports"])
+    return [*SMALL, f"federation.bundle={federation['kits'] / 'coordinator'}", where, *extra]
 
 
 # --- the wire format ----------------------------------------------------------------------------
@@ -98,13 +99,15 @@ def test_wire_round_trips_exactly_and_refuses_what_it_does_not_know():
         "flags": [True, False],
         "key": b"\x00\x01secret",
         "nested": [{"deep": (1, 2)}],
+        "shares": {0: b"s0", 2: {"x": np.ones(1, np.uint64)}},
     }
     back = wire.decode(wire.encode(msg), 1 << 20)
     assert back["state"]["a"].dtype == np.float32 and np.array_equal(back["state"]["a"], msg["state"]["a"])
     assert back["state"]["b"].tobytes() == msg["state"]["b"].tobytes()
     assert type(back["scalar"]) is np.float32 and back["scalar"] == msg["scalar"]
     assert back["key"] == msg["key"] and back["nested"] == [{"deep": [1, 2]}] and back["x"] == 0.1
-    for bad in (np.array([1j]), object(), {1: 2}, {"$t": "t0"}):
+    assert back["shares"][0] == b"s0" and back["shares"][2]["x"].dtype == np.uint64
+    for bad in (np.array([1j]), object(), {1: 2, "a": 3}, {"$t": "t0"}, {"$i": [1]}):
         with pytest.raises(wire.WireError):
             wire.encode({"v": bad})
     good = wire.encode({"a": np.zeros(3, np.float32)})
@@ -173,6 +176,54 @@ def test_remote_platforms_give_the_single_organisation_result(federation, tmp_pa
     for name in NAMES:  # each platform's state stayed on its own disk, not in the coordinator's run dir
         assert (federation["root"] / "state" / name / "checkpoints").is_dir()
     assert not (tmp_path / "remote" / "platforms").exists()
+
+
+def test_secure_aggregation_with_int8_crosses_the_network_unchanged(federation, tmp_path):
+    """Keys, encrypted shares, masked ring elements and the unmasking shares all go through the
+    wire format: the same result as the in-process secure run."""
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    secure = ["privacy.secagg.enabled=true", "compression.name=int8", "server.rounds=1"]
+    run(load(None, _coordinator(federation, *secure)), tmp_path / "remote")
+    run(load(None, [*SMALL, *secure, "backend=local"]), tmp_path / "single")
+    (a,), (b,) = read_metrics(tmp_path / "remote"), read_metrics(tmp_path / "single")
+    assert a["secagg"]["parties"] == 3 and a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-6)
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "remote" / adapter).read_bytes() == (tmp_path / "single" / adapter).read_bytes()
+
+
+def test_a_stopped_coordinator_resumes_to_the_same_bytes(federation, tmp_path):
+    """Platform 2's own service fails its round 3 (its faults.error), the job needs all three and
+    stops; resumed against a new service for platform 2 at another address (federation.* may
+    change on resume), it ends with the adapter an uninterrupted in-process run ends with."""
+    from fl_llm.config import load
+    from fl_llm.remote.service import PlatformService
+    from fl_llm.remote.tls import load_bundle
+    from fl_llm.remote.transport import start_server
+    from fl_llm.server.loop import RunFailed, run
+
+    creds = load_bundle(federation["kits"] / NAMES[2])
+    servers, ports = [], []
+    for faults in (["faults.error=[{platform: 2, round: 3}]"], []):
+        own = load(None, [*SMALL, f"client.state_dir={tmp_path / 'state'}", *faults])
+        ports.append(_free_port())
+        service = PlatformService(own, NAMES[2], "coordinator", 2)
+        servers.append(start_server(service, creds, f"127.0.0.1:{ports[-1]}")[0])
+    job = ["server.rounds=4", "client.local_steps=4", "server.min_platforms=3", "server.too_few=stop"]
+    try:
+        first = _coordinator(federation, *job, ports=[*federation["ports"][:2], ports[0]])
+        with pytest.raises(RunFailed, match="round 3"):
+            run(load(None, first), tmp_path / "remote")
+        cfg = load(tmp_path / "remote" / "config.yaml", [_platforms([*federation["ports"][:2], ports[1]])])
+        summary = run(cfg, tmp_path / "remote", resume=True)
+    finally:
+        for s in servers:
+            s.stop(grace=0)
+    assert summary["rounds"] == 4 and [r["round"] for r in read_metrics(tmp_path / "remote")] == [1, 2, 3, 4]
+    run(load(None, [*SMALL, *job, "backend=local"]), tmp_path / "single")
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "remote" / adapter).read_bytes() == (tmp_path / "single" / adapter).read_bytes()
 
 
 def test_wrong_ca_plaintext_and_wrong_party_are_refused(federation, tmp_path):

@@ -1,7 +1,8 @@
 """What crosses the network between a coordinator and a platform service: a fixed, inert format.
 
 A message is ``MAGIC | u32 header length | JSON header | safetensors blob``. The JSON header holds
-the structure (dicts with string keys, lists, strings, numbers, booleans, null); every numpy
+the structure (dicts with string keys, lists, strings, numbers, booleans, null; a dict with integer
+keys — secure aggregation's party ids — as ``{"$i": [[key, value], ...]}``); every numpy
 array, numpy scalar and byte string in it is replaced by a reference ``{"$t": "t7"}`` (``"$s"``
 for a scalar, ``"$b"`` for bytes) to a tensor of the safetensors blob, which carries dtype and
 shape. Decoding parses JSON and safetensors only: nothing is unpickled, no code crosses, and a
@@ -28,7 +29,7 @@ DTYPES = frozenset(
     {"float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
      "uint64", "bool"}
 )  # fmt: skip
-RESERVED = ("$t", "$s", "$b")  # one-key dicts the format itself uses
+RESERVED = ("$t", "$s", "$b", "$i")  # one-key dicts the format itself uses
 CHUNK = 1 << 20  # bytes per gRPC stream message: a large adapter streams in 1 MiB pieces
 
 
@@ -49,9 +50,11 @@ def encode(obj) -> bytes:
             return x
         if isinstance(x, (int, float)) and not isinstance(x, np.generic):
             return x
+        if isinstance(x, dict) and x and all(isinstance(k, int) and not isinstance(k, bool) for k in x):
+            return {"$i": [[k, walk(v, depth + 2)] for k, v in x.items()]}  # integer keys (party ids)
         if isinstance(x, dict):
             if not all(isinstance(k, str) for k in x):
-                raise WireError("dict keys must be strings")
+                raise WireError("dict keys must be all strings or all integers")
             if len(x) == 1 and next(iter(x)) in RESERVED:
                 raise WireError(f"a one-key dict may not use the reserved key {next(iter(x))!r}")
             return {k: walk(v, depth + 1) for k, v in x.items()}
@@ -98,6 +101,13 @@ def decode(data: bytes, max_bytes: int) -> object:
             return [walk(v, depth + 1) for v in x]
         if not isinstance(x, dict):
             return x
+        if len(x) == 1 and next(iter(x)) == "$i":
+            pairs = x["$i"]
+            if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and type(p[0]) is int for p in pairs
+            ):
+                raise WireError("an integer-keyed dict is a list of [int, value] pairs")
+            return {k: walk(v, depth + 2) for k, v in pairs}
         if len(x) == 1 and next(iter(x)) in ("$t", "$s", "$b"):
             ((kind, name),) = x.items()
             if not isinstance(name, str) or name not in tensors or name in used:
