@@ -104,6 +104,42 @@ def test_submitted_default_job_succeeds_and_writes_its_run_dir(ray_head, tmp_pat
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_federation_coordinator_runs_as_a_submitted_job(ray_head, tmp_path):
+    """The coordinator of a federation of organisations as a Ray job (launch/submit.sh, as the
+    deployment guide says): it drives a platform service — `fl-llm serve`, a process of its own —
+    over mutual TLS."""
+    import yaml
+
+    from fl_llm.remote.tls import provision
+
+    port = _free_port()
+    fed = {"name": "job", "coordinator": {"name": "coordinator"},
+           "platforms": [{"name": "fashion-mall", "address": f"127.0.0.1:{port}"}]}  # fmt: skip
+    (tmp_path / "federation.yaml").write_text(yaml.safe_dump(fed))
+    provision(tmp_path / "federation.yaml", tmp_path / "kits")
+    one = [*SMALL, "data.num_platforms=1", "data.synthetic.train_examples=[160]", "server.rounds=1"]
+    kit = tmp_path / "kits" / "fashion-mall"
+    service = subprocess.Popen(
+        [sys.executable, "-m", "fl_llm", "serve", *one, f"federation.bundle={kit}", f"serve.listen=127.0.0.1:{port}",
+         f"client.state_dir={tmp_path / 'state'}"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    out = tmp_path / "coordinated"
+    try:
+        result = subprocess.run(
+            ["bash", str(REPO / "launch" / "submit.sh"), *one, f"federation.bundle={tmp_path / 'kits' / 'coordinator'}",
+             f"federation.platforms=[{{name: fashion-mall, address: '127.0.0.1:{port}'}}]", f"output_dir={out}"],
+            env={**_env(), "RAY_ADDRESS": ray_head}, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        service.wait(timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["backend"] == "remote" and summary["rounds"] == 1
+    assert (tmp_path / "state" / "checkpoints").is_dir()  # the platform's state: on its side
+
+
 def test_submit_retries_while_the_job_agent_is_not_up(tmp_path):
     """Right after `ray start` the head answers "No available agent": submit.sh tries again; any
     other failure is final."""

@@ -194,7 +194,7 @@ def test_secure_aggregation_with_int8_crosses_the_network_unchanged(federation, 
 
 
 def test_a_stopped_coordinator_resumes_to_the_same_bytes(federation, tmp_path):
-    """Platform 2's own service fails its round 3 (its faults.error), the job needs all three and
+    """Platform 2's own service fails its round 2 (its faults.error), the job needs all three and
     stops; resumed against a new service for platform 2 at another address (federation.* may
     change on resume), it ends with the adapter an uninterrupted in-process run ends with."""
     from fl_llm.config import load
@@ -205,22 +205,22 @@ def test_a_stopped_coordinator_resumes_to_the_same_bytes(federation, tmp_path):
 
     creds = load_bundle(federation["kits"] / NAMES[2])
     servers, ports = [], []
-    for faults in (["faults.error=[{platform: 2, round: 3}]"], []):
+    for faults in (["faults.error=[{platform: 2, round: 2}]"], []):
         own = load(None, [*SMALL, f"client.state_dir={tmp_path / 'state'}", *faults])
         ports.append(_free_port())
         service = PlatformService(own, NAMES[2], "coordinator", 2)
         servers.append(start_server(service, creds, f"127.0.0.1:{ports[-1]}")[0])
-    job = ["server.rounds=4", "client.local_steps=4", "server.min_platforms=3", "server.too_few=stop"]
+    job = ["server.rounds=3", "client.local_steps=3", "server.min_platforms=3", "server.too_few=stop"]
     try:
         first = _coordinator(federation, *job, ports=[*federation["ports"][:2], ports[0]])
-        with pytest.raises(RunFailed, match="round 3"):
+        with pytest.raises(RunFailed, match="round 2"):
             run(load(None, first), tmp_path / "remote")
         cfg = load(tmp_path / "remote" / "config.yaml", [_platforms([*federation["ports"][:2], ports[1]])])
         summary = run(cfg, tmp_path / "remote", resume=True)
     finally:
         for s in servers:
             s.stop(grace=0)
-    assert summary["rounds"] == 4 and [r["round"] for r in read_metrics(tmp_path / "remote")] == [1, 2, 3, 4]
+    assert summary["rounds"] == 3 and [r["round"] for r in read_metrics(tmp_path / "remote")] == [1, 2, 3]
     run(load(None, [*SMALL, *job, "backend=local"]), tmp_path / "single")
     adapter = "adapter/adapter_model.safetensors"
     assert (tmp_path / "remote" / adapter).read_bytes() == (tmp_path / "single" / adapter).read_bytes()
@@ -276,11 +276,11 @@ def test_a_policy_that_requires_dp_refuses_a_job_without_it(federation, tmp_path
         err = capsys.readouterr().err
         assert f"platform {name!r} refuses the job: its policy requires record-level DP" in err
         assert not (tmp_path / "refused").exists()  # refused before anything was written
-        # with record-level DP at ε = 4 (2 rounds) it is accepted, and books what it spent
-        ok = ["privacy.dp.level=record", "privacy.target_epsilon=4", "server.rounds=1"]
+        # with record-level DP (z = 1, one round of 2 steps: ε well under 8) it is accepted, and books it
+        ok = ["privacy.dp.level=record", "privacy.dp.noise_multiplier=1", "server.rounds=1", "client.local_steps=2"]
         assert main(["run", *args, *ok, f"output_dir={tmp_path / 'accepted'}"]) == 0
         ledger = json.loads((tmp_path / "state" / "privacy_ledger.json").read_text())
-        assert [e["round"] for e in ledger] == [1] and ledger[0]["noise"] > 0
+        assert [(e["round"], e["steps"], e["noise"]) for e in ledger] == [(1, 2, 1.0)]
         summary = json.loads((tmp_path / "accepted" / "summary.json").read_text())
         assert summary["policies"][name]["require"] == ["record_dp"]
     finally:
