@@ -462,3 +462,15 @@ def test_the_deployment_guides_platform_config_is_valid():
     block = text.split("# fashion-mall.yaml\n", 1)[1].split("```", 1)[0]
     cfg = from_dict(yaml.safe_load(block))
     assert cfg.serve.policy.require == ["record_dp"] and cfg.serve.data_index == 0 and cfg.data.num_platforms == 1
+
+
+def test_the_coordinator_names_no_model_files_on_a_platform(federation):
+    """A job that trains another base model than the platform holds is refused at hello: the
+    platform loads its own copy (its model.name_or_path), never a path or hub id the coordinator names."""
+    from fl_llm.config import load, to_dict
+    from fl_llm.remote.service import ServiceError
+
+    service = federation["services"][0]
+    job = to_dict(load(None, _coordinator(federation, "model.name_or_path=/somewhere/else", "model.kind=seq_cls")))
+    with pytest.raises(ServiceError, match="set it to its own copy of the job's model"):
+        service.handle("hello", wire.encode({"job": "other-model", "config": job}), ["coordinator"])

@@ -31,6 +31,7 @@ import numpy as np
 from fl_llm.client.api import REMOTE, PlatformAPI
 from fl_llm.config import FederationConfig, RunConfig, from_dict, to_dict
 from fl_llm.errors import PlatformGone
+from fl_llm.model.build import is_builtin
 from fl_llm.remote.policy import Ledger, refusals, reported
 from fl_llm.remote.wire import WireError, decode, digest, encode
 
@@ -241,8 +242,9 @@ class PlatformService:
         if self.platform is not None and hasattr(self.platform, "close"):
             self.platform.close()  # a Ray actor of the previous job
         self.platform = self.job = self.job_id = None
+        effective = self._effective(job)
         try:
-            platform = self._platform(self._effective(job))
+            platform = self._platform(effective)
             facts = platform.describe()
         except Exception as e:  # noqa: BLE001 - a model or data it cannot build: the coordinator hears why
             raise ServiceError("failed", f"{type(e).__name__}: {str(e)[:1000]}") from None
@@ -262,11 +264,20 @@ class PlatformService:
 
     def _effective(self, job: RunConfig) -> RunConfig:
         """The job as this platform runs it: the coordinator's training settings, this
-        organisation's data, device, state dir, Ray and fault settings."""
+        organisation's data, model files, device, state dir, Ray and fault settings — the
+        coordinator names no path on this platform's machine."""
         own = self.own
+        if is_builtin(own.model) != is_builtin(job.model):
+            raise ServiceError(
+                "refused",
+                f"platform {self.name!r}: the job trains {job.model.name_or_path!r} and this platform's "
+                f"model.name_or_path is {own.model.name_or_path!r}: set it to its own copy of the job's model",
+            )
         client = dataclasses.replace(job.client, device=own.client.device, state_dir=str(self.state_dir))
+        model = dataclasses.replace(job.model, name_or_path=own.model.name_or_path, init_adapter=None)
         return dataclasses.replace(
             job,
+            model=model,
             data=own.data,
             client=client,
             ray=own.ray,
