@@ -452,6 +452,13 @@ def test_a_coordinator_config_that_cannot_work_stops_with_one_line(tmp_path, cap
     assert "pools every platform's data" in capsys.readouterr().err
     assert main(["serve", "federation.bundle=/nonexistent"]) == 2
     assert "missing ca.pem" in capsys.readouterr().err
+    # a platform service that does not answer within federation.connect_timeout_s
+    ports = [_free_port() for _ in NAMES]
+    kits = _provision(tmp_path / "f", ports)
+    down = [*SMALL, f"federation.bundle={kits / 'coordinator'}", _platforms(ports), "federation.connect_timeout_s=1"]
+    assert main(["run", *down, f"output_dir={tmp_path / 'down'}"]) == 2
+    assert f"platform 'fashion-mall' at 127.0.0.1:{ports[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "down").exists()
 
 
 def test_the_deployment_guides_platform_config_is_valid():
