@@ -6,10 +6,9 @@ numbers (counts, mean losses, AUC): no record and no per-example output leaves t
 under differential privacy no un-noised statistic of its training records either
 (`fl_llm.privacy.release`). State it keeps between rounds (control variates, a personal B, optimizer
 moments, an error-feedback residual) lives in its own `client.state_dir`, never read by the driver.
-It composes its data (`data/sources.py`, `data_facts.py`), its model (`model_setup.py`), its local
-trainer (`train.py`), its uplink codec (`compression.py`), its secure-aggregation party
-(`secagg_party.py`) and its evaluation (`evaluation.py`). The Ray backend makes it an actor; the local backend calls the very same class in-process.
-Methods whose name starts with "_" are not part of the remote API (the backends refuse them).
+It composes its data (`data/sources.py`, `data_facts.py`), model (`model_setup.py`), trainer
+(`train.py`), uplink codec (`compression.py`), secure-aggregation party (`secagg_party.py`) and
+evaluation (`evaluation.py`); a Ray actor, in-process, or behind `fl-llm serve`, the same class.
 """
 
 from __future__ import annotations
@@ -37,9 +36,9 @@ from fl_llm.tensors import AdapterState
 
 class Platform(Evaluation):
     """One platform. `hard_exit`: an injected kill really ends the process (a Ray actor); in the
-    driver's own process (the local backend) it raises `InjectedKill` instead. `shared`: the
-    (LoRA-wrapped model, tokenizer) of a `PlatformHost`, whose frozen base several platforms use;
-    this platform then adds and trains an adapter of its own on it."""
+    driver's own process (the local backend) it raises `InjectedKill` instead. `shared`: a
+    `PlatformHost`'s (LoRA-wrapped model, tokenizer), on whose frozen base it trains an adapter of
+    its own. `data_index`: which of data.*'s platforms it loads (default its id; serve.data_index)."""
 
     def __init__(
         self,
@@ -59,8 +58,6 @@ class Platform(Evaluation):
             torch.set_num_threads(num_threads)
         self.cfg: RunConfig = from_dict(config)
         self.id = platform_id
-        # Which of data.*'s platforms it loads: its id, except behind `fl-llm serve`, where a
-        # company's own config describes its data alone (serve.data_index)
         self.data_index = platform_id if data_index is None else data_index
         self.name = f"platform-{platform_id}"  # until its data names it
         self.party = SecAggParty(platform_id, self.cfg)  # its side of secure aggregation
@@ -70,8 +67,7 @@ class Platform(Evaluation):
         self.persistent: dict = {}
         # What training this round would change in it, kept apart until the driver accepts the
         # update (commit): a rejected, late or retried update leaves `persistent` as it was.
-        self.staged: dict = {}
-        self.staged_round: int | None = None
+        self.staged, self.staged_round = {}, None
         self.state_dir: Path | None = None
         self.task = sources.task_of(self.cfg)
         self.device = resolve_device(self.cfg.client.device)
