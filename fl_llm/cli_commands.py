@@ -1,4 +1,4 @@
-"""The `fl-llm` commands besides `run`: compare, audit, bench, config, tasks, strategies. Each
+"""The `fl-llm` commands besides `run`: compare, audit, bench, generate, config, tasks, strategies. Each
 takes the parsed arguments and returns the exit code; `fl_llm.cli` parses and dispatches."""
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def cmd_tasks(ns) -> int:
     from fl_llm.data.tasks import TASKS
 
     for t in TASKS.values():
-        print(f"{t.name:<16} {t.description}\n{'':<16} answers: {', '.join(repr(a) for a in t.verbalizer)}")
+        answers = ", ".join(repr(a) for a in t.verbalizer) if t.verbalizer else "generated text"
+        print(f"{t.name:<16} {t.description}\n{'':<16} answers: {answers}")
     return 0
 
 
@@ -221,3 +222,61 @@ def add_bench_arguments(p) -> None:
         help="rows of --pack-length per packed baseline step (default: 8 at 1b, 2 at 8b, one batch's examples at tiny)",
     )
     p.add_argument("--out", default="bench.json", help="where the JSON goes (default bench.json)")
+
+
+def cmd_generate(ns) -> int:
+    """Answer prompts with a run's model: PROMPT arguments, or a JSONL file of conversations."""
+    import json
+
+    from fl_llm.data.chat import generation_prompt, to_messages
+    from fl_llm.generation import generate_answers, load_run_model
+    from fl_llm.text_metrics import exact_match
+
+    if not ns.args and not ns.jsonl:
+        raise UserError("generate: give PROMPT arguments or --jsonl FILE")
+    if ns.jsonl and not Path(ns.jsonl).is_file():
+        raise UserError(f"generate --jsonl {ns.jsonl!r}: no such file")
+    conversations, references = [], []
+    if ns.jsonl:
+        with open(ns.jsonl, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise UserError(f"generate --jsonl {ns.jsonl!r}, line {i}: not valid JSON") from None
+                msgs = to_messages(record, f"{ns.jsonl!r}, line {i}", open_ended=True)
+                conversations.append(msgs)
+                references.append(msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else None)
+    for text in ns.args:
+        system = [{"role": "system", "content": ns.system}] if ns.system else []
+        conversations.append([*system, {"role": "user", "content": text}])
+        references.append(None)
+    model, tokenizer, cfg = load_run_model(Path(ns.run_dir), ns.platform, ns.device)
+    settings = cfg.eval
+    if ns.max_new_tokens is not None:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, max_new_tokens=ns.max_new_tokens)
+    room = max(8, cfg.model.max_length - cfg.eval.max_new_tokens)  # as the platforms cut their prompts
+    prompts = [generation_prompt(tokenizer, m, room) for m in conversations]
+    answers = generate_answers(
+        model, tokenizer, prompts, settings=settings, batch_size=cfg.client.eval_batch_size, device=ns.device
+    )
+    out = open(ns.out, "w", encoding="utf-8") if ns.out else sys.stdout
+    try:
+        for msgs, ref, answer in zip(conversations, references, answers):
+            if ns.jsonl:
+                row = {"answer": answer, **({"reference": ref} if ref is not None else {})}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                out.write(f"{answer}\n")
+    finally:
+        if ns.out:
+            out.close()
+    scored = [(a, r) for a, r in zip(answers, references) if r is not None]
+    if scored:
+        em = sum(exact_match(a, r) for a, r in scored) / len(scored)
+        print(f"exact match {em:.4f} over {len(scored)} answers with a reference", file=sys.stderr)
+    return 0

@@ -15,6 +15,7 @@ from typing import Literal
 from fl_llm.config_sections import (
     CheckpointConfig,
     CompressionConfig,
+    EvalConfig,
     FaultsConfig,
     FederationConfig,
     PrivacyConfig,
@@ -269,6 +270,7 @@ class RunConfig:
     client: ClientConfig = section(ClientConfig, "local training on each platform")
     server: ServerConfig = section(ServerConfig, "the round loop")
     strategy: StrategyConfig = section(StrategyConfig, "aggregation")
+    eval: EvalConfig = section(EvalConfig, "evaluation by generation (instruction task)")
     privacy: PrivacyConfig = section(PrivacyConfig, "differential privacy and its budget, secure aggregation")
     compression: CompressionConfig = section(CompressionConfig, "compressed updates on the uplink")
     ray: RayConfig = section(RayConfig, "the Ray cluster")

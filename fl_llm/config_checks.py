@@ -124,6 +124,29 @@ def check_cross_fields(cfg: RunConfig) -> None:
             "config key 'client.loss' must be lm with model.kind=seq_cls: a classifier's loss is already over "
             "its classes (verbalizer reads the answer words off a causal LM's head)"
         )
+    _check_instruction(cfg)
+
+
+def _check_instruction(cfg: RunConfig) -> None:
+    """The generative task trains a causal LM on whole answers; the classification settings do
+    not apply to it, and its own settings apply to nothing else."""
+    from fl_llm.data.tasks import TASKS
+
+    if not TASKS[cfg.data.task].generative:
+        if cfg.eval.choices:
+            raise UserError("config key 'eval.choices' applies to data.task=instruction (a yes/no task scores its verbalizer)")
+        return
+    what = {
+        "model.kind": cfg.model.kind != "causal_lm" and "causal_lm (an answer is generated)",
+        "client.loss": cfg.client.loss != "lm" and "lm (every answer token is trained)",
+        "data.template": cfg.data.template is not None and "unset (a conversation is rendered with the chat template)",
+        "data.verbalizer": bool(cfg.data.verbalizer) and "unset (answers are free text; see eval.choices)",
+    }
+    for key, need in what.items():
+        if need:
+            raise UserError(f"config key {key!r} must be {need} with data.task=instruction")
+    if cfg.eval.choices and len(set(cfg.eval.choices)) != len(cfg.eval.choices):
+        raise UserError(f"config key 'eval.choices' must hold distinct answers, got {cfg.eval.choices}")
 
 
 def _check_hosts(cfg: RunConfig, strategy) -> None:

@@ -1,5 +1,5 @@
-"""The run configuration's operational sections: where platforms run (Ray), uplink compression,
-checkpoints, fault injection, privacy (DP and secure aggregation) and tracking — and `opt`,
+"""The run configuration's operational sections: where platforms run (Ray), evaluation by
+generation, uplink compression, checkpoints, fault injection, privacy (DP and secure aggregation) and tracking — and `opt`,
 `section`, the helpers every config field is declared with. `fl_llm.config` holds the rest of the
 schema and `RunConfig`."""
 
@@ -61,6 +61,37 @@ class CompressionConfig:
         "masked ring instead (16 / 8 bits per value)",
     )
     topk_fraction: float = opt(0.01, "topk: share of the values sent each round (the rest carries over)", gt=0, le=1)
+
+
+@dataclass
+class EvalConfig:
+    generate_every: int = opt(
+        5, "instruction task: generate answers for the held-out prompts every N rounds and at the last (0: last only)",
+        ge=0,
+    )
+    generate_examples: int = opt(
+        100, "held-out prompts each platform answers by generation (its first N; 0: all)", ge=0
+    )
+    max_new_tokens: int = opt(48, "longest generated answer, in tokens", ge=1)
+    do_sample: bool = opt(False, "sample instead of greedy decoding (seeded by seed, round and platform)")
+    temperature: float = opt(1.0, "do_sample: softmax temperature", gt=0)
+    top_p: float = opt(1.0, "do_sample: nucleus sampling's probability mass", gt=0, le=1)
+    samples: int = opt(
+        3,
+        "sample generations (prompt, reference, answer) per platform written to RUN_DIR/samples.jsonl each time "
+        "it generates (0: none); under record-level DP only where samples_under_dp (they quote private prompts)",
+        ge=0,
+    )
+    samples_under_dp: bool = opt(
+        False,
+        "the platform allows sample generations under record-level DP (a platform service decides with its "
+        "own config): its held-out prompts and the answers leave it un-noised",
+    )
+    choices: list[str] = opt(
+        [],
+        "instruction task: answers also scored by probability, e.g. ['No.', 'Yes.'] — the first token of each at "
+        "the answer's start; reports choice_accuracy and, for two, the AUC of the second (as a yes/no task)",
+    )
 
 
 @dataclass

@@ -34,8 +34,10 @@ class PlatformAPI(Protocol):
     ) -> dict:
         """Local training from the global adapter: the update (plain, compressed or masked)."""
 
-    def evaluate(self, global_state: AdapterState, base: dict | None = None, detail: bool = False) -> dict:
-        """The adapter's metrics on this platform's held-out split."""
+    def evaluate(
+        self, global_state: AdapterState, base: dict | None = None, detail: bool = False, generate: bool = False
+    ) -> dict:
+        """The adapter's metrics on this platform's held-out split (`generate`: also by generation)."""
 
     def commit(self, round_: int) -> bool:
         """The driver accepted this round's update: keep the state its training staged."""

@@ -61,14 +61,21 @@ class Evaluation:
             },
         }
 
-    def evaluate(self, global_state: AdapterState, base: dict | None = None, detail: bool = False) -> dict:
+    def evaluate(
+        self, global_state: AdapterState, base: dict | None = None, detail: bool = False, generate: bool = False
+    ) -> dict:
         """Loss and task metrics of `global_state` on this platform's held-out split (after the
         base merges in `base`; FedSA: with this platform's own B). For a yes/no task also its
         calibration (ECE) and the decision threshold chosen on one half of the held-out records
         (best F1) with the precision and recall it gets on the other half. `detail` (for `fl-llm
-        compare`) adds the reliability bins and a bootstrap interval of the headline metric."""
+        compare`) adds the reliability bins and a bootstrap interval of the headline metric. The
+        instruction task: `generate` (or `detail`) answers the held-out prompts by generation."""
         t0 = time.perf_counter()
         self._load_global(global_state, base)
+        if self.task.generative:
+            result = self._evaluate_answers(generate or detail)
+            result["eval_seconds"] = time.perf_counter() - t0
+            return result
         out = evaluate_model(
             self.model,
             self.eval_set,
@@ -99,6 +106,56 @@ class Evaluation:
 
             result["interval"] = list(bootstrap_interval(labels, scores, headline, rng))
         result["eval_seconds"] = time.perf_counter() - t0
+        return result
+
+    def _evaluate_answers(self, generate: bool) -> dict:
+        """A conversation task: loss and perplexity of the reference answers; with `eval.choices`
+        the answer's probability (choice accuracy, AUC); with `generate` the generated answers'
+        exact match, token F1, ROUGE-L and chrF, overall and per skill, and sample generations
+        where allowed (not under record-level DP unless `eval.samples_under_dp`)."""
+        from fl_llm.generation import generate_answers
+        from fl_llm.metrics import roc_auc
+        from fl_llm.text_metrics import by_tag
+
+        enc, ev = self.eval_set, self.cfg.eval
+        out = evaluate_model(
+            self.model,
+            enc,
+            answer_ids=self.answer_ids,
+            batch_size=self.cfg.client.eval_batch_size,
+            device=self.device,
+            pad_id=self.pad_id,
+        )
+        loss = out["loss_sum"] / max(out["tokens"], 1)
+        result = {"eval_loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "num_eval": len(enc)}
+        if self.answer_ids:
+            labels, probs = enc.labels, out["probs"]
+            scored = labels >= 0  # references that are one of the choices
+            if scored.any():
+                result["choice_accuracy"] = float((probs[scored].argmax(1) == labels[scored]).mean())
+                if probs.shape[1] == 2 and len(set(labels[scored].tolist())) == 2:
+                    result["auc"] = roc_auc(labels[scored], probs[scored, 1])
+        if not generate:
+            return result
+        n = ev.generate_examples or len(enc)
+        seed = int(platform_rng(self.cfg.seed, 0, self.id, 0x6E).integers(2**31))
+        answers = generate_answers(
+            self.model,
+            self.tokenizer,
+            enc.prompts[:n],
+            settings=ev,
+            batch_size=self.cfg.client.eval_batch_size,
+            device=self.device,
+            seed=seed,
+        )
+        result.update(by_tag(answers, enc.references[:n], enc.tags[:n]))
+        result["num_generated"] = len(answers)
+        private = self.cfg.privacy.dp.level == "record" and not ev.samples_under_dp
+        if ev.samples and not private:
+            result["samples"] = [
+                {"prompt": self.tokenizer.decode(p, skip_special_tokens=False), "reference": r, "answer": a}
+                for p, r, a in zip(enc.prompts[: ev.samples], enc.references, answers)
+            ]
         return result
 
     def _calibration(self, labels: np.ndarray, scores: np.ndarray, detail: bool) -> dict:
@@ -134,6 +191,8 @@ def evaluate_model(
             logits, targets = _forward(model, batch, device)
             loss_sum += float(_answer_loss(logits, targets, "sum", words))
             tokens += int((targets != IGNORE).sum())
+            if not answer_ids and "keep" in batch:  # a conversation without choices: the loss only
+                continue
             if "keep" in batch:
                 rows = torch.arange(len(idx), device=logits.device)
                 pos = torch.from_numpy(batch["score_idx"]).to(logits.device)
@@ -141,7 +200,7 @@ def evaluate_model(
             else:
                 answer_logits = logits
             probs.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
-    return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs)}
+    return {"loss_sum": loss_sum, "tokens": tokens, "probs": np.concatenate(probs) if probs else None}
 
 
 def example_losses(

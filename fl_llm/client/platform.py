@@ -90,6 +90,7 @@ class Platform(Evaluation):
         from fl_llm.client.model_setup import build_model
         from fl_llm.data import sources
         from fl_llm.data.batching import answer_token_ids, encode
+        from fl_llm.data.chat import choice_token_ids, encode_chat
         from fl_llm.errors import UserError
 
         problem = device_problem(self.cfg, self.device)
@@ -108,8 +109,15 @@ class Platform(Evaluation):
         verbalizer = self.cfg.client.loss == "verbalizer"
         self.loss_words = self.answer_ids if verbalizer else None  # None: the whole vocabulary
         max_len = self.cfg.model.max_length
-        self.train_set = encode(data.train, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
-        self.eval_set = encode(data.eval, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
+        if self.task.generative:  # conversations: every assistant turn trained, answers generated
+            choices = self.cfg.eval.choices
+            self.answer_ids = choice_token_ids(choices, self.tokenizer)
+            room = self.cfg.eval.max_new_tokens
+            self.train_set = encode_chat(data.train, self.tokenizer, max_len, choices=choices)
+            self.eval_set = encode_chat(data.eval, self.tokenizer, max_len, prompt_room=room, choices=choices)
+        else:
+            self.train_set = encode(data.train, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
+            self.eval_set = encode(data.eval, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
         if len(self.train_set) == 0 or len(self.eval_set) == 0:
             raise UserError(
                 f"platform {self.name!r} has {len(self.train_set)} training and {len(self.eval_set)} "
@@ -148,15 +156,16 @@ class Platform(Evaluation):
         """Aggregate facts the driver may know: sizes (and, without DP, label balance). Never records."""
         if self.user_error:
             return {"platform": self.id, "name": self.name, "user_error": self.user_error}
-        counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
         facts = {"platform": self.id, "name": self.name, "num_train": len(self.train_set)}
-        facts.update(num_eval=len(self.eval_set), label_counts=counts.tolist(), device=str(self.device))
-        facts["train_positive_rate"] = float(counts[-1] / max(counts.sum(), 1))
+        facts.update(num_eval=len(self.eval_set), device=str(self.device))
+        if self.task.verbalizer:  # a yes/no or multi-class task: its label balance
+            counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
+            facts.update(label_counts=counts.tolist(), train_positive_rate=float(counts[-1] / max(counts.sum(), 1)))
+            warnings = balance_warnings(self.name, self.task.verbalizer, self.train_set.labels, self.eval_set.labels)
+            if warnings:
+                facts["warnings"] = warnings
         if self.dp_noise or self.dp_sample_rate:
             facts.update(dp_sample_rate=self.dp_sample_rate, dp_noise_multiplier=self.dp_noise)
-        warnings = balance_warnings(self.name, self.task.verbalizer, self.train_set.labels, self.eval_set.labels)
-        if warnings:
-            facts["warnings"] = warnings
         return self._release(facts, 0, "describe")
 
     def initial_adapter(self) -> AdapterState:

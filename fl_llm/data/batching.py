@@ -1,4 +1,5 @@
-"""Tokenize prompt + answer, pad on the left, and keep the loss to the answer tokens.
+"""Tokenize prompt + answer, pad on the left, and keep the loss to the answer tokens (for a
+conversation: to every assistant turn, `fl_llm.data.chat`).
 
 Prompt and answer are tokenized separately and concatenated, so the answer's first token is
 always the verbalizer's own token (no merge across the boundary) and the score position — the last
@@ -31,9 +32,24 @@ class Encoded:
     labels: np.ndarray  # the task label of each row
     groups: np.ndarray | None = None  # candidate-list id of each row, for ranking metrics
     kind: str = "causal_lm"
+    # Conversations (`fl_llm.data.chat`): which tokens of each row are trained on (every assistant
+    # turn); None: the last `answer_len` tokens. Then `answer_len` counts from the last turn's start.
+    target_mask: list[np.ndarray] | None = None
+    # Held-out conversations: the prompt of each row's last assistant turn (generation input), the
+    # reference answer text and a tag (the record's skill) for per-skill metrics.
+    prompts: list[np.ndarray] | None = None
+    references: list[str] | None = None
+    tags: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def targets(self, i: int) -> np.ndarray:
+        """Positions of row `i`'s trained tokens (each predicted from the position before it)."""
+        if self.target_mask is not None:
+            return np.flatnonzero(self.target_mask[i])
+        n = len(self.input_ids[i])
+        return np.arange(n - int(self.answer_len[i]), n)
 
 
 def answer_token_ids(task: Task, tokenizer) -> list[int]:
@@ -96,19 +112,18 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]
             mask[j, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask, "targets": enc.labels[idx]}
     alen = enc.answer_len[idx]
-    keep = int(alen.max()) + 1
+    spans = [enc.targets(int(i)) for i in idx]
+    # The window holds every trained position: from the earliest target of any row to the end.
+    keep = max(len(r) - int(t[0]) if len(t) else int(a) for r, t, a in zip(rows, spans, alen)) + 1
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
-    for j, r in enumerate(rows):
+    targets = np.full((len(rows), keep), IGNORE, dtype=np.int64)
+    for j, (r, t) in enumerate(zip(rows, spans)):
         ids[j, width - len(r) :] = r
         mask[j, width - len(r) :] = 1
+        # window position m predicts the row's token t = len(r) - keep + m + 1
+        targets[j, keep - len(r) + t - 1] = r[t]
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    # Window position m predicts token width-keep+m+1; answer tokens are the last alen of each row.
-    nxt = np.concatenate([ids[:, width - keep + 1 :], np.full((len(rows), 1), pad_id)], axis=1)
-    m = np.arange(keep)[None, :]
-    is_answer = m >= (keep - 1 - alen[:, None])
-    is_answer &= m < keep - 1
-    targets = np.where(is_answer, nxt, IGNORE)
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -152,13 +167,12 @@ def pack(enc: Encoded, idx: np.ndarray, pad_id: int, row_len: int) -> dict[str, 
     for r, members in enumerate(bins):
         c = 0
         for i in members:
-            tokens, n, a = enc.input_ids[i], len(enc.input_ids[i]), int(enc.answer_len[i])
+            tokens, n, t = enc.input_ids[i], len(enc.input_ids[i]), enc.targets(i)
             ids[r, c : c + n] = tokens
             positions[r, c : c + n] = np.arange(n)
-            for j in range(a):  # position c+n-1-a+j predicts answer token n-a+j
-                rows.append(r)
-                cols.append(c + n - 1 - a + j)
-                targets.append(tokens[n - a + j])
+            rows.extend([r] * len(t))  # position c+t-1 predicts the example's token t
+            cols.extend((c + t - 1).tolist())
+            targets.extend(tokens[t].tolist())
             c += n
         positions[r, c:] = np.arange(width - c)  # the padding: a segment of its own, no targets
     return {
@@ -183,9 +197,9 @@ def flatten(enc: Encoded, idx: np.ndarray) -> dict[str, np.ndarray]:
     positions = np.concatenate([np.arange(n) for n in lengths])[None].astype(np.int64)
     cols, targets, c = [], [], 0
     for i, n in zip(members, lengths):
-        tokens, a = enc.input_ids[i], int(enc.answer_len[i])
-        cols.extend(c + n - 1 - a + j for j in range(a))
-        targets.extend(tokens[n - a + j] for j in range(a))
+        tokens, t = enc.input_ids[i], enc.targets(i)
+        cols.extend((c + t - 1).tolist())
+        targets.extend(tokens[t].tolist())
         c += n
     return {
         "input_ids": ids,

@@ -1,7 +1,8 @@
 """Where a platform's records come from. Called inside that platform's own process only.
 
 Two sources:
-- `synthetic`: the seeded e-commerce world (`data/synthetic.py`), any of the four tasks;
+- `synthetic`: the seeded e-commerce world (`data/synthetic.py`, and `data/instructions.py` for
+  the shop assistant's conversations), any of the tasks;
 - `files`: your own JSONL / JSON / CSV (also .gz) / Parquet files read with `datasets`, or Excel
   workbooks (.xlsx, one sheet) read with pandas — one file per platform, or one file split by a
   column, or pooled files re-split by a partitioner.
@@ -29,6 +30,7 @@ import numpy as np
 
 from fl_llm.config import RunConfig
 from fl_llm.data import partition, synthetic
+from fl_llm.data.instructions import instruction_records
 from fl_llm.data.tasks import Task, resolve_task
 from fl_llm.errors import UserError
 
@@ -73,7 +75,12 @@ def _generate(cfg: RunConfig, world, p: int, n: int, split: str) -> list[dict]:
         return synthetic.recommendation_records(
             world, p, n, liked=syn.history_liked, disliked=syn.history_disliked, split=split
         )
-    generators = {"ctr": synthetic.ctr_records, "fraud": synthetic.fraud_records, "review": synthetic.review_records}
+    generators = {
+        "ctr": synthetic.ctr_records,
+        "fraud": synthetic.fraud_records,
+        "review": synthetic.review_records,
+        "instruction": instruction_records,
+    }
     return generators[task](world, p, n, split=split)
 
 
@@ -255,8 +262,31 @@ def read_table(path: str | Path, sheet: str | None = None) -> list[dict]:
     return ds.to_list()
 
 
+def _to_conversations(rows: list[dict], cfg: RunConfig, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """The instruction task: each row as chat messages (`fl_llm.data.chat.to_messages`; columns
+    renamed by data.files.columns, e.g. {messages: conversation}), with its `skill` column when it
+    has one (per-skill metrics) and the columns a split needs."""
+    from fl_llm.data.chat import to_messages
+
+    rename = {col: field for field, col in cfg.data.files.columns.items()}
+    out = []
+    for i, row in enumerate(rows, 1):
+        named = {rename.get(k, k): v for k, v in row.items()}
+        rec = {"messages": to_messages(named, f"data file {path!r}, row {i}")}
+        if named.get("skill") is not None:
+            rec["skill"] = str(named["skill"])
+        for c in extra:
+            if c not in row:
+                raise UserError(f"data file {path!r}: no column {c!r}; its columns are {', '.join(rows[0])}")
+            rec[c] = row[c]
+        out.append(rec)
+    return out
+
+
 def _to_records(rows: list[dict], cfg: RunConfig, task: Task, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """Rename columns to template fields, check every needed value, map labels to indices."""
+    if task.generative:
+        return _to_conversations(rows, cfg, path, extra)
     f = cfg.data.files
     fields = task.fields()
     column_of = {field: f.columns.get(field, field) for field in fields}

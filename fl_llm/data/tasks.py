@@ -6,6 +6,9 @@ by the probability it gives each answer's first token at the end of the prompt (
 yes/no task); a sequence classifier by its class probabilities. Templates and answer words can be
 replaced from the config (`data.template`, `data.verbalizer`); add a task by registering another
 `Task` in `TASKS`.
+
+`instruction` is the generative one: its records are conversations (`fl_llm.data.chat`), it
+trains on every assistant turn and is judged by what the model generates (`fl_llm.text_metrics`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Task:
     metrics: Callable[..., dict[str, float]]
     primary: str  # the metric that headlines progress lines and comparisons
     label_field: str = "label"
+    generative: bool = False  # conversations judged by generation (no template, no verbalizer)
 
     def prompt(self, record: dict) -> str:
         return self.template.format(**record)
@@ -102,6 +106,16 @@ TASKS: dict[str, Task] = {
             verbalizer=(" No", " Yes"),
             metrics=_review_metrics,
             primary="macro_f1",
+        ),
+        Task(
+            name="instruction",
+            description="answer the conversation's last turn (chat messages, Alpaca or prompt/completion records); "
+            "judged by generation: exact match, token F1, ROUGE-L, chrF, and loss / perplexity of the references",
+            template="",
+            verbalizer=(),
+            metrics=lambda *a, **k: {},
+            primary="exact_match",
+            generative=True,
         ),
     )
 }

@@ -4,7 +4,7 @@ Byte-level means no text is ever unknown: every UTF-8 byte has a token, so Chine
 emoji and prices all encode. The merges were learned once from e-commerce text (synthetic
 prompts, English recommendation prompts, Chinese product reviews) and ship inside the package as
 `builtin_tokenizer.json`, so no process ever downloads or re-trains it and every platform has the
-identical vocabulary.
+identical vocabulary. Its chat template is `fl_llm.data.chat.DEFAULT_CHAT_TEMPLATE`.
 
 Rebuild it (only when changing the corpus; the file is committed):
 
@@ -27,8 +27,11 @@ def load_builtin_tokenizer():
     """A `PreTrainedTokenizerFast` from the shipped file; works offline."""
     from transformers import PreTrainedTokenizerFast
 
+    from fl_llm.data.chat import DEFAULT_CHAT_TEMPLATE
+
     tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), **SPECIAL_TOKENS)
     tok.padding_side = "right"
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE  # conversations (data.task=instruction)
     return tok
 
 

@@ -77,7 +77,7 @@ ARGS: dict[str, list[tuple[str, str]]] = {
     "initial_adapter": [],
     "train": [("global_state", "state"), ("round_", "int>0"), ("attempt", "int>=0"), ("budget_s", "num?"),
               ("control", "state?"), ("base", "dict?"), ("secagg", "dict?")],
-    "evaluate": [("global_state", "state"), ("base", "dict?"), ("detail", "bool")],
+    "evaluate": [("global_state", "state"), ("base", "dict?"), ("detail", "bool"), ("generate", "bool")],
     "commit": [("round_", "int>0")],
     "save_state": [("round_", "int>=0"), ("keep", "int>0")],
     "load_state": [("round_", "int>=0")],
@@ -264,7 +264,8 @@ class PlatformService:
 
     def _effective(self, job: RunConfig) -> RunConfig:
         """The job as this platform runs it: the coordinator's training settings, this
-        organisation's data, model files, device, state dir, Ray and fault settings — the
+        organisation's data, model files, device, state dir, Ray and fault settings and its
+        consent to sample generations under DP (eval.samples_under_dp) — the
         coordinator names no path on this platform's machine."""
         own = self.own
         if is_builtin(own.model) != is_builtin(job.model):
@@ -275,9 +276,12 @@ class PlatformService:
             )
         client = dataclasses.replace(job.client, device=own.client.device, state_dir=str(self.state_dir))
         model = dataclasses.replace(job.model, name_or_path=own.model.name_or_path, init_adapter=None)
+        # whether its held-out prompts may leave as sample generations under DP is its own call
+        evaluation = dataclasses.replace(job.eval, samples_under_dp=own.eval.samples_under_dp)
         return dataclasses.replace(
             job,
             model=model,
+            eval=evaluation,
             data=own.data,
             client=client,
             ray=own.ray,

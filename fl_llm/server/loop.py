@@ -31,6 +31,7 @@ import numpy as np
 from fl_llm import checkpoint
 from fl_llm.client.api import PlatformAPI
 from fl_llm.config import RunConfig
+from fl_llm.generation import generation_due
 from fl_llm.progress import Progress
 from fl_llm.server.backends import Collected
 from fl_llm.server.federation import Federation
@@ -81,6 +82,7 @@ class Round:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     excluded: dict[int, str] = field(default_factory=dict)
+    samples: dict[str, list] = field(default_factory=dict)  # sample generations by platform name
 
 
 def run(cfg: RunConfig, run_dir: Path, progress: Progress | None = None, resume: bool = False, on_started=None) -> dict:
@@ -263,11 +265,13 @@ def _evaluate(r: Run, fed: Federation, rs: Round) -> Collected:
     fed.downlink.send(in_run)
     for i in in_run:
         fed.downlink.add(i, fed.merges.payload_bytes(i))
+    generate = generation_due(r.cfg, rs.rnd)  # the instruction task: answers by generation
     evals = r.backend.call_each(
-        {i: (r.handle, fed.merges.payload(i)) for i in in_run},
+        {i: (r.handle, fed.merges.payload(i), False, generate) for i in in_run},
         PlatformAPI.evaluate,
         timeout_s=r.cfg.server.round_timeout_s,
     )
+    rs.samples = {r.names[i]: e.pop("samples") for i, e in evals.results.items() if "samples" in e}
     fed.merges.confirm(evals.results)
     rs.restarted += _restart(r.backend, evals.dead, fed)
     rs.secs["evaluate"] = time.monotonic() - t
@@ -309,6 +313,7 @@ def _record(r: Run, fed: Federation, rs: Round, result, dp_stats: dict, evals: C
             rank=max(r.ranks),
             frozen=checkpoint.freeze(fed.to_checkpoint(elapsed, r.history)) if due else None,
             record=record,
+            samples=rs.samples,
         )
     )
     r.trackers.round(record)

@@ -120,9 +120,13 @@ _NOT_METRICS = {
 }
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and value == value  # not None (a round without it), not NaN
+
+
 def run_summary(cfg, primary, rd, history, fed, info, wall) -> dict:
     last = history[-1] if history else {}
-    best = max(history, key=lambda r: r.get(primary) if r.get(primary) == r.get(primary) else -1, default={})
+    best = max(history, key=lambda r: r[primary] if _number(r.get(primary)) else -1, default={})
     names = {i: p["name"] for i, p in info.items()}
     return {
         "name": cfg.name,

@@ -49,18 +49,25 @@ class RoundWriter:
             self._pool.shutdown(wait=True)
 
 
-def write_round(cfg, rd: RunDir, rnd: int, *, model, deltas, base_name, rank, frozen, record) -> None:
+def write_round(cfg, rd: RunDir, rnd: int, *, model, deltas, base_name, rank, frozen, record, samples=None) -> None:
     """Round `rnd`'s files, on the writer thread: exactly what was evaluated — the global adapter
     (standard PEFT; None for FedSA, whose platforms wrote their own) and, once merges exist, the
     base weights with them folded in (built-in model: base_model/; otherwise
     base_delta.safetensors) — then the checkpoint, then the metrics line: a crash in between is
-    redone from the checkpoint."""
+    redone from the checkpoint. `samples`: the platforms' sample generations, appended to
+    samples.jsonl (one line per platform and round)."""
     if model is not None:
         save_adapter(model, cfg.model, rd.adapter, base_name, rank=rank)
     if deltas is not None:
         save_base_deltas(cfg, rd, deltas)
     if frozen is not None:
         checkpoint.write(rd.checkpoints, rnd, frozen, keep=cfg.checkpoint.keep)
+    if samples:
+        import json
+
+        with open(rd.path / "samples.jsonl", "a", encoding="utf-8") as f:
+            for name, rows in samples.items():
+                f.write(json.dumps({"round": rnd, "platform": name, "samples": rows}, ensure_ascii=False) + "\n")
     rd.log_round(record)
 
 

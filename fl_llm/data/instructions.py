@@ -1,0 +1,195 @@
+"""Shop-assistant conversations in the synthetic world: skills every platform shares, and its own policies.
+
+Each platform (a company of `synthetic.make_world`) sells from the shared catalog with its own
+category mix, and has its own policies — return windows (shorter for electronics), a free-shipping
+threshold and fee, a warranty, a greeting in its own tone. Its assistant's conversations open with
+a system message naming the platform and ask, in English or Chinese (each platform its own mix):
+
+- `attribute` (shared): a product card, then "what is its brand / colour / category?" —
+  sometimes a follow-up question in a second turn;
+- `title` (shared): a title (brand, colour, category) written from attributes listed in random
+  order;
+- `qa` (shared): "does it come in <colour>?" answered from the card;
+- `policy` (the platform's own): returns, shipping for an order amount, warranty — answered with
+  the platform's greeting and its numbers.
+
+Every answer is a deterministic function of the conversation, so exact match is meaningful; a
+federated model can learn the shared skills from everyone's data, while each platform's policy
+answers are its own (the system message says whose). Records carry `skill` and `lang` for
+per-skill metrics. As in `synthetic`, a platform only ever draws its own records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fl_llm.data.synthetic import CATEGORIES, World, _sample_items
+
+COLORS = ("red", "blue", "black", "white", "green", "pink", "grey", "yellow")
+COLORS_ZH = ("红色", "蓝色", "黑色", "白色", "绿色", "粉色", "灰色", "黄色")
+CATEGORIES_ZH = ("运动鞋", "连衣裙", "手机", "笔记本电脑", "耳机", "护肤品", "零食", "咖啡", "玩具", "图书", "家具", "户外用品")
+ELECTRONICS = frozenset({"phones", "laptops", "headphones"})
+GREETINGS = (
+    ("Hi lovely!", "亲爱的，"),
+    ("Hello, tech fan.", "科技达人您好，"),
+    ("Dear customer,", "尊敬的顾客，"),
+    ("Hey champ!", "冠军你好！"),
+    ("Hello, reader.", "读者您好，"),
+    ("Hi there, parent!", "家长您好，"),
+)
+ZH_SHARE = (0.25, 0.5, 0.35, 0.6, 0.3, 0.45)  # Chinese conversations on each platform archetype
+SKILLS = ("attribute", "title", "qa", "policy")
+SKILL_MIX = (0.25, 0.25, 0.2, 0.3)
+
+
+def item_color(world: World, items: np.ndarray) -> np.ndarray:
+    """Each catalog item's colour, fixed by the world's seed."""
+    rng = np.random.default_rng([world.seed, 0xC010])
+    return rng.integers(0, len(COLORS), size=world.item_category.size)[items]
+
+
+def policies(world: World, platform: int) -> dict:
+    """A platform's own policies: distinct numbers on each of the first platforms."""
+    rng = np.random.default_rng([world.seed, 0xB011])
+    pick = {
+        "return_days": rng.permutation([30, 7, 60, 14, 90, 45]),
+        "return_days_electronics": rng.permutation([15, 10, 7, 30, 20, 5]),
+        "free_over": rng.permutation([25, 49, 35, 99, 59, 75]),
+        "fee": rng.permutation([5, 8, 4, 6, 9, 3]),
+        "warranty_months": rng.permutation([12, 24, 6, 36, 18, 3]),
+    }
+    out = {k: int(v[platform % len(v)]) for k, v in pick.items()}
+    out["greeting"], out["greeting_zh"] = GREETINGS[platform % len(GREETINGS)]
+    return out
+
+
+def _card(fields: dict, zh: bool) -> str:
+    if zh:
+        return (
+            f"商品卡片：品牌 {fields['brand']}；类别 {fields['category_zh']}；颜色 {fields['color_zh']}；"
+            f"价格 {fields['price']}美元；评分 {fields['rating']}。"
+        )
+    return (
+        f"Product card: brand {fields['brand']}; category {fields['category']}; color {fields['color']}; "
+        f"price ${fields['price']}; rating {fields['rating']}."
+    )
+
+
+_ATTR_EN = {"brand": "brand", "color": "color", "category": "category"}
+_ATTR_ZH = {"brand": "品牌", "color": "颜色", "category": "类别"}
+
+
+def _value(fields: dict, attr: str, zh: bool) -> str:
+    return str(fields[f"{attr}_zh"] if zh and attr != "brand" else fields[attr])
+
+
+def _attribute(fields, zh, rng) -> list[dict]:
+    attrs = rng.permutation(list(_ATTR_EN))
+    turns = 2 if rng.random() < 0.3 else 1
+    msgs = []
+    for t in range(turns):
+        attr = str(attrs[t])
+        if zh:
+            q = f"{_card(fields, zh)}\n这件商品的{_ATTR_ZH[attr]}是什么？" if t == 0 else f"那{_ATTR_ZH[attr]}呢？"
+        else:
+            q = f"{_card(fields, zh)}\nWhat is the {attr} of this product?" if t == 0 else f"And the {attr}?"
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": _value(fields, attr, zh)}]
+    return msgs
+
+
+def _title(fields, zh, rng) -> list[dict]:
+    order = rng.permutation(["brand", "category", "color"])
+    if zh:
+        listed = "；".join(f"{_ATTR_ZH[k]} {_value(fields, k, zh)}" for k in order)
+        q = f"根据这些属性写一个商品标题：{listed}"
+        a = f"{fields['brand']}{fields['color_zh']}{fields['category_zh']}"
+    else:
+        listed = "; ".join(f"{k} {fields[k]}" for k in order)
+        q = f"Write a product title from these attributes: {listed}"
+        a = f"{fields['brand']} {fields['color']} {fields['category']}"
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def _qa(fields, zh, rng) -> list[dict]:
+    same = rng.random() < 0.5
+    asked = fields["color_index"] if same else int((fields["color_index"] + rng.integers(1, len(COLORS))) % len(COLORS))
+    if zh:
+        q = f"{_card(fields, zh)}\n有{COLORS_ZH[asked]}的吗？"
+        a = f"有，这款是{fields['color_zh']}。" if same else f"没有，这款是{fields['color_zh']}。"
+    else:
+        q = f"{_card(fields, zh)}\nDoes it come in {COLORS[asked]}?"
+        a = f"Yes, it comes in {fields['color']}." if same else f"No, it comes in {fields['color']}."
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def _policy(fields, zh, rng, pol: dict) -> list[dict]:
+    kind = rng.integers(3)
+    hi = pol["greeting_zh"] if zh else pol["greeting"]
+    if kind == 0:
+        electronic = fields["category"] in ELECTRONICS
+        days = pol["return_days_electronics"] if electronic else pol["return_days"]
+        if zh:
+            return [
+                {"role": "user", "content": f"{fields['category_zh']}可以在几天内退货？"},
+                {"role": "assistant", "content": f"{hi}可以在{days}天内退货。"},
+            ]
+        return [
+            {"role": "user", "content": f"How many days do I have to return the {fields['category']}?"},
+            {"role": "assistant", "content": f"{hi} You can return it within {days} days."},
+        ]
+    if kind == 1:
+        amount = int(rng.integers(5, 150))
+        free = amount >= pol["free_over"]
+        if zh:
+            a = f"{hi}满{pol['free_over']}美元包邮，这单免运费。" if free else f"{hi}满{pol['free_over']}美元包邮，这单运费{pol['fee']}美元。"
+            return [{"role": "user", "content": f"我的订单{amount}美元，包邮吗？"}, {"role": "assistant", "content": a}]
+        a = (
+            f"{hi} Orders from ${pol['free_over']} ship free, so this one does."
+            if free
+            else f"{hi} Orders from ${pol['free_over']} ship free; this one pays ${pol['fee']}."
+        )
+        return [{"role": "user", "content": f"Is shipping free for my ${amount} order?"}, {"role": "assistant", "content": a}]
+    months = pol["warranty_months"]
+    if zh:
+        return [
+            {"role": "user", "content": f"{fields['category_zh']}保修多久？"},
+            {"role": "assistant", "content": f"{hi}保修{months}个月。"},
+        ]
+    return [
+        {"role": "user", "content": f"What warranty comes with the {fields['category']}?"},
+        {"role": "assistant", "content": f"{hi} It comes with {months} months of warranty."},
+    ]
+
+
+def instruction_records(world: World, platform: int, n: int, *, split: str) -> list[dict]:
+    """`n` conversations of one platform's shop assistant (train and eval: different draws)."""
+    rng = np.random.default_rng([world.seed, 0x5EC, platform, {"train": 1, "eval": 2}[split], 5])
+    pol = policies(world, platform)
+    name = world.platform_names[platform]
+    items = _sample_items(world, platform, (n,), rng)
+    colors = item_color(world, items)
+    skills = rng.choice(len(SKILLS), size=n, p=SKILL_MIX)
+    zh_share = ZH_SHARE[platform % len(ZH_SHARE)]
+    rows = []
+    for item, color, skill in zip(items, colors, skills):
+        c = int(world.item_category[item])
+        fields = {
+            "brand": CATEGORIES[c][1][world.item_brand[item]],
+            "category": CATEGORIES[c][0],
+            "category_zh": CATEGORIES_ZH[c],
+            "color": COLORS[color],
+            "color_zh": COLORS_ZH[color],
+            "color_index": int(color),
+            "price": int(round(float(world.item_price[item]))),
+            "rating": f"{world.item_rating[item]:.1f}",
+        }
+        zh = bool(rng.random() < zh_share)
+        system = f"你是{name}的购物助手。" if zh else f"You are the shopping assistant of {name}."
+        kind = SKILLS[skill]
+        turns = _policy(fields, zh, rng, pol) if kind == "policy" else {"attribute": _attribute, "title": _title, "qa": _qa}[
+            kind
+        ](fields, zh, rng)
+        rows.append(
+            {"messages": [{"role": "system", "content": system}, *turns], "skill": kind, "lang": "zh" if zh else "en"}
+        )
+    return rows
