@@ -51,6 +51,7 @@ from fl_llm.compare_report import (
 )
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import POOLED, task_of
+from fl_llm.generation import generation_due
 from fl_llm.model.adapters import starting_adapter
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
@@ -139,12 +140,15 @@ def _compare_one(
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
             local = _local_round(cfg, backend, local, rnd)
-            ev = backend.call_each({i: (local[i],) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout).results
+            gen = generation_due(cfg, rnd)  # the instruction task: answers generated on the run's schedule
+            ev = backend.call_each(
+                {i: (local[i], None, False, gen) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout
+            ).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
             central = _apply(cfg, POOLED, central, _update(pooled.train(central, rnd)))
             pooled.commit(rnd)
-            ev = backend.call(ids, PlatformAPI.evaluate, backend.put(central), timeout_s=timeout).results
+            ev = backend.call(ids, PlatformAPI.evaluate, backend.put(central), None, False, gen, timeout_s=timeout).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
             line = "  ".join(
                 f"{m} {_weighted_average(per_round[m][rnd - 1], sizes_of(per_round[m][rnd - 1]), metric):.3f}"

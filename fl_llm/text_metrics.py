@@ -70,11 +70,12 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
     }
 
 
-def by_tag(predictions: list[str], references: list[str], tags: list[str]) -> dict[str, float]:
-    """`text_metrics` over all pairs, and exact match and token F1 per tag (`exact_match/<tag>`)."""
+def by_tag(predictions: list[str], references: list[str], tags: list[tuple[str, ...]]) -> dict[str, float]:
+    """`text_metrics` over all pairs, and exact match and token F1 per tag (`exact_match/<tag>`);
+    each pair may carry several tags (a skill and a scope)."""
     out = text_metrics(predictions, references)
-    for tag in sorted({t for t in tags if t}):
-        pairs = [(p, r) for p, r, t in zip(predictions, references, tags) if t == tag]
+    for tag in sorted({t for ts in tags for t in ts}):
+        pairs = [(p, r) for p, r, ts in zip(predictions, references, tags) if tag in ts]
         out[f"exact_match/{tag}"] = sum(exact_match(p, r) for p, r in pairs) / len(pairs)
         out[f"token_f1/{tag}"] = sum(token_f1(p, r) for p, r in pairs) / len(pairs)
     return out

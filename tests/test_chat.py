@@ -184,6 +184,7 @@ def test_rouge_l_and_chrf_match_the_libraries():
 def test_metrics_per_skill():
     from fl_llm.text_metrics import by_tag
 
-    got = by_tag(["a", "b", "c"], ["a", "x", "c"], ["title", "title", "policy"])
+    got = by_tag(["a", "b", "c"], ["a", "x", "c"], [("title", "shared"), ("title", "shared"), ("policy",)])
     assert got["exact_match"] == pytest.approx(2 / 3)
     assert got["exact_match/title"] == 0.5 and got["exact_match/policy"] == 1.0
+    assert got["exact_match/shared"] == 0.5 and got["token_f1/shared"] == 0.5

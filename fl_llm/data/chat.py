@@ -154,7 +154,7 @@ def encode_chat(
 ) -> Encoded:
     """Conversations as rows trained on every assistant turn; with each row's generation prompt
     (at most max_length - `prompt_room` tokens), reference answer (the last assistant turn) and
-    tag (`skill`, when the record has one) for generation-based evaluation. The label of a row is
+    tags (its `skill` and `scope`, where the record has them) for generation-based evaluation. The label of a row is
     the index of its reference among `choices` (-1: none of them; 0 without choices)."""
     from fl_llm.text_metrics import normalize
 
@@ -169,7 +169,7 @@ def encode_chat(
         alen.append(a)
         prompts.append(generation_prompt(tokenizer, msgs, max(8, max_length - prompt_room)))
         refs.append(msgs[-1]["content"])
-        tags.append(str(r.get("skill", "")))
+        tags.append(tuple(str(r[k]) for k in ("skill", "scope") if r.get(k)))
         labels.append(choice_of.get(normalize(refs[-1]), -1) if choices else 0)
     return Encoded(
         rows,

@@ -15,8 +15,8 @@ a system message naming the platform and ask, in English or Chinese (each platfo
 
 Every answer is a deterministic function of the conversation, so exact match is meaningful; a
 federated model can learn the shared skills from everyone's data, while each platform's policy
-answers are its own (the system message says whose). Records carry `skill` and `lang` for
-per-skill metrics. As in `synthetic`, a platform only ever draws its own records.
+answers are its own (the system message says whose). Records carry `skill`, `scope` (shared or
+own) and `lang`; metrics are reported per skill and per scope. As in `synthetic`, a platform only ever draws its own records.
 """
 
 from __future__ import annotations
@@ -190,6 +190,11 @@ def instruction_records(world: World, platform: int, n: int, *, split: str) -> l
             kind
         ](fields, zh, rng)
         rows.append(
-            {"messages": [{"role": "system", "content": system}, *turns], "skill": kind, "lang": "zh" if zh else "en"}
+            {
+                "messages": [{"role": "system", "content": system}, *turns],
+                "skill": kind,
+                "scope": "own" if kind == "policy" else "shared",
+                "lang": "zh" if zh else "en",
+            }
         )
     return rows

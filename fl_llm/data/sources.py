@@ -264,8 +264,8 @@ def read_table(path: str | Path, sheet: str | None = None) -> list[dict]:
 
 def _to_conversations(rows: list[dict], cfg: RunConfig, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """The instruction task: each row as chat messages (`fl_llm.data.chat.to_messages`; columns
-    renamed by data.files.columns, e.g. {messages: conversation}), with its `skill` column when it
-    has one (per-skill metrics) and the columns a split needs."""
+    renamed by data.files.columns, e.g. {messages: conversation}), with its `skill` and `scope`
+    columns when it has them (metrics per skill / scope) and the columns a split needs."""
     from fl_llm.data.chat import to_messages
 
     rename = {col: field for field, col in cfg.data.files.columns.items()}
@@ -273,8 +273,9 @@ def _to_conversations(rows: list[dict], cfg: RunConfig, path: str, extra: tuple[
     for i, row in enumerate(rows, 1):
         named = {rename.get(k, k): v for k, v in row.items()}
         rec = {"messages": to_messages(named, f"data file {path!r}, row {i}")}
-        if named.get("skill") is not None:
-            rec["skill"] = str(named["skill"])
+        for tag in ("skill", "scope"):
+            if named.get(tag) is not None:
+                rec[tag] = str(named[tag])
         for c in extra:
             if c not in row:
                 raise UserError(f"data file {path!r}: no column {c!r}; its columns are {', '.join(rows[0])}")

@@ -1,0 +1,184 @@
+"""Federated supervised fine-tuning on conversations, end to end: a 2-round run on Ray (packed
+batches, generation every round), what it writes, `fl-llm generate` reproducing the platforms'
+reported figures from the saved adapter, record-level DP with secure aggregation (no sample
+generations leave), and bring-your-own conversation files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fl_llm.tracking import read_metrics
+from tests.conftest import REPO, SHARED_DATA
+
+SFT = [
+    "data.task=instruction",
+    "data.synthetic.train_examples=[48,40,32]",
+    "data.synthetic.eval_examples=12",
+    "client.local_steps=6",
+    "client.lr=0.01",
+    "client.pack_length=256",
+    "model.max_length=160",
+    "server.rounds=2",
+    "eval.generate_every=1",
+    "eval.generate_examples=0",
+    "eval.max_new_tokens=20",
+    "eval.samples=2",
+    "tracking.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    import ray
+
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = load(None, SFT)
+        run_dir = tmp_path_factory.mktemp("sft")
+        summary = run(cfg, run_dir)
+    finally:
+        ray.shutdown()
+    return cfg, run_dir, summary
+
+
+def test_every_round_reports_generation_metrics_per_platform_and_skill(sft_run):
+    _, run_dir, summary = sft_run
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["metric"] == "exact_match"
+        for key in ("exact_match", "token_f1", "rouge_l", "chrf", "perplexity", "eval_loss"):
+            assert 0 <= row[key] < float("inf"), key
+        for name, p in row["platforms"].items():
+            assert p["num_generated"] == 12 and "samples" not in p
+            skills = {k.split("/")[1] for k in p if k.startswith("exact_match/")}
+            assert skills and skills <= {"attribute", "title", "qa", "policy", "shared", "own"}, name
+    assert rows[-1]["eval_loss"] < summary["initial"]["eval_loss"]  # it learns from the answers
+    assert "exact_match" not in summary["initial"]  # the untrained adapter is not asked to generate
+
+
+def test_sample_generations_are_written_per_platform_and_round(sft_run):
+    _, run_dir, _ = sft_run
+    lines = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted((x["round"], x["platform"]) for x in lines) == sorted(
+        (r, n) for r in (1, 2) for n in ("fashion-mall", "gadget-hub", "home-market")
+    )
+    for x in lines:
+        assert len(x["samples"]) == 2
+        assert {"prompt", "reference", "answer"} == set(x["samples"][0])
+        assert x["samples"][0]["prompt"].endswith("<|bos|>assistant\n")
+
+
+def test_the_saved_adapter_reproduces_a_platforms_reported_figures(sft_run, tmp_path):
+    """`fl-llm generate` (plain transformers + peft, the saved base and adapter) answers the
+    platform's held-out conversations exactly as the platform did when it reported its metrics."""
+    from fl_llm.data.sources import load_platform_data
+    from fl_llm.text_metrics import text_metrics
+
+    cfg, run_dir, _ = sft_run
+    held = load_platform_data(cfg, 1).eval
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in held))
+    out = tmp_path / "answers.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl_llm", "generate", str(run_dir), "--jsonl", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    reported = read_metrics(run_dir)[-1]["platforms"]["gadget-hub"]
+    mine = text_metrics([a["answer"] for a in answers], [a["reference"] for a in answers])
+    for key in ("exact_match", "token_f1", "rouge_l", "chrf"):
+        assert mine[key] == pytest.approx(reported[key], abs=1e-9), key
+    assert f"exact match {reported['exact_match']:.4f} over 12" in proc.stderr
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    last = next(s for s in samples if s["round"] == 2 and s["platform"] == "gadget-hub")["samples"]
+    assert [a["answer"] for a in answers[:2]] == [s["answer"] for s in last]
+
+
+def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp_path):
+    _, run_dir, _ = sft_run
+    cmd = [sys.executable, "-m", "fl_llm", "generate", str(run_dir)]
+    ok = subprocess.run([*cmd, "--system", "You are the shopping assistant of gadget-hub.", "Is shipping free?"],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert ok.returncode == 0 and len(ok.stdout.strip().splitlines()) == 1, ok.stderr[-2000:]
+    for extra, says in (
+        (["--platform", "gadget-hub", "hi"], "no adapter of that platform"),
+        ([], "give PROMPT arguments or --jsonl"),
+        (["--jsonl", str(tmp_path / "missing.jsonl")], "no such file"),
+    ):
+        bad = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert bad.returncode == 2 and says in bad.stderr, (extra, bad.stderr[-1000:])
+    not_a_run = subprocess.run([*cmd[:-1], str(tmp_path), "hi"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert not_a_run.returncode == 2 and "not a run directory" in not_a_run.stderr
+
+
+def test_record_level_dp_with_secure_aggregation_keeps_the_sample_generations_home(tmp_path):
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+
+    extra = ["backend=local", "server.rounds=1", "privacy.dp.level=record", "privacy.target_epsilon=8",
+             "privacy.secagg.enabled=true", "client.pack_length=0"]
+    run(load(None, [*SFT, *extra]), tmp_path / "dp")
+    row = read_metrics(tmp_path / "dp")[0]
+    assert 0 <= row["exact_match"] <= 1 and row["epsilon"] > 0
+    assert not (tmp_path / "dp" / "samples.jsonl").exists()
+
+
+def test_conversation_files_alpaca_and_chat_with_column_mapping(tmp_path):
+    """TALLRec's Alpaca JSON as it ships, and a chat JSONL whose messages column has another name."""
+    from fl_llm.config import load
+    from fl_llm.data.sources import load_platform_data
+
+    cfg = load(str(REPO / "configs" / "tallrec_instruction.yaml"), ["data.files.max_rows=50"])
+    cfg = load(
+        None,
+        [
+            "data.task=instruction", "data.source=files", "data.num_platforms=2", "data.files.max_rows=50",
+            f"data.files.paths=[{SHARED_DATA}/tallrec/movie_valid.json,{SHARED_DATA}/tallrec/book_valid.json]",
+            "eval.choices=[No.,Yes.]",
+        ],
+    )
+    data = load_platform_data(cfg, 1)
+    first = data.train[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"] and first[1]["content"] in ("Yes.", "No.")
+    assert "User Preference" in first[0]["content"] and len(data.train) == 50
+    chat = tmp_path / "shop.jsonl"
+    rows = [{"conversation": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+             "kind": "faq"} for i in range(10)]
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = ["data.task=instruction", "data.source=files", "data.num_platforms=1", f"data.files.paths=[{chat}]"]
+    got = load_platform_data(load(None, [*files, "data.files.columns={messages: conversation, skill: kind}"]), 0)
+    assert got.train[0]["skill"] == "faq" and got.train[0]["messages"][1]["content"].startswith("a")
+    from fl_llm.errors import UserError
+
+    with pytest.raises(UserError, match="needs 'messages'"):
+        load_platform_data(load(None, files), 0)
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["data.task=instruction", "client.loss=verbalizer"], "'client.loss' must be lm"),
+        (["data.task=instruction", "model.kind=seq_cls"], "'model.kind' must be causal_lm"),
+        (["data.task=instruction", "data.verbalizer=[' a',' b']"], "'data.verbalizer' must be unset"),
+        (["eval.choices=[No.,Yes.]"], "applies to data.task=instruction"),
+        (["data.task=instruction", "eval.choices=[Yes.,Yes.]"], "distinct answers"),
+    ],
+)
+def test_settings_that_do_not_fit_the_task_are_refused(overrides, says):
+    from fl_llm.config import load
+    from fl_llm.errors import UserError
+
+    with pytest.raises(UserError, match=says):
+        load(None, overrides)
