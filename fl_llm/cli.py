@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl", metavar="FILE", help="conversations to answer, one JSON record per line")
     p.add_argument("--out", metavar="FILE", help="write the answers here (JSONL with --jsonl) instead of stdout")
     p.add_argument("--system", metavar="TEXT", help="a system message before each PROMPT")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer (default: the run's eval.max_new_tokens)")
+    p.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="longest answer (default: the run's eval.max_new_tokens)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")

@@ -266,7 +266,7 @@ def cmd_generate(ns) -> int:
     )
     out = open(ns.out, "w", encoding="utf-8") if ns.out else sys.stdout
     try:
-        for msgs, ref, answer in zip(conversations, references, answers):
+        for ref, answer in zip(references, answers):
             if ns.jsonl:
                 row = {"answer": answer, **({"reference": ref} if ref is not None else {})}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")

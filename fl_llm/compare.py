@@ -148,7 +148,9 @@ def _compare_one(
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
             central = _apply(cfg, POOLED, central, _update(pooled.train(central, rnd)))
             pooled.commit(rnd)
-            ev = backend.call(ids, PlatformAPI.evaluate, backend.put(central), None, False, gen, timeout_s=timeout).results
+            ev = backend.call(
+                ids, PlatformAPI.evaluate, backend.put(central), None, False, gen, timeout_s=timeout
+            ).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
             line = "  ".join(
                 f"{m} {_weighted_average(per_round[m][rnd - 1], sizes_of(per_round[m][rnd - 1]), metric):.3f}"

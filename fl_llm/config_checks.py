@@ -134,7 +134,9 @@ def _check_instruction(cfg: RunConfig) -> None:
 
     if not TASKS[cfg.data.task].generative:
         if cfg.eval.choices:
-            raise UserError("config key 'eval.choices' applies to data.task=instruction (a yes/no task scores its verbalizer)")
+            raise UserError(
+                "config key 'eval.choices' applies to data.task=instruction (a yes/no task scores its verbalizer)"
+            )
         return
     what = {
         "model.kind": cfg.model.kind != "causal_lm" and "causal_lm (an answer is generated)",

@@ -66,7 +66,8 @@ class CompressionConfig:
 @dataclass
 class EvalConfig:
     generate_every: int = opt(
-        5, "instruction task: generate answers for the held-out prompts every N rounds and at the last (0: last only)",
+        5,
+        "instruction task: generate answers for the held-out prompts every N rounds and at the last (0: last only)",
         ge=0,
     )
     generate_examples: int = opt(

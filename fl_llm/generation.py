@@ -87,7 +87,11 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
             have = sorted(p.name for p in personal.iterdir()) if personal.is_dir() else []
             raise UserError(
                 f"generate --platform {platform!r}: this run has no adapter of that platform "
-                + (f"(it has: {', '.join(have)})" if have else "(only runs with personal adapters, e.g. fedsa, write them)")
+                + (
+                    f"(it has: {', '.join(have)})"
+                    if have
+                    else "(only runs with personal adapters, e.g. fedsa, write them)"
+                )
             )
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"generate {str(run_dir)!r}: no adapter at {str(adapter)!r} (did the run finish a round?)")

@@ -94,7 +94,9 @@ def test_collate_targets_are_the_masked_tokens(tok):
         got = batch["targets"][j][batch["targets"][j] != IGNORE]
         np.testing.assert_array_equal(got, enc.input_ids[j][enc.target_mask[j]])
     packed = pack(enc, np.arange(3), tok.pad_token_id, 512)
-    assert sorted(packed["targets"].tolist()) == sorted(np.concatenate([r[m] for r, m in zip(enc.input_ids, enc.target_mask)]).tolist())
+    assert sorted(packed["targets"].tolist()) == sorted(
+        np.concatenate([r[m] for r, m in zip(enc.input_ids, enc.target_mask)]).tolist()
+    )
 
 
 def test_long_conversations_are_cut_from_the_left_keeping_the_last_answer(tok):

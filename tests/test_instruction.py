@@ -109,8 +109,13 @@ def test_the_saved_adapter_reproduces_a_platforms_reported_figures(sft_run, tmp_
 def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp_path):
     _, run_dir, _ = sft_run
     cmd = [sys.executable, "-m", "fl_llm", "generate", str(run_dir)]
-    ok = subprocess.run([*cmd, "--system", "You are the shopping assistant of gadget-hub.", "Is shipping free?"],
-                        capture_output=True, text=True, cwd=REPO, timeout=300)
+    ok = subprocess.run(
+        [*cmd, "--system", "You are the shopping assistant of gadget-hub.", "Is shipping free?"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert ok.returncode == 0 and len(ok.stdout.strip().splitlines()) == 1, ok.stderr[-2000:]
     for extra, says in (
         (["--platform", "gadget-hub", "hi"], "no adapter of that platform"),
@@ -127,8 +132,14 @@ def test_record_level_dp_with_secure_aggregation_keeps_the_sample_generations_ho
     from fl_llm.config import load
     from fl_llm.server.loop import run
 
-    extra = ["backend=local", "server.rounds=1", "privacy.dp.level=record", "privacy.target_epsilon=8",
-             "privacy.secagg.enabled=true", "client.pack_length=0"]
+    extra = [
+        "backend=local",
+        "server.rounds=1",
+        "privacy.dp.level=record",
+        "privacy.target_epsilon=8",
+        "privacy.secagg.enabled=true",
+        "client.pack_length=0",
+    ]
     run(load(None, [*SFT, *extra]), tmp_path / "dp")
     row = read_metrics(tmp_path / "dp")[0]
     assert 0 <= row["exact_match"] <= 1 and row["epsilon"] > 0
@@ -144,7 +155,10 @@ def test_conversation_files_alpaca_and_chat_with_column_mapping(tmp_path):
     cfg = load(
         None,
         [
-            "data.task=instruction", "data.source=files", "data.num_platforms=2", "data.files.max_rows=50",
+            "data.task=instruction",
+            "data.source=files",
+            "data.num_platforms=2",
+            "data.files.max_rows=50",
             f"data.files.paths=[{SHARED_DATA}/tallrec/movie_valid.json,{SHARED_DATA}/tallrec/book_valid.json]",
             "eval.choices=[No.,Yes.]",
         ],
@@ -154,8 +168,13 @@ def test_conversation_files_alpaca_and_chat_with_column_mapping(tmp_path):
     assert [m["role"] for m in first] == ["user", "assistant"] and first[1]["content"] in ("Yes.", "No.")
     assert "User Preference" in first[0]["content"] and len(data.train) == 50
     chat = tmp_path / "shop.jsonl"
-    rows = [{"conversation": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
-             "kind": "faq"} for i in range(10)]
+    rows = [
+        {
+            "conversation": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "kind": "faq",
+        }
+        for i in range(10)
+    ]
     chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
     files = ["data.task=instruction", "data.source=files", "data.num_platforms=1", f"data.files.paths=[{chat}]"]
     got = load_platform_data(load(None, [*files, "data.files.columns={messages: conversation, skill: kind}"]), 0)
@@ -182,3 +201,19 @@ def test_settings_that_do_not_fit_the_task_are_refused(overrides, says):
 
     with pytest.raises(UserError, match=says):
         load(None, overrides)
+
+
+def test_the_notebook_shows_generations_beside_the_metrics(sft_run, monkeypatch):
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    _, run_dir, _ = sft_run
+    nb = nbformat.read(REPO / "notebooks" / "evaluate.ipynb", as_version=4)
+    monkeypatch.setenv("FL_LLM_RUNS", str(run_dir))
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "round 2, gadget-hub: exact_match" in text and "reference:" in text and "answer:" in text
+    assert "exact_match evaluated now" in text  # the saved adapter, evaluated again with generation

@@ -27,7 +27,20 @@ from fl_llm.data.synthetic import CATEGORIES, World, _sample_items
 
 COLORS = ("red", "blue", "black", "white", "green", "pink", "grey", "yellow")
 COLORS_ZH = ("红色", "蓝色", "黑色", "白色", "绿色", "粉色", "灰色", "黄色")
-CATEGORIES_ZH = ("运动鞋", "连衣裙", "手机", "笔记本电脑", "耳机", "护肤品", "零食", "咖啡", "玩具", "图书", "家具", "户外用品")
+CATEGORIES_ZH = (
+    "运动鞋",
+    "连衣裙",
+    "手机",
+    "笔记本电脑",
+    "耳机",
+    "护肤品",
+    "零食",
+    "咖啡",
+    "玩具",
+    "图书",
+    "家具",
+    "户外用品",
+)
 ELECTRONICS = frozenset({"phones", "laptops", "headphones"})
 GREETINGS = (
     ("Hi lovely!", "亲爱的，"),
@@ -141,14 +154,21 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
         amount = int(rng.integers(5, 150))
         free = amount >= pol["free_over"]
         if zh:
-            a = f"{hi}满{pol['free_over']}美元包邮，这单免运费。" if free else f"{hi}满{pol['free_over']}美元包邮，这单运费{pol['fee']}美元。"
+            a = (
+                f"{hi}满{pol['free_over']}美元包邮，这单免运费。"
+                if free
+                else f"{hi}满{pol['free_over']}美元包邮，这单运费{pol['fee']}美元。"
+            )
             return [{"role": "user", "content": f"我的订单{amount}美元，包邮吗？"}, {"role": "assistant", "content": a}]
         a = (
             f"{hi} Orders from ${pol['free_over']} ship free, so this one does."
             if free
             else f"{hi} Orders from ${pol['free_over']} ship free; this one pays ${pol['fee']}."
         )
-        return [{"role": "user", "content": f"Is shipping free for my ${amount} order?"}, {"role": "assistant", "content": a}]
+        return [
+            {"role": "user", "content": f"Is shipping free for my ${amount} order?"},
+            {"role": "assistant", "content": a},
+        ]
     months = pol["warranty_months"]
     if zh:
         return [
@@ -186,9 +206,11 @@ def instruction_records(world: World, platform: int, n: int, *, split: str) -> l
         zh = bool(rng.random() < zh_share)
         system = f"你是{name}的购物助手。" if zh else f"You are the shopping assistant of {name}."
         kind = SKILLS[skill]
-        turns = _policy(fields, zh, rng, pol) if kind == "policy" else {"attribute": _attribute, "title": _title, "qa": _qa}[
-            kind
-        ](fields, zh, rng)
+        turns = (
+            _policy(fields, zh, rng, pol)
+            if kind == "policy"
+            else {"attribute": _attribute, "title": _title, "qa": _qa}[kind](fields, zh, rng)
+        )
         rows.append(
             {
                 "messages": [{"role": "system", "content": system}, *turns],
