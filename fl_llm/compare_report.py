@@ -86,6 +86,7 @@ def over_seeds(runs: list[dict]) -> dict:
         "federated_wins": int(sum(d > 0 for d in diffs)),
         "gap_closed": _gap_closed(lo, fed, hi),
         "platforms": platforms_over_seeds(runs, metric),
+        "tags": tags_over_seeds(runs),
         "per_seed": runs,
     }
 
@@ -125,6 +126,42 @@ def platforms_over_seeds(runs: list[dict], metric: str) -> dict[str, dict]:
                 }
         out[name] = entry
     return out
+
+
+def tags_over_seeds(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """The instruction task's per-tag figures (`exact_match/shared`, `token_f1/title`, ...) of each
+    arm's final model, per platform: mean and standard deviation over seeds, and federated minus
+    local-only paired by seed. Empty for tasks without tags."""
+    import numpy as np
+
+    arms = [a for a in (*MODES, PERSONAL) if all(a in r.get("detail", {}) for r in runs)]
+    keys = sorted({k for r in runs for d in r.get("detail", {}).get("federated", {}).values() for k in d if "/" in k})
+    out: dict[str, dict[str, dict]] = {}
+    for key in keys:
+        for name in runs[0]["detail"]["federated"]:
+            vals = {a: np.array([r["detail"][a].get(name, {}).get(key, np.nan) for r in runs], float) for a in arms}
+            sd = lambda v: float(np.nanstd(v, ddof=1)) if len(v) > 1 else float("nan")  # noqa: E731
+            entry = {a: [float(np.nanmean(v)), sd(v)] for a, v in vals.items()}
+            if "local" in vals:
+                d = vals["federated"] - vals["local"]
+                entry["federated_minus_local"] = [float(np.nanmean(d)), sd(d)]
+            out.setdefault(key, {})[name] = entry
+    return out
+
+
+def _tag_lines(result: dict) -> list[str]:
+    """Per tag and platform: each arm's mean ± sd over seeds and federated − local-only."""
+    tags = result.get("tags") or {}
+    lines = []
+    for key, per in tags.items():
+        arms = [a for a in next(iter(per.values())) if a != "federated_minus_local"]
+        width = max(12, *(len(n) for n in per))
+        lines.append(f"{key:<{width}}  " + "  ".join(f"{a[:11]:>13}" for a in arms) + "   federated - local")
+        for name, e in per.items():
+            cells = "  ".join(f"{e[a][0]:>6.3f}±{e[a][1]:<6.3f}" for a in arms)
+            d = e.get("federated_minus_local", [float("nan")] * 2)
+            lines.append(f"{name:<{width}}  {cells}   {d[0]:+.3f} ± {d[1]:.3f}")
+    return lines
 
 
 def gap_line(local: float, federated: float, centralized: float, noise: float, what: str) -> str:
@@ -182,6 +219,8 @@ def format_table(result: dict) -> str:
         lines.append("below local-only beyond the intervals: " + (", ".join(below) if below else "none"))
     lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
     lines.append(gap_line(lo, fed, hi, _interval_noise(detail, metric), "held-out bootstrap"))
+    if detail.get("federated"):
+        lines.extend(_tag_lines({"tags": tags_over_seeds([result])}))
     return "\n".join(lines)
 
 
@@ -223,6 +262,7 @@ def _format_seeds_table(result: dict) -> str:
     below = [f"seed {r['seeds'][0]}: {', '.join(r['below_local'])}" for r in runs if r.get("below_local")]
     lines.append("below local-only beyond the intervals: " + ("; ".join(below) if below else "none"))
     lines.extend(_platform_lines(result))
+    lines.extend(_tag_lines(result))
     gaps = np.array(
         [r["modes"]["centralized"]["average"][metric] - r["modes"]["local"]["average"][metric] for r in runs]
     )

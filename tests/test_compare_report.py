@@ -65,3 +65,26 @@ def test_gap_line_states_its_noise_or_why_there_is_no_share():
     none = gap_line(0.70, 0.75, 0.69, 0.02, "x")  # pooling did not help: no ratio, not "-500%"
     assert "no gap to close" in none and "%" not in none.split("(")[0]
     assert "no gap to close" in gap_line(0.70, 0.75, 0.71, 0.02, "x")  # a gap inside the noise
+
+
+def test_per_skill_figures_over_seeds():
+    """The instruction task's per-tag figures: each arm's mean and sd over seeds per platform, and
+    federated minus local-only paired by seed."""
+    from fl_llm.compare_report import _tag_lines, tags_over_seeds
+
+    runs = []
+    for local, fed in ((0.2, 0.5), (0.4, 0.5), (0.3, 0.8)):
+        detail = {
+            a: {"shop": {"exact_match/shared": v, "exact_match": v}}
+            for a, v in (("local", local), ("federated", fed), ("centralized", 0.9), ("personalised", fed))
+        }
+        runs.append({"detail": detail})
+    tags = tags_over_seeds(runs)
+    assert list(tags) == ["exact_match/shared"]
+    e = tags["exact_match/shared"]["shop"]
+    assert e["local"][0] == pytest.approx(0.3) and e["local"][1] == pytest.approx(0.1)
+    assert e["federated"][0] == pytest.approx(0.6)
+    # paired differences 0.3, 0.1, 0.5: mean 0.3, sd 0.2
+    assert e["federated_minus_local"] == pytest.approx([0.3, 0.2])
+    lines = _tag_lines({"tags": tags})
+    assert lines[0].startswith("exact_match/shared") and "+0.300 ± 0.200" in lines[1]
