@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fl_llm import config as config_mod
 from fl_llm.errors import EXIT_USER_ERROR, UserError
+from fl_llm.progress import fmt_value
 
 RUN_HELP = """\
 Run a federated job. CONFIG is a YAML file (default: the embedded default, identical to
@@ -216,7 +217,7 @@ def cmd_run(ns) -> int:
     final, initial, metric = summary["final"], summary["initial"], summary["metric"]
     progress.info(
         f"done in {summary['wall_seconds']:.0f} s: eval loss {initial['eval_loss']:.3f} -> "
-        f"{final['eval_loss']:.3f}, {metric} {initial.get(metric, float('nan')):.3f} -> {final.get(metric, float('nan')):.3f}\n"
+        f"{final['eval_loss']:.3f}, {metric} {fmt_value(initial.get(metric)).strip()} -> {fmt_value(final.get(metric)).strip()}\n"
         f"global adapter (PEFT format): {run_dir / 'adapter'}\nmetrics: {run_dir / 'metrics.jsonl'}"
     )
     return 0

@@ -10,7 +10,7 @@ import sys
 import time
 
 
-def _fmt(x, spec: str = ".3f") -> str:
+def fmt_value(x, spec: str = ".3f") -> str:
     return "  -  " if x is None or x != x else format(x, spec)
 
 
@@ -44,7 +44,8 @@ def platforms_summary(platforms: dict[str, dict], metric: str) -> str:
     """Each platform's eval loss/metric — or, for a large federation, their min, median and max."""
     if len(platforms) <= MAX_LISTED:
         return "  ".join(
-            f"{name} {_fmt(p.get('eval_loss'), '.2f')}/{_fmt(p.get(metric), '.2f')}" for name, p in platforms.items()
+            f"{name} {fmt_value(p.get('eval_loss'), '.2f')}/{fmt_value(p.get(metric), '.2f')}"
+            for name, p in platforms.items()
         )
     import numpy as np
 
@@ -101,8 +102,8 @@ class Progress:
         elif record.get("late") or record.get("failed"):
             note += f"  [late {len(record.get('late', []))}, failed {len(record.get('failed', []))}]"
         self.info(
-            f"round {record['round']:>3}/{total_rounds}  loss {_fmt(record['eval_loss'])}  "
-            f"{metric} {_fmt(record.get(metric))}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "
+            f"round {record['round']:>3}/{total_rounds}  loss {fmt_value(record['eval_loss'])}  "
+            f"{metric} {fmt_value(record.get(metric))}  |  {plats}  |  up {human_bytes(record['bytes_up'])} "
             f"down {human_bytes(record['bytes_down'])}  {record['seconds']['round']:.1f} s{note}"
         )
         for line in incident_lines(record):

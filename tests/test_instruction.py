@@ -106,26 +106,22 @@ def test_the_saved_adapter_reproduces_a_platforms_reported_figures(sft_run, tmp_
     assert [a["answer"] for a in answers[:2]] == [s["answer"] for s in last]
 
 
-def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp_path):
+def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp_path, capsys):
+    from fl_llm.cli import main
+
     _, run_dir, _ = sft_run
-    cmd = [sys.executable, "-m", "fl_llm", "generate", str(run_dir)]
-    ok = subprocess.run(
-        [*cmd, "--system", "You are the shopping assistant of gadget-hub.", "Is shipping free?"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert ok.returncode == 0 and len(ok.stdout.strip().splitlines()) == 1, ok.stderr[-2000:]
+    system = ["--system", "You are the shopping assistant of gadget-hub."]
+    assert main(["generate", str(run_dir), *system, "Is shipping free?", "What warranty comes with the phones?"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
     for extra, says in (
         (["--platform", "gadget-hub", "hi"], "no adapter of that platform"),
         ([], "give PROMPT arguments or --jsonl"),
         (["--jsonl", str(tmp_path / "missing.jsonl")], "no such file"),
     ):
-        bad = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=REPO, timeout=300)
-        assert bad.returncode == 2 and says in bad.stderr, (extra, bad.stderr[-1000:])
-    not_a_run = subprocess.run([*cmd[:-1], str(tmp_path), "hi"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert not_a_run.returncode == 2 and "not a run directory" in not_a_run.stderr
+        assert main(["generate", str(run_dir), *extra]) == 2
+        assert says in capsys.readouterr().err, extra
+    assert main(["generate", str(tmp_path), "hi"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
 
 
 def test_record_level_dp_with_secure_aggregation_keeps_the_sample_generations_home(tmp_path):

@@ -158,7 +158,9 @@ class Platform(Evaluation):
             return {"platform": self.id, "name": self.name, "user_error": self.user_error}
         facts = {"platform": self.id, "name": self.name, "num_train": len(self.train_set)}
         facts.update(num_eval=len(self.eval_set), device=str(self.device))
-        if self.task.verbalizer:  # a yes/no or multi-class task: its label balance
+        if self.task.generative:
+            facts["answers"] = "generated"
+        else:  # a yes/no or multi-class task: its label balance
             counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
             facts.update(label_counts=counts.tolist(), train_positive_rate=float(counts[-1] / max(counts.sum(), 1)))
             warnings = balance_warnings(self.name, self.task.verbalizer, self.train_set.labels, self.eval_set.labels)

@@ -15,7 +15,9 @@ a system message naming the platform and ask, in English or Chinese (each platfo
 
 Every answer is a deterministic function of the conversation, so exact match is meaningful; a
 federated model can learn the shared skills from everyone's data, while each platform's policy
-answers are its own (the system message says whose). Records carry `skill`, `scope` (shared or
+answers are its own (the system message says whose). A value the answer copies from the prompt
+is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and
+"Orbit" different tokens, and copying should not need a spelling lesson. Records carry `skill`, `scope` (shared or
 own) and `lang`; metrics are reported per skill and per scope. As in `synthetic`, a platform only ever draws its own records.
 """
 
@@ -102,11 +104,14 @@ def _attribute(fields, zh, rng) -> list[dict]:
     msgs = []
     for t in range(turns):
         attr = str(attrs[t])
+        value = _value(fields, attr, zh)
         if zh:
             q = f"{_card(fields, zh)}\n这件商品的{_ATTR_ZH[attr]}是什么？" if t == 0 else f"那{_ATTR_ZH[attr]}呢？"
+            a = f"{_ATTR_ZH[attr]}是 {value}。"
         else:
             q = f"{_card(fields, zh)}\nWhat is the {attr} of this product?" if t == 0 else f"And the {attr}?"
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": _value(fields, attr, zh)}]
+            a = f"The {attr} is {value}."
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return msgs
 
 
@@ -115,11 +120,11 @@ def _title(fields, zh, rng) -> list[dict]:
     if zh:
         listed = "；".join(f"{_ATTR_ZH[k]} {_value(fields, k, zh)}" for k in order)
         q = f"根据这些属性写一个商品标题：{listed}"
-        a = f"{fields['brand']}{fields['color_zh']}{fields['category_zh']}"
+        a = f"标题 {fields['brand']} {fields['color_zh']} {fields['category_zh']}"
     else:
         listed = "; ".join(f"{k} {fields[k]}" for k in order)
         q = f"Write a product title from these attributes: {listed}"
-        a = f"{fields['brand']} {fields['color']} {fields['category']}"
+        a = f"Title: {fields['brand']} {fields['color']} {fields['category']}"
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
@@ -128,7 +133,7 @@ def _qa(fields, zh, rng) -> list[dict]:
     asked = fields["color_index"] if same else int((fields["color_index"] + rng.integers(1, len(COLORS))) % len(COLORS))
     if zh:
         q = f"{_card(fields, zh)}\n有{COLORS_ZH[asked]}的吗？"
-        a = f"有，这款是{fields['color_zh']}。" if same else f"没有，这款是{fields['color_zh']}。"
+        a = f"有，这款是 {fields['color_zh']}。" if same else f"没有，这款是 {fields['color_zh']}。"
     else:
         q = f"{_card(fields, zh)}\nDoes it come in {COLORS[asked]}?"
         a = f"Yes, it comes in {fields['color']}." if same else f"No, it comes in {fields['color']}."

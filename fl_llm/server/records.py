@@ -172,6 +172,8 @@ def platform_table(info: dict, resources: dict | None) -> str:
     for i in sorted(info):
         p = info[i]
         positive = f"{p['train_positive_rate']:>9.2f}" if "train_positive_rate" in p else f"{'(kept)':>9}"
+        if p.get("answers") == "generated":  # conversations: no labels to balance
+            positive = f"{'-':>9}"
         lines.append(f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {positive}  {p['device']}")
     if resources and resources.get("platforms_per_host", 1) > 1:
         lines.append(

@@ -17,7 +17,7 @@ from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import save_adapter, starting_adapter, state_nbytes
 from fl_llm.model.build import is_builtin, resolve_name, save_base
-from fl_llm.progress import Progress
+from fl_llm.progress import Progress, fmt_value
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
 from fl_llm.server.federation import Downlink, Federation
@@ -174,7 +174,7 @@ def _start_fresh(r: Run, merge_scale: float) -> Federation:
     fed.initial = global_metrics(initial.results)
     r.progress.info(
         f"round   0/{cfg.server.rounds}  loss {fed.initial['eval_loss']:.3f}  "
-        f"{r.primary} {fed.initial.get(r.primary, float('nan')):.3f}  (before training)"
+        f"{r.primary} {fmt_value(fed.initial.get(r.primary)).strip()}  (before training)"
     )
     return fed
 
