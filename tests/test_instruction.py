@@ -124,7 +124,10 @@ def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp
     assert "not a run directory" in capsys.readouterr().err
 
 
-def test_record_level_dp_with_secure_aggregation_keeps_the_sample_generations_home(tmp_path):
+@pytest.mark.parametrize("allowed", [False, True])
+def test_record_level_dp_with_secure_aggregation_keeps_the_sample_generations_home(tmp_path, allowed):
+    """Generations quote held-out prompts verbatim: under record-level DP they leave the platform
+    only if it allows it (eval.samples_under_dp)."""
     from fl_llm.config import load
     from fl_llm.server.loop import run
 
@@ -135,11 +138,35 @@ def test_record_level_dp_with_secure_aggregation_keeps_the_sample_generations_ho
         "privacy.target_epsilon=8",
         "privacy.secagg.enabled=true",
         "client.pack_length=0",
+        f"eval.samples_under_dp={str(allowed).lower()}",
     ]
     run(load(None, [*SFT, *extra]), tmp_path / "dp")
     row = read_metrics(tmp_path / "dp")[0]
     assert 0 <= row["exact_match"] <= 1 and row["epsilon"] > 0
-    assert not (tmp_path / "dp" / "samples.jsonl").exists()
+    assert (tmp_path / "dp" / "samples.jsonl").exists() == allowed
+
+
+def test_decoding_settings_greedy_is_deterministic_and_sampling_is_seeded(sft_run):
+    import dataclasses
+
+    from fl_llm.data.chat import generation_prompt
+    from fl_llm.data.sources import load_platform_data
+    from fl_llm.generation import generate_answers, load_run_model
+
+    cfg, run_dir, _ = sft_run
+    model, tokenizer, _ = load_run_model(run_dir)
+    prompts = [generation_prompt(tokenizer, r["messages"], 140) for r in load_platform_data(cfg, 0).eval]
+    greedy = cfg.eval
+    hot = dataclasses.replace(greedy, do_sample=True, temperature=2.0, top_p=1.0)
+
+    def answer(settings, seed=0):
+        return generate_answers(model, tokenizer, prompts, settings=settings, batch_size=8, device="cpu", seed=seed)
+
+    assert answer(greedy) == answer(greedy, seed=5)  # greedy ignores the seed
+    assert answer(hot, seed=1) == answer(hot, seed=1)  # sampling is reproducible from its seed
+    assert answer(hot, seed=1) != answer(greedy)
+    full, short = answer(greedy), answer(dataclasses.replace(greedy, max_new_tokens=2))
+    assert all(len(s) <= len(f) for s, f in zip(short, full)) and short != full
 
 
 def test_conversation_files_alpaca_and_chat_with_column_mapping(tmp_path):
