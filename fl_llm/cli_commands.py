@@ -266,12 +266,14 @@ def cmd_generate(ns) -> int:
     )
     out = open(ns.out, "w", encoding="utf-8") if ns.out else sys.stdout
     try:
-        for ref, answer in zip(references, answers):
+        for k, (ref, answer) in enumerate(zip(references, answers), 1):
             if ns.jsonl:
                 row = {"answer": answer, **({"reference": ref} if ref is not None else {})}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
+            elif len(answers) == 1:
                 out.write(f"{answer}\n")
+            else:  # one block per prompt, numbered: an answer may span lines
+                out.write(f"[{k}] " + answer.replace("\n", "\n    ") + "\n")
     finally:
         if ns.out:
             out.close()
