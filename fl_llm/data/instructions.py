@@ -143,47 +143,37 @@ def _qa(fields, zh, rng) -> list[dict]:
 def _policy(fields, zh, rng, pol: dict) -> list[dict]:
     kind = rng.integers(3)
     hi = pol["greeting_zh"] if zh else pol["greeting"]
+    cat = fields["category_zh"] if zh else fields["category"]
     if kind == 0:
         electronic = fields["category"] in ELECTRONICS
         days = pol["return_days_electronics"] if electronic else pol["return_days"]
-        if zh:
-            return [
-                {"role": "user", "content": f"{fields['category_zh']}可以在几天内退货？"},
-                {"role": "assistant", "content": f"{hi}可以在{days}天内退货。"},
-            ]
-        return [
-            {"role": "user", "content": f"How many days do I have to return the {fields['category']}?"},
-            {"role": "assistant", "content": f"{hi} You can return it within {days} days."},
-        ]
-    if kind == 1:
-        amount = int(rng.integers(5, 150))
-        free = amount >= pol["free_over"]
-        if zh:
-            a = (
-                f"{hi}满{pol['free_over']}美元包邮，这单免运费。"
-                if free
-                else f"{hi}满{pol['free_over']}美元包邮，这单运费{pol['fee']}美元。"
-            )
-            return [{"role": "user", "content": f"我的订单{amount}美元，包邮吗？"}, {"role": "assistant", "content": a}]
-        a = (
-            f"{hi} Orders from ${pol['free_over']} ship free, so this one does."
-            if free
-            else f"{hi} Orders from ${pol['free_over']} ship free; this one pays ${pol['fee']}."
+        qa = (
+            (f"{cat}可以在几天内退货？", f"{hi}可以在{days}天内退货。")
+            if zh
+            else (f"How many days do I have to return the {cat}?", f"{hi} You can return it within {days} days.")
         )
-        return [
-            {"role": "user", "content": f"Is shipping free for my ${amount} order?"},
-            {"role": "assistant", "content": a},
-        ]
-    months = pol["warranty_months"]
-    if zh:
-        return [
-            {"role": "user", "content": f"{fields['category_zh']}保修多久？"},
-            {"role": "assistant", "content": f"{hi}保修{months}个月。"},
-        ]
-    return [
-        {"role": "user", "content": f"What warranty comes with the {fields['category']}?"},
-        {"role": "assistant", "content": f"{hi} It comes with {months} months of warranty."},
-    ]
+    elif kind == 1:
+        amount = int(rng.integers(5, 150))
+        over, fee, free = pol["free_over"], pol["fee"], amount >= pol["free_over"]
+        if zh:
+            qa = (
+                f"我的订单{amount}美元，包邮吗？",
+                f"{hi}满{over}美元包邮，" + ("这单免运费。" if free else f"这单运费{fee}美元。"),
+            )
+        else:
+            outcome = "so this one does." if free else f"this one pays ${fee}."
+            qa = (
+                f"Is shipping free for my ${amount} order?",
+                f"{hi} Orders from ${over} ship free" + (", " if free else "; ") + outcome,
+            )
+    else:
+        months = pol["warranty_months"]
+        qa = (
+            (f"{cat}保修多久？", f"{hi}保修{months}个月。")
+            if zh
+            else (f"What warranty comes with the {cat}?", f"{hi} It comes with {months} months of warranty.")
+        )
+    return [{"role": "user", "content": qa[0]}, {"role": "assistant", "content": qa[1]}]
 
 
 def instruction_records(world: World, platform: int, n: int, *, split: str) -> list[dict]:
