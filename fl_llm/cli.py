@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(warm-up, then the peak learning rate; default 1)",
     )
     p.add_argument(
+        "--personal-schedule",
+        choices=("fresh", "continue"),
+        default="fresh",
+        help="the personalised rounds' learning rate: fresh (the schedule's first rounds, as a new local run; "
+        "default) or continue (past the schedule's end, at its final rate: a gentle fine-tune)",
+    )
+    p.add_argument(
         "--strategies",
         metavar="A,B,...",
         help="compare these strategy.name values, the first as the baseline "

@@ -59,7 +59,15 @@ def cmd_compare(ns) -> int:
         if per_strategy:
             compare_strategies(per_strategy, out, progress, seeds=ns.seeds, resume=ns.resume)
         else:
-            compare(cfg, out, progress, seeds=ns.seeds, resume=ns.resume, personal_rounds=ns.personal_rounds)
+            compare(
+                cfg,
+                out,
+                progress,
+                seeds=ns.seeds,
+                resume=ns.resume,
+                personal_rounds=ns.personal_rounds,
+                personal_schedule=ns.personal_schedule,
+            )
     except UserError:
         if not ns.resume:  # never delete the earlier comparison's runs
             replacing.rollback()

@@ -16,7 +16,8 @@ round, on every platform's own held-out split. Writes
 
 A fourth arm, **personalised**, starts from the federated model and trains `personal_rounds`
 more local rounds (`client.local_steps` steps each) on each platform's own data, as a fresh local
-run would start them (the first rounds of the schedule, warm-up included): the lever when one
+run would start them (the first rounds of the schedule, warm-up included) or, with
+`personal_schedule="continue"`, past the schedule's end at its final rate: the lever when one
 global model cannot serve platforms whose data differ. Each arm's budget (optimizer steps and examples per
 platform) is stated in the result. The final models of every arm are evaluated once more with
 detail: a bootstrap interval of the headline metric over each platform's held-out records, the
@@ -78,12 +79,16 @@ def compare(
     seeds: int = 1,
     resume: bool = False,
     personal_rounds: int = 1,
+    personal_schedule: str = "fresh",
 ) -> dict:
     """Local-only vs federated vs centralized (and personalised); over `seeds` seeds (mean and
-    std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read."""
+    std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read.
+    `personal_schedule`: the personalised rounds' learning rate — "fresh" (the schedule's first
+    rounds, as a new local run) or "continue" (past the schedule's end, at its final rate)."""
     progress = progress or Progress(enabled=False)
+    personal = (personal_rounds, personal_schedule)
     if seeds <= 1:
-        return _compare_one(cfg, Path(out_dir), progress, resume, personal_rounds)
+        return _compare_one(cfg, Path(out_dir), progress, resume, personal)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -91,7 +96,7 @@ def compare(
         for s in range(cfg.seed, cfg.seed + seeds):
             progress.info(f"==== seed {s} ({s - cfg.seed + 1} of {seeds}) ====")
             seed_dir = out_dir / f"seed-{s}"
-            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), seed_dir, progress, resume, personal_rounds))
+            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), seed_dir, progress, resume, personal))
     finally:
         progress.close()
     result = over_seeds(runs)
@@ -102,10 +107,11 @@ def compare(
 
 
 def _compare_one(
-    cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False, personal_rounds: int = 1
+    cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False, personal: tuple = (1, "fresh")
 ) -> dict:
     out_dir = Path(out_dir)
-    done = _earlier(cfg, out_dir, personal_rounds) if resume else None
+    personal_rounds, personal_schedule = personal
+    done = _earlier(cfg, out_dir, personal) if resume else None
     if done is not None:
         progress.info(f"== seed {cfg.seed}: compared already ({out_dir / 'comparison.json'}) ==")
         return done
@@ -161,7 +167,7 @@ def _compare_one(
         federated = _federated_final(cfg, out_dir / "federated")
         if federated is not None:
             finals["federated"] = {i: federated for i in ids}
-            finals[PERSONAL] = _personalise(cfg, backend, federated, personal_rounds, progress)
+            finals[PERSONAL] = _personalise(cfg, backend, federated, personal, progress)
         detail = {
             mode: {names[i]: r for i, r in _detailed(backend, states, timeout).items()}
             for mode, states in finals.items()
@@ -174,6 +180,7 @@ def _compare_one(
     result["detail"] = detail
     result["budget"] = budget(cfg, personal_rounds if PERSONAL in detail else 0)
     result["personal_rounds"] = personal_rounds
+    result["personal_schedule"] = personal_schedule
     result["below_local"] = below_local(detail, metric)
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     write_json(out_dir / "comparison.json", result)
@@ -216,13 +223,17 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
     return {k: np.asarray(v) for k, v in checkpoint.load(path, verified=True)[1]["global_state"].items()}
 
 
-def _personalise(cfg: RunConfig, backend, federated: dict, rounds: int, progress: Progress) -> dict:
-    """Each platform's model after `rounds` local rounds from the federated one: rounds 1..P of the
-    schedule, as a fresh local run starts (the warm-up again, then the peak learning rate)."""
+def _personalise(cfg: RunConfig, backend, federated: dict, personal: tuple, progress: Progress) -> dict:
+    """Each platform's model after P local rounds from the federated one: rounds 1..P of the
+    schedule, as a fresh local run starts (the warm-up again, then the peak learning rate) — or,
+    with the "continue" schedule, rounds R+1..R+P: past the schedule's end, at its final rate
+    (lr/10 under cosine), a gentle fine-tune that keeps what federation taught."""
+    rounds, schedule = personal
+    offset = cfg.server.rounds if schedule == "continue" else 0
     states = {i: federated for i in range(cfg.data.num_platforms)}
     for rnd in range(1, rounds + 1):
         progress.phase(f"personalised: local round {rnd}/{rounds} from the federated model")
-        states = _local_round(cfg, backend, states, rnd)
+        states = _local_round(cfg, backend, states, offset + rnd)
     return states
 
 
@@ -277,10 +288,10 @@ def below_local(detail: dict, metric: str) -> list[str]:
     return out
 
 
-def _earlier(cfg: RunConfig, out_dir: Path, personal_rounds: int) -> dict | None:
+def _earlier(cfg: RunConfig, out_dir: Path, personal: tuple) -> dict | None:
     """A finished comparison of this seed in `out_dir`, when its federated run had this config (a
     run with another config is an error naming the setting) and its personalised arm as many
-    rounds (else the seed is compared again, reusing its federated run)."""
+    rounds on the same schedule (else the seed is compared again, reusing its federated run)."""
     import json
 
     from fl_llm.compare_strategies import earlier_run
@@ -289,7 +300,8 @@ def _earlier(cfg: RunConfig, out_dir: Path, personal_rounds: int) -> dict | None
     if not done.is_file() or earlier_run(cfg, out_dir / "federated") != "reuse":
         return None
     result = json.loads(done.read_text())
-    return result if result.get("personal_rounds", 1) == personal_rounds else None
+    had = (result.get("personal_rounds", 1), result.get("personal_schedule", "fresh"))
+    return result if had == tuple(personal) else None
 
 
 def _update(answer: dict) -> dict:

@@ -88,3 +88,33 @@ def test_per_skill_figures_over_seeds():
     assert e["federated_minus_local"] == pytest.approx([0.3, 0.2])
     lines = _tag_lines({"tags": tags})
     assert lines[0].startswith("exact_match/shared") and "+0.300 ± 0.200" in lines[1]
+
+
+def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
+    """--personal-schedule continue: the personalised rounds are R+1..R+P, whose learning rate is
+    the schedule's last (lr/10 under cosine); fresh: rounds 1..P, at the peak rate."""
+    import numpy as np
+
+    from fl_llm.client.train import scheduled_lr
+    from fl_llm.compare import _personalise
+    from fl_llm.config import load
+    from fl_llm.progress import Progress
+    from fl_llm.server.backends import Collected
+
+    asked = []
+
+    class Backend:
+        def call_each(self, args, method, timeout_s):
+            asked.extend(rnd for _, rnd in args.values())
+            return Collected(results={i: {"update": {"k": np.ones(2)}} for i in args})
+
+        def call(self, ids, method, *args, timeout_s):
+            return Collected(results={i: True for i in ids})
+
+    cfg = load(None, ["server.rounds=10", "data.num_platforms=2", "data.synthetic.train_examples=[50]"])
+    got = _personalise(cfg, Backend(), {"k": np.zeros(2)}, (3, "continue"), Progress(enabled=False))
+    assert asked == [11, 11, 12, 12, 13, 13] and got[0]["k"].tolist() == [3.0, 3.0]
+    assert scheduled_lr(0.01, "cosine", 11, 10) == pytest.approx(0.001)
+    asked.clear()
+    _personalise(cfg, Backend(), {"k": np.zeros(2)}, (2, "fresh"), Progress(enabled=False))
+    assert asked == [1, 1, 2, 2] and scheduled_lr(0.01, "cosine", 1, 10) == pytest.approx(0.01)
