@@ -74,7 +74,7 @@ class EvalConfig:
         100, "held-out prompts each platform answers by generation (its first N; 0: all)", ge=0
     )
     max_new_tokens: int = opt(48, "longest generated answer, in tokens", ge=1)
-    do_sample: bool = opt(False, "sample instead of greedy decoding (seeded by seed, round and platform)")
+    do_sample: bool = opt(False, "sample instead of greedy decoding (seeded by the run seed and platform)")
     temperature: float = opt(1.0, "do_sample: softmax temperature", gt=0)
     top_p: float = opt(1.0, "do_sample: nucleus sampling's probability mass", gt=0, le=1)
     samples: int = opt(
