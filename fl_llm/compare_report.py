@@ -135,7 +135,9 @@ def tags_over_seeds(runs: list[dict]) -> dict[str, dict[str, dict]]:
     import numpy as np
 
     arms = [a for a in (*MODES, PERSONAL) if all(a in r.get("detail", {}) for r in runs)]
-    keys = sorted({k for r in runs for d in r.get("detail", {}).get("federated", {}).values() for k in d if "/" in k})
+    if "federated" not in arms:  # FedSA, FedEx, FLoRA: no one global model to score in detail
+        return {}
+    keys = sorted({k for r in runs for d in r["detail"]["federated"].values() for k in d if "/" in k})
     out: dict[str, dict[str, dict]] = {}
     for key in keys:
         for name in runs[0]["detail"]["federated"]:

@@ -88,6 +88,9 @@ def test_per_skill_figures_over_seeds():
     assert e["federated_minus_local"] == pytest.approx([0.3, 0.2])
     lines = _tag_lines({"tags": tags})
     assert lines[0].startswith("exact_match/shared") and "+0.300 ± 0.200" in lines[1]
+    for r in runs:  # a strategy without one global model (FedSA): no detail of it, no tag table
+        del r["detail"]["federated"]
+    assert tags_over_seeds(runs) == {}
 
 
 def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
