@@ -145,8 +145,20 @@ class RunDir:
             os.fsync(f.fileno())
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
-        """Replace metrics.jsonl with `rows` (a resumed run: the checkpoint's history)."""
+        """Replace metrics.jsonl with `rows` (a resumed run: the checkpoint's history), and keep
+        only the sample generations of those rounds (the later ones are generated again)."""
         write_atomic(self.metrics, "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in rows))
+        samples = self.path / "samples.jsonl"
+        if samples.is_file():
+            last = max((r["round"] for r in rows), default=0)
+            kept = []
+            for line in samples.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["round"] <= last:
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short when the run was killed
+            write_atomic(samples, "".join(kept))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

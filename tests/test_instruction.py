@@ -241,3 +241,15 @@ def test_the_notebook_shows_generations_beside_the_metrics(sft_run, monkeypatch)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "round 2, gadget-hub: exact_match" in text and "reference:" in text and "answer:" in text
     assert "exact_match evaluated now" in text  # the saved adapter, evaluated again with generation
+
+
+def test_a_resumed_run_keeps_only_the_sample_generations_of_its_checkpointed_rounds(tmp_path):
+    """Rounds after the checkpoint are run again on resume: their samples are not kept twice."""
+    from fl_llm.tracking import RunDir
+
+    rd = RunDir(tmp_path)
+    lines = [json.dumps({"round": r, "platform": "shop", "samples": []}) for r in (1, 2, 3)]
+    (tmp_path / "samples.jsonl").write_text("\n".join(lines) + '\n{"round": 4, "plat')  # cut short
+    rd.rewrite_metrics([{"round": 1}, {"round": 2}])
+    kept = [json.loads(x)["round"] for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert kept == [1, 2]
