@@ -1,5 +1,6 @@
-"""Aggregate facts of a platform's data, computed where the data is: the label balance and its
-warnings, and the sampling rate and noise of its DP-SGD (they depend on its data size)."""
+"""A platform's data as it trains on it, and aggregate facts of it, computed where the data is:
+both splits encoded, the label balance and its warnings, and the sampling rate and noise of its
+DP-SGD (they depend on its data size)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ import numpy as np
 from fl_llm.config import RunConfig
 
 MIN_PER_CLASS = 20  # fewer rows of a class in a split than this gets a warning at start
+
+
+def encode_splits(cfg: RunConfig, task, tokenizer, data):
+    """(train set, held-out set, answer token ids, verbalizer-loss token ids or None) of a
+    platform's records: prompt + answer rows for a yes/no task (the answer words scored by
+    probability), conversations for the instruction task (every assistant turn trained; the
+    eval.choices scored by probability)."""
+    from fl_llm.data.batching import answer_token_ids, encode
+    from fl_llm.data.chat import choice_token_ids, encode_chat
+
+    max_len, kind = cfg.model.max_length, cfg.model.kind
+    if task.generative:
+        choices, room = cfg.eval.choices, cfg.eval.max_new_tokens
+        train = encode_chat(data.train, tokenizer, max_len, choices=choices)
+        held = encode_chat(data.eval, tokenizer, max_len, prompt_room=room, choices=choices)
+        return train, held, choice_token_ids(choices, tokenizer), None
+    answer_ids = answer_token_ids(task, tokenizer) if kind == "causal_lm" else []
+    verbalizer = cfg.client.loss == "verbalizer"
+    train = encode(data.train, task, tokenizer, max_len, kind, first_token=verbalizer)
+    held = encode(data.eval, task, tokenizer, max_len, kind, first_token=verbalizer)
+    return train, held, answer_ids, answer_ids if verbalizer else None
 
 
 def record_level_dp(cfg: RunConfig, num_train: int) -> tuple[float, float]:

@@ -87,10 +87,9 @@ class Platform(Evaluation):
     def _set_up(self, shared: tuple | None) -> None:
         """Load this platform's data (it stays in this process from here on), build its model
         and encode both splits."""
+        from fl_llm.client.data_facts import encode_splits
         from fl_llm.client.model_setup import build_model
         from fl_llm.data import sources
-        from fl_llm.data.batching import answer_token_ids, encode
-        from fl_llm.data.chat import choice_token_ids, encode_chat
         from fl_llm.errors import UserError
 
         problem = device_problem(self.cfg, self.device)
@@ -104,20 +103,10 @@ class Platform(Evaluation):
         self._activate()
         self.base_version = 0  # how many of the driver's base merges this process has applied
         self.pad_id = self.tokenizer.pad_token_id
-        kind = self.cfg.model.kind
-        self.answer_ids = answer_token_ids(self.task, self.tokenizer) if kind == "causal_lm" else []
-        verbalizer = self.cfg.client.loss == "verbalizer"
-        self.loss_words = self.answer_ids if verbalizer else None  # None: the whole vocabulary
-        max_len = self.cfg.model.max_length
-        if self.task.generative:  # conversations: every assistant turn trained, answers generated
-            choices = self.cfg.eval.choices
-            self.answer_ids = choice_token_ids(choices, self.tokenizer)
-            room = self.cfg.eval.max_new_tokens
-            self.train_set = encode_chat(data.train, self.tokenizer, max_len, choices=choices)
-            self.eval_set = encode_chat(data.eval, self.tokenizer, max_len, prompt_room=room, choices=choices)
-        else:
-            self.train_set = encode(data.train, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
-            self.eval_set = encode(data.eval, self.task, self.tokenizer, max_len, kind, first_token=verbalizer)
+        # answer_ids: the tokens scored by probability; loss_words: the verbalizer loss's (None: all)
+        self.train_set, self.eval_set, self.answer_ids, self.loss_words = encode_splits(
+            self.cfg, self.task, self.tokenizer, data
+        )
         if len(self.train_set) == 0 or len(self.eval_set) == 0:
             raise UserError(
                 f"platform {self.name!r} has {len(self.train_set)} training and {len(self.eval_set)} "
