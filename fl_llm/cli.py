@@ -226,11 +226,11 @@ def cmd_run(ns) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fl_llm.cli_commands import (
         add_bench_arguments,
+        add_generate_command,
         cmd_audit,
         cmd_bench,
         cmd_compare,
         cmd_config,
-        cmd_generate,
         cmd_strategies,
         cmd_tasks,
         strategies_help,
@@ -341,26 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser(
-        "generate",
-        help="answer prompts with a run's model (base + global or a platform's adapter)",
-        description="Load RUN_DIR's base model and adapter with plain transformers + peft and answer each "
-        "PROMPT (a user message, rendered with the model's chat template), or each conversation of --jsonl FILE "
-        "(chat messages, Alpaca or prompt/completion records; a final assistant turn is the reference, and the "
-        "exact match over those is printed). Decoding follows the run's eval.* settings (greedy by default), "
-        "exactly as the platforms generate in evaluation.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("args", nargs="*", metavar="PROMPT")  # "args": prompts after options land here too
-    p.add_argument("--platform", metavar="NAME", help="that platform's own adapter (RUN_DIR/personal/NAME)")
-    p.add_argument("--jsonl", metavar="FILE", help="conversations to answer, one JSON record per line")
-    p.add_argument("--out", metavar="FILE", help="write the answers here (JSONL with --jsonl) instead of stdout")
-    p.add_argument("--system", metavar="TEXT", help="a system message before each PROMPT")
-    p.add_argument(
-        "--max-new-tokens", type=int, metavar="N", help="longest answer (default: the run's eval.max_new_tokens)"
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.set_defaults(func=cmd_generate)
+    add_generate_command(sub)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.set_defaults(func=cmd_config)

@@ -290,3 +290,27 @@ def cmd_generate(ns) -> int:
         em = sum(exact_match(a, r) for a, r in scored) / len(scored)
         print(f"exact match {em:.4f} over {len(scored)} answers with a reference", file=sys.stderr)
     return 0
+
+
+def add_generate_command(sub) -> None:
+    """The `generate` subcommand and its options."""
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts with a run's model (base + global or a platform's adapter)",
+        description="Load RUN_DIR's base model and adapter with plain transformers + peft and answer each "
+        "PROMPT (a user message, rendered with the model's chat template), or each conversation of --jsonl FILE "
+        "(chat messages, Alpaca or prompt/completion records; a final assistant turn is the reference, and the "
+        "exact match over those is printed). Decoding follows the run's eval.* settings (greedy by default), "
+        "exactly as the platforms generate in evaluation.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("args", nargs="*", metavar="PROMPT")  # "args": prompts after options land here too
+    p.add_argument("--platform", metavar="NAME", help="that platform's own adapter (RUN_DIR/personal/NAME)")
+    p.add_argument("--jsonl", metavar="FILE", help="conversations to answer, one JSON record per line")
+    p.add_argument("--out", metavar="FILE", help="write the answers here (JSONL with --jsonl) instead of stdout")
+    p.add_argument("--system", metavar="TEXT", help="a system message before each PROMPT")
+    p.add_argument(
+        "--max-new-tokens", type=int, metavar="N", help="longest answer (default: the run's eval.max_new_tokens)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.set_defaults(func=cmd_generate)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm.config_sections import EvalConfig
+from fl_llm.data.batching import left_pad
 
 
 def generate_answers(
@@ -32,13 +33,8 @@ def generate_answers(
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
-            rows = prompts[start : start + batch_size]
-            width = max(len(r) for r in rows)
-            ids = np.full((len(rows), width), pad, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for j, r in enumerate(rows):
-                ids[j, width - len(r) :] = r
-                mask[j, width - len(r) :] = 1
+            ids, mask = left_pad(prompts[start : start + batch_size], pad)
+            width = ids.shape[1]
             got = model.generate(
                 input_ids=torch.from_numpy(ids).to(device),
                 attention_mask=torch.from_numpy(mask).to(device),

@@ -95,6 +95,18 @@ def encode(
     return Encoded(rows, np.asarray(alen, dtype=np.int64), labels, _groups(records))
 
 
+def left_pad(rows: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, attention mask) of `rows` padded on the left to the longest: every row ends
+    at the last column (where its answer is, or where generation continues)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for j, r in enumerate(rows):
+        ids[j, width - len(r) :] = r
+        mask[j, width - len(r) :] = 1
+    return ids, mask
+
+
 def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
     """Left-padded batch of rows `idx` (right-padded, with class targets, for a classifier).
 
@@ -115,12 +127,9 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int) -> dict[str, np.ndarray]
     spans = [enc.targets(int(i)) for i in idx]
     # The window holds every trained position: from the earliest target of any row to the end.
     keep = max(len(r) - int(t[0]) if len(t) else int(a) for r, t, a in zip(rows, spans, alen)) + 1
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
+    ids, mask = left_pad(rows, pad_id)
     targets = np.full((len(rows), keep), IGNORE, dtype=np.int64)
     for j, (r, t) in enumerate(zip(rows, spans)):
-        ids[j, width - len(r) :] = r
-        mask[j, width - len(r) :] = 1
         # window position m predicts the row's token t = len(r) - keep + m + 1
         targets[j, keep - len(r) + t - 1] = r[t]
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)

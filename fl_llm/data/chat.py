@@ -75,6 +75,26 @@ def to_messages(record: dict, where: str = "record", open_ended: bool = False) -
     )
 
 
+def conversation_records(rows: list[dict], columns: dict, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """A file's rows as conversation records: chat messages (`to_messages`; columns renamed by
+    data.files.columns, e.g. {messages: conversation}), with the `skill` and `scope` columns
+    where the file has them (metrics per skill / scope) and the columns a split needs."""
+    rename = {col: field for field, col in columns.items()}
+    out = []
+    for i, row in enumerate(rows, 1):
+        named = {rename.get(k, k): v for k, v in row.items()}
+        rec = {"messages": to_messages(named, f"data file {path!r}, row {i}")}
+        for tag in ("skill", "scope"):
+            if named.get(tag) is not None:
+                rec[tag] = str(named[tag])
+        for c in extra:
+            if c not in row:
+                raise UserError(f"data file {path!r}: no column {c!r}; its columns are {', '.join(rows[0])}")
+            rec[c] = row[c]
+        out.append(rec)
+    return out
+
+
 def _exchange(user: str, answer) -> list[dict]:
     msgs = [{"role": "user", "content": user}]
     return msgs if answer is None else [*msgs, {"role": "assistant", "content": str(answer)}]

@@ -262,32 +262,12 @@ def read_table(path: str | Path, sheet: str | None = None) -> list[dict]:
     return ds.to_list()
 
 
-def _to_conversations(rows: list[dict], cfg: RunConfig, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
-    """The instruction task: each row as chat messages (`fl_llm.data.chat.to_messages`; columns
-    renamed by data.files.columns, e.g. {messages: conversation}), with its `skill` and `scope`
-    columns when it has them (metrics per skill / scope) and the columns a split needs."""
-    from fl_llm.data.chat import to_messages
-
-    rename = {col: field for field, col in cfg.data.files.columns.items()}
-    out = []
-    for i, row in enumerate(rows, 1):
-        named = {rename.get(k, k): v for k, v in row.items()}
-        rec = {"messages": to_messages(named, f"data file {path!r}, row {i}")}
-        for tag in ("skill", "scope"):
-            if named.get(tag) is not None:
-                rec[tag] = str(named[tag])
-        for c in extra:
-            if c not in row:
-                raise UserError(f"data file {path!r}: no column {c!r}; its columns are {', '.join(rows[0])}")
-            rec[c] = row[c]
-        out.append(rec)
-    return out
-
-
 def _to_records(rows: list[dict], cfg: RunConfig, task: Task, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """Rename columns to template fields, check every needed value, map labels to indices."""
     if task.generative:
-        return _to_conversations(rows, cfg, path, extra)
+        from fl_llm.data.chat import conversation_records
+
+        return conversation_records(rows, cfg.data.files.columns, path, extra)
     f = cfg.data.files
     fields = task.fields()
     column_of = {field: f.columns.get(field, field) for field in fields}
