@@ -195,6 +195,12 @@ class ClientConfig:
         "other attention implementations; at least model.max_length",
         ge=0,
     )
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp",
+        "how a platform's workers (ray.workers_per_platform > 1) share its training: ddp (a whole base per "
+        "worker, the adapter's gradients summed over them: throughput) or fsdp (FSDP2's fully_shard: the base "
+        "and the adapter sharded over the workers, for a base that does not fit one GPU)",
+    )
     gradient_checkpointing: bool = opt(
         False, "recompute activations in the backward pass: less memory, ~30% more compute"
     )

@@ -118,6 +118,7 @@ def check_cross_fields(cfg: RunConfig) -> None:
     _check_secagg(cfg, strategy, cohort)
     _check_packing(cfg)
     _check_hosts(cfg, strategy)
+    _check_workers(cfg)
     _check_federation(cfg)
     if cfg.client.loss == "verbalizer" and cfg.model.kind != "causal_lm":
         raise UserError(
@@ -173,6 +174,32 @@ def _check_hosts(cfg: RunConfig, strategy) -> None:
         why = "privacy.dp.level=record wraps each platform's model for per-example gradients"
     if why:
         raise UserError(f"config key 'ray.platforms_per_gpu' must be 1 here: {why}")
+
+
+def _check_workers(cfg: RunConfig) -> None:
+    """A platform of several workers (ray.workers_per_platform): what it trains with and where."""
+    w = cfg.ray.workers_per_platform
+    if w <= 1:
+        return
+    key = "config key 'ray.workers_per_platform'"
+    if cfg.backend_in_use != "ray":
+        raise UserError(f"{key} > 1 needs backend=ray: Ray places a platform's workers (got {cfg.backend_in_use})")
+    if cfg.ray.platforms_per_gpu > 1:
+        raise UserError(f"{key} > 1 needs ray.platforms_per_gpu=1: a host actor shares one base among platforms")
+    if cfg.client.batch_size < w:
+        raise UserError(
+            f"{key} ({w}) must not exceed client.batch_size ({cfg.client.batch_size}): each step's batch is split over the workers"
+        )
+    if cfg.client.parallel == "fsdp":
+        if cfg.privacy.dp.level == "record":
+            raise UserError(
+                "config key 'client.parallel' must be ddp with privacy.dp.level=record: per-example gradients "
+                "(Opacus) need each worker to hold whole adapter weights"
+            )
+        if cfg.model.quantization != "none":
+            raise UserError("config key 'client.parallel' must be ddp with model.quantization=4bit (QLoRA with DDP)")
+        if cfg.client.compile:
+            raise UserError("config key 'client.compile' must be false with client.parallel=fsdp")
 
 
 def _check_packing(cfg: RunConfig) -> None:

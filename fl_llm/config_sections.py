@@ -50,6 +50,23 @@ class RayConfig:
         "trains its platforms' own adapters in turn; 1 = one actor per platform",
         ge=1,
     )
+    workers_per_platform: int = opt(
+        1,
+        "Ray workers per platform, in one placement group on the platform's own nodes, training it together "
+        "with torch.distributed (client.parallel; NCCL on GPUs, gloo on CPUs): each step's batch is split "
+        "over them and the driver still sees one platform",
+        ge=1,
+    )
+    cpus_per_worker: float | None = opt(
+        None,
+        "CPUs per worker of a platform (null: ray.cpus_per_platform / workers, else an even share, at most 1)",
+        gt=0,
+    )
+    gpus_per_worker: float | None = opt(
+        None,
+        "GPUs per worker of a platform (null: ray.gpus_per_platform / workers, else an even share, at most 1)",
+        ge=0,
+    )
 
 
 @dataclass
@@ -105,6 +122,7 @@ class CheckpointConfig:
 class PlatformRound:
     platform: int = opt(0, "platform index", ge=0)
     round: int = opt(1, "round in which the fault strikes (mid-training)", ge=1)
+    worker: int = opt(0, "which of the platform's workers it strikes (ray.workers_per_platform; 0: the first)", ge=0)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     faults:
       kill:    [{platform: 1, round: 3}]              # its actor process exits mid-training
+                                                      # (worker: 1 — that worker of a platform's group)
       error:   [{platform: 1, round: 4}]              # its training raises an exception
       delay:   [{platform: 2, seconds: 30, rounds: [5]}]  # it sleeps before training (a straggler)
       corrupt: [{platform: 0, rounds: [2], kind: nan}]  # nan | inf | shape | keys | scale | noise
@@ -31,12 +32,16 @@ class InjectedKill(RuntimeError):
     """Stands for a process exit where the platform must not really exit (the local backend)."""
 
 
-def should_kill(faults: FaultsConfig, platform: int, round_: int, attempt: int) -> bool:
-    return attempt == 0 and any(f.platform == platform and f.round == round_ for f in faults.kill)
+def should_kill(faults: FaultsConfig, platform: int, round_: int, attempt: int, worker: int = 0) -> bool:
+    return attempt == 0 and any(
+        f.platform == platform and f.round == round_ and f.worker == worker for f in faults.kill
+    )
 
 
-def should_error(faults: FaultsConfig, platform: int, round_: int, attempt: int) -> bool:
-    return attempt == 0 and any(f.platform == platform and f.round == round_ for f in faults.error)
+def should_error(faults: FaultsConfig, platform: int, round_: int, attempt: int, worker: int = 0) -> bool:
+    return attempt == 0 and any(
+        f.platform == platform and f.round == round_ and f.worker == worker for f in faults.error
+    )
 
 
 def delay_seconds(faults: FaultsConfig, platform: int, round_: int) -> float:
@@ -91,11 +96,12 @@ def delay_before_training(faults: FaultsConfig, platform: int, round_: int, dead
         time.sleep(min(0.05, wake - now))
 
 
-def step_hook(faults: FaultsConfig, platform: int, round_: int, attempt: int, hard_exit: bool):
+def step_hook(faults: FaultsConfig, platform: int, round_: int, attempt: int, hard_exit: bool, worker: int = 0):
     """Called after the first local step: where injected kills and errors strike mid-training.
-    `hard_exit`: a kill ends the process (a Ray actor); else it raises `InjectedKill`."""
-    kill = should_kill(faults, platform, round_, attempt)
-    error = should_error(faults, platform, round_, attempt)
+    `hard_exit`: a kill ends the process (a Ray actor); else it raises `InjectedKill`. `worker`:
+    which of the platform's workers this is (a fault strikes the one it names)."""
+    kill = should_kill(faults, platform, round_, attempt, worker)
+    error = should_error(faults, platform, round_, attempt, worker)
     if not (kill or error):
         return None
 

@@ -12,14 +12,25 @@ from pathlib import Path
 
 import numpy as np
 
+from fl_llm.client.parallel import no_grad
 from fl_llm.config_sections import EvalConfig
 from fl_llm.data.batching import left_pad
 
 
 def generate_answers(
-    model, tokenizer, prompts: list[np.ndarray], *, settings: EvalConfig, batch_size: int, device, seed: int = 0
+    model,
+    tokenizer,
+    prompts: list[np.ndarray],
+    *,
+    settings: EvalConfig,
+    batch_size: int,
+    device,
+    seed: int = 0,
+    synced: bool = False,
 ) -> list[str]:
-    """The decoded answer to each prompt (token ids), special tokens dropped and ends stripped."""
+    """The decoded answer to each prompt (token ids), special tokens dropped and ends stripped.
+    `synced`: the model is sharded over a platform's workers, which all generate the same
+    prompts and keep stepping until every one is done (transformers' synced_gpus)."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -30,7 +41,7 @@ def generate_answers(
         sampling.update(temperature=None, top_p=None, top_k=None)
     out: list[str] = []
     model.eval()
-    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+    with no_grad(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             ids, mask = left_pad(prompts[start : start + batch_size], pad)
@@ -41,6 +52,7 @@ def generate_answers(
                 max_new_tokens=settings.max_new_tokens,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced,
                 **sampling,
             )
             new = got[:, width:].cpu().numpy()

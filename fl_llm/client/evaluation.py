@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from fl_llm.client.parallel import no_grad
 from fl_llm.client.rng import platform_rng
 from fl_llm.client.train import _answer_loss, _forward
 from fl_llm.data.batching import IGNORE, Encoded, collate
@@ -147,6 +148,7 @@ class Evaluation:
             batch_size=self.cfg.client.eval_batch_size,
             device=self.device,
             seed=seed,
+            synced=self.group is not None and self.group.sharded,
         )
         result.update(by_tag(answers, enc.references[:n], enc.tags[:n]))
         result["num_generated"] = len(answers)
@@ -184,7 +186,7 @@ def evaluate_model(
 
     model.eval()
     loss_sum, tokens, probs = 0.0, 0, []
-    with torch.inference_mode():
+    with no_grad(model):
         for start in range(0, len(enc), batch_size):
             idx = np.arange(start, min(start + batch_size, len(enc)))
             batch = collate(enc, idx, pad_id)
@@ -208,11 +210,10 @@ def example_losses(
 ) -> np.ndarray:
     """Mean answer-token NLL of each example in `idx` (the membership audit's raw material), with
     the loss the run trained on (`words`: the verbalizer loss)."""
-    import torch
 
     model.eval()
     out = []
-    with torch.inference_mode():
+    with no_grad(model):
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
             logits, targets = _forward(model, collate(enc, rows, pad_id), device)

@@ -38,7 +38,9 @@ class Platform(Evaluation):
     """One platform. `hard_exit`: an injected kill really ends the process (a Ray actor); in the
     driver's own process (the local backend) it raises `InjectedKill` instead. `shared`: a
     `PlatformHost`'s (LoRA-wrapped model, tokenizer), on whose frozen base it trains an adapter of
-    its own. `data_index`: which of data.*'s platforms it loads (default its id; serve.data_index)."""
+    its own. `data_index`: which of data.*'s platforms it loads (default its id; serve.data_index).
+    `group`: (rendezvous, rank, world) — one of the platform's workers (`fl_llm.client.group`),
+    which joins their process group before it loads the model."""
 
     def __init__(
         self,
@@ -48,6 +50,7 @@ class Platform(Evaluation):
         hard_exit: bool = False,
         shared: tuple | None = None,
         data_index: int | None = None,
+        group: tuple | None = None,
     ):
         import torch
 
@@ -71,6 +74,13 @@ class Platform(Evaluation):
         self.state_dir: Path | None = None
         self.task = sources.task_of(self.cfg)
         self.device = resolve_device(self.cfg.client.device)
+        self.group = None  # fl_llm.client.parallel.Group: its place among the platform's workers
+        if group is not None:
+            from fl_llm.client.parallel import join
+
+            rendezvous, rank, world = group
+            self.group = join(rendezvous, rank, world, self.cfg.client.parallel, self.device)
+        self.worker = 0 if self.group is None else self.group.rank
         # What the strategy asks of a platform: frozen tensors, personal ones, what it sends.
         self.strategy = STRATEGIES[self.cfg.strategy.name]
         lora = self.cfg.model.lora
@@ -100,6 +110,10 @@ class Platform(Evaluation):
         if self.cfg.client.state_dir:
             self.state_dir = Path(self.cfg.client.state_dir.replace("{name}", safe_name(self.name)))
         self.model, self.tokenizer, self.adapter = build_model(self.cfg, self.id, self.rank, self.device, shared)
+        if self.group is not None and self.group.sharded:
+            from fl_llm.client.parallel import shard_model
+
+            shard_model(self.model, self.group)
         self._activate()
         self.base_version = 0  # how many of the driver's base merges this process has applied
         self.pad_id = self.tokenizer.pad_token_id
@@ -107,6 +121,8 @@ class Platform(Evaluation):
         self.train_set, self.eval_set, self.answer_ids, self.loss_words = encode_splits(
             self.cfg, self.task, self.tokenizer, data
         )
+        if self.group is not None and len(self.train_set) < self.group.world:
+            raise UserError(f"platform {self.name!r} has fewer training rows than workers ({self.group.world})")
         if len(self.train_set) == 0 or len(self.eval_set) == 0:
             raise UserError(
                 f"platform {self.name!r} has {len(self.train_set)} training and {len(self.eval_set)} "
@@ -147,6 +163,8 @@ class Platform(Evaluation):
             return {"platform": self.id, "name": self.name, "user_error": self.user_error}
         facts = {"platform": self.id, "name": self.name, "num_train": len(self.train_set)}
         facts.update(num_eval=len(self.eval_set), device=str(self.device))
+        if self.group is not None:
+            facts["worker"] = "{}:{}".format(*this_process())
         if self.task.generative:
             facts["answers"] = "generated"
         else:  # a yes/no or multi-class task: its label balance
@@ -198,14 +216,15 @@ class Platform(Evaluation):
         checkpoint being resumed); fresh state when there is none. Returns the round loaded (0: none)."""
         from fl_llm import checkpoint
 
-        self.persistent = {}
-        if self.state_dir is None:
-            return 0
-        saved, _ = checkpoint.latest_intact(self.state_dir / "checkpoints", at_most=round_)
-        if saved is None:
-            return 0
-        got, state = checkpoint.load(saved, verified=True)
-        self.persistent = state["persistent"]
+        self.persistent, got = {}, 0
+        saved = None
+        if self.state_dir is not None and self.worker == 0:  # rank 0's node keeps the state
+            saved, _ = checkpoint.latest_intact(self.state_dir / "checkpoints", at_most=round_)
+        if saved is not None:
+            got, state = checkpoint.load(saved, verified=True)
+            self.persistent = state["persistent"]
+        if self.group is not None:  # every worker of the platform trains from the same state
+            got, self.persistent = self.group.from_rank0((got, self.persistent))
         return got
 
     # --- the global model as this platform sees it -------------------------------------------
@@ -249,10 +268,21 @@ class Platform(Evaluation):
 
         t0 = time.perf_counter()
         self.staged, self.staged_round = {}, round_
-        if secagg and not self.party.joins(secagg.get("sample_rate", 1.0), round_, attempt):
+        joins = not secagg or self.party.joins(secagg.get("sample_rate", 1.0), round_, attempt)
+        if self.group is not None:  # rank 0's coin (a secure one differs per process)
+            joins = self.group.from_rank0(joins)
+        if not joins:
             return self._release(self._sits_out(global_state, round_, secagg), round_, "train")
         deadline = None if budget_s is None else time.monotonic() + budget_s
-        faults.delay_before_training(self.cfg.faults, self.id, round_, deadline, RoundDeadline)
+        late = None
+        try:
+            faults.delay_before_training(self.cfg.faults, self.id, round_, deadline, RoundDeadline)
+        except RoundDeadline as e:
+            late = e
+        if self.group is not None and deadline is not None and self.group.any(late is not None):
+            raise late or RoundDeadline(f"round {round_}: another worker passed the deadline")  # all stop
+        if late is not None:
+            raise late
         start = self._load_global(global_state, base)
         c = self.cfg.client
         lr = scheduled_lr(c.lr, c.lr_schedule, round_, self.cfg.server.rounds)
@@ -276,6 +306,12 @@ class Platform(Evaluation):
         if bad:
             update = faults.corrupt(update, bad.kind, bad.factor, seed=self.cfg.seed * 100_003 + round_)
         metrics["peak_memory_bytes"] = peak_memory(self.device)
+        if self.group is not None:  # each worker's own figures; the platform's peak is the largest
+            metrics["workers"] = self.group.gather(worker_figures(metrics, self.device, time.perf_counter() - t0))
+            metrics["peak_memory_bytes"] = max(w["peak_memory_bytes"] for w in metrics["workers"])
+            metrics.pop("worker_tokens")
+        if self.worker > 0:  # rank 0 alone sends the platform's update
+            return {"num_examples": len(self.train_set), "metrics": metrics, "bytes": 0}
         result.update(self.party.masked_upload(update, round_, secagg) if secagg else self._upload(update, round_))
         result["bytes"] += sum(state_nbytes(v) for v in result.get("extra", {}).values())
         metrics["train_seconds"] = time.perf_counter() - t0
@@ -317,7 +353,7 @@ class Platform(Evaluation):
                 device=self.device,
                 pad_id=self.pad_id,
                 deadline=deadline,
-                on_step=faults.step_hook(self.cfg.faults, self.id, round_, attempt, self.hard_exit),
+                on_step=faults.step_hook(self.cfg.faults, self.id, round_, attempt, self.hard_exit, self.worker),
                 prox_mu=self.cfg.strategy.mu if self.strategy.local_term == "prox" else 0.0,
                 correction=correction,
                 dp=dp,
@@ -328,6 +364,7 @@ class Platform(Evaluation):
                 if c.head_lr is None
                 else scheduled_lr(c.head_lr, c.lr_schedule, round_, self.cfg.server.rounds),
                 warmup=((max(round_, 1) - 1) * c.local_steps, c.warmup_steps),
+                group=self.group,
             )
         moments = metrics.pop("optimizer_state", None)
         if moments is not None and dp is not None:  # computed from noised gradients only: DP covers them
@@ -385,7 +422,9 @@ class Platform(Evaluation):
         path = Path(root) / safe_name(self.name)  # a name from the data never leaves root
         path.parent.mkdir(parents=True, exist_ok=True)
         self._activate()
-        save_adapter(get_adapter_state(self.model), self.cfg.model, path, base_name, rank=self.rank)
+        state = get_adapter_state(self.model)  # gathered on every worker when sharded
+        if self.worker == 0:
+            save_adapter(state, self.cfg.model, path, base_name, rank=self.rank)
         return str(path)
 
 
@@ -398,3 +437,15 @@ def safe_name(name: str) -> str:
     """A platform's name as one safe path component (its state directory)."""
     cleaned = re.sub(r"[^\w.-]", "_", name)
     return "_" if cleaned in ("", ".", "..") else cleaned
+
+
+def worker_figures(metrics: dict, device, seconds: float) -> dict:
+    """One worker's share of a platform's training round, for metrics.jsonl."""
+    tokens = metrics.get("worker_tokens", metrics.get("tokens", 0))
+    return {
+        "worker": "{}:{}".format(*this_process()),
+        "device": str(device),
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "peak_memory_bytes": peak_memory(device),
+    }

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fl_llm.client.parallel import like, unshard_root
 from fl_llm.data.batching import IGNORE, Encoded, collate, flatten, pack
 from fl_llm.model.adapters import base_of
 from fl_llm.model.attention import kernel_bound, segments
@@ -153,6 +154,9 @@ class LocalTraining:
     of the trainable weights that are not LoRA factors (a classifier's head; None: `lr`).
     `warmup`: (steps taken in earlier rounds, warm-up steps W) — the rate rises linearly over the
     run's first W steps, counted across rounds, so every platform and a resumed run agree.
+    `group`: this worker's place among its platform's workers (`fl_llm.client.parallel`): rank 0's
+    batches, each worker its share of each, the gradients summed — the step a single worker takes
+    on the whole batch; the metrics are the platform's (losses and tokens summed over workers).
     """
 
     model: Any
@@ -178,6 +182,7 @@ class LocalTraining:
     words: list[int] | None = None
     head_lr: float | None = None
     warmup: tuple[int, int] = (0, 0)
+    group: Any = None
 
     def run(self) -> dict:
         import torch
@@ -195,16 +200,20 @@ class LocalTraining:
         opt = self._make_optimizer(rates, group_rates, expected)
         self.anchors = [p.detach().clone() for p in self.params] if self.prox_mu else None
         fix = None
-        if self.correction is not None:
-            fix = [torch.from_numpy(np.asarray(self.correction[k], np.float32)).to(p.device, p.dtype) for k, p in named]
+        if self.correction is not None:  # laid out as its parameter (sharded under FSDP)
+            fix = [like(p, torch.from_numpy(np.asarray(self.correction[k], np.float32))) for k, p in named]
         self.model.train()
         if dp is not None:
             from fl_llm.privacy.dp import poisson_batch
 
             batches = [poisson_batch(len(enc), dp.sample_rate, self.rng) for _ in range(self.steps)]
-            self.private = _PrivateGradients(self.model, self.params, dp, expected_batch=expected, words=self.words)
+            self.private = _PrivateGradients(
+                self.model, self.params, dp, expected_batch=expected, words=self.words, group=self.group
+            )
         else:
             batches = batch_indices(len(enc), self.batch_size, self.steps, self.rng)
+        if self.group is not None:  # drawn once, on rank 0 (a secure DP sampler differs per process)
+            batches = self.group.from_rank0(batches)
         losses, dp_stats, tokens, self.slots = [], [], 0, 0
         # packed steps with the default attention: one flat sequence, attention within each example
         self.flat = bool(self.pack_length) and dp is None and _configured_attention(self.model) == "sdpa"
@@ -213,7 +222,7 @@ class LocalTraining:
             if self.flat:
                 scope.enter_context(segments(self.model))
             for step, idx in enumerate(batches):
-                if self.deadline is not None and time.monotonic() > self.deadline:
+                if self.deadline is not None and self._past_deadline():
                     raise RoundDeadline(f"stopped after {step} of {self.steps} steps: past the round's deadline")
                 loss = self._gradients(idx, dp_stats)
                 if fix is not None:  # SCAFFOLD: y ← y − η(g − cᵢ + c)
@@ -226,7 +235,7 @@ class LocalTraining:
                 opt.zero_grad(set_to_none=True)
                 if loss is not None:  # a DP step's batch may be empty
                     losses.append(loss)
-                tokens += int(sum(len(enc.input_ids[i]) for i in idx))
+                tokens += int(sum(len(enc.input_ids[i]) for i in self._share(idx)))
                 if self.on_step is not None:
                     self.on_step(step)
         finally:
@@ -266,10 +275,11 @@ class LocalTraining:
         if self.dp is not None:
             loss, stats = self.private.step(self.enc, idx, self.pad_id, self.device)
             dp_stats.append(stats)
-            if self.prox_mu:  # ∇ (μ/2)‖w − x‖² = μ(w − x): no data in it
+            if self.prox_mu and (self.group is None or self.group.rank == 0):  # ∇ (μ/2)‖w − x‖² = μ(w − x)
                 for p, a in zip(self.params, self.anchors):
                     p.grad.add_(p.detach() - a, alpha=self.prox_mu)
             return loss
+        idx, group = self._share(idx), self.group
         if self.flat:
             batch = flatten(self.enc, idx)
         elif self.pack_length:
@@ -279,16 +289,43 @@ class LocalTraining:
         self.slots += batch["input_ids"].size
         device_type = torch.device(self.device).type
         use_autocast = self.autocast and device_type == "cuda"
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_autocast):
-            logits, targets = _forward(self.model, batch, self.device)
-        loss = _answer_loss(logits, targets, "mean", self.words)
-        objective = loss + proximal_term(self.params, self.anchors, self.prox_mu) if self.prox_mu else loss
-        objective.backward()
-        return float(loss.detach())
+        # the packed path calls the base's parts, not the base: FSDP's root is gathered by hand
+        gathered = unshard_root(self.model) if group is not None and group.sharded and "rows" in batch else None
+        with gathered or nullcontext():
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_autocast):
+                logits, targets = _forward(self.model, batch, self.device)
+            if group is None:
+                loss = _answer_loss(logits, targets, "mean", self.words)
+                objective = loss + proximal_term(self.params, self.anchors, self.prox_mu) if self.prox_mu else loss
+                objective.backward()
+                return float(loss.detach())
+            # one of the platform's workers: its share of the sum over the whole batch's answer tokens
+            (count,) = group.total([int((targets != IGNORE).sum())])
+            summed = _answer_loss(logits, targets, "sum", self.words)
+            objective = summed / max(count, 1)
+            if self.prox_mu and group.rank == 0:  # no data in it: counted once
+                objective = objective + proximal_term(self.params, self.anchors, self.prox_mu)
+            (objective * group.loss_scale()).backward()
+        group.reduce_gradients(self.params)
+        (total,) = group.total([float(summed.detach())])
+        return total / max(count, 1)
+
+    def _past_deadline(self) -> bool:
+        """Past the round's deadline — for a platform's workers, any of them: they stop together."""
+        late = time.monotonic() > self.deadline
+        return late if self.group is None else self.group.any(late)
+
+    def _share(self, idx: np.ndarray) -> np.ndarray:
+        """This worker's part of a step's batch (all of it for a platform of one)."""
+        return idx if self.group is None else self.group.shard(idx)
 
     def _metrics(self, losses: list, steps: int, tokens: int, opt, dp_stats: list) -> dict:
         out = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": steps}
-        out.update(tokens=tokens, slots=self.slots or tokens)
+        slots = self.slots or tokens
+        if self.group is not None:  # the platform's; this worker's own in worker_tokens
+            out["worker_tokens"] = tokens
+            tokens, slots = (int(v) for v in self.group.total([tokens, slots]))
+        out.update(tokens=tokens, slots=slots)
         if self.optimizer == "dp_adambc":
             out["optimizer_state"] = opt.state()
         if self.dp is not None:
@@ -326,7 +363,7 @@ class _PrivateGradients:
     platform moves the base before wrapping it with LoRA) — wrapping first is the known Opacus +
     peft failure that leaves the adapter frozen."""
 
-    def __init__(self, model, params, dp: DpSgd, expected_batch: float, words: list[int] | None = None):
+    def __init__(self, model, params, dp: DpSgd, expected_batch: float, words: list[int] | None = None, group=None):
         import warnings
 
         import torch
@@ -337,6 +374,7 @@ class _PrivateGradients:
 
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
         self.params, self.dp, self.expected, self.words = params, dp, expected_batch, words
+        self.group = group  # a platform's workers: each clips its share, rank 0 adds the noise
         if dp.secure:
             from fl_llm.privacy.csprng import ChaChaRandom
 
@@ -349,17 +387,24 @@ class _PrivateGradients:
 
         from fl_llm.privacy.dp import private_gradient
 
-        loss = None
+        loss, whole = None, len(idx)
+        if self.group is not None:
+            idx = self.group.shard(idx)
+        total, count = 0.0, 0
         if len(idx):
             logits, targets = _forward(self.module, collate(enc, idx, pad_id), device)
-            total = _answer_loss(logits, targets, "sum", self.words)
-            total.backward()
-            loss = float(total.detach()) / max(int((targets != IGNORE).sum()), 1)
+            summed = _answer_loss(logits, targets, "sum", self.words)
+            summed.backward()
+            total, count = float(summed.detach()), int((targets != IGNORE).sum())
             per_example = [p.grad_sample for p in self.params]
         else:
             per_example = [torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device) for p in self.params]
+        if self.group is not None:
+            total, count = self.group.total([total, count])
+        if whole:
+            loss = total / max(int(count), 1)
         grads, stats = private_gradient(
-            per_example, self.dp.clip, self.dp.noise_multiplier, self.expected, self.generator
+            per_example, self.dp.clip, self.dp.noise_multiplier, self.expected, self.generator, self.group
         )
         for p, g in zip(self.params, grads):
             p.grad, p.grad_sample = g, None

@@ -123,8 +123,11 @@ def get_adapter_state(peft_model) -> AdapterState:
     """The active adapter's tensors, keyed as in a saved PEFT adapter."""
     from peft import get_peft_model_state_dict
 
+    from fl_llm.client.parallel import full
+
     tensors = get_peft_model_state_dict(peft_model, adapter_name=_active(peft_model))
-    return {k: v.detach().to("cpu").float().numpy().copy() for k, v in tensors.items()}
+    # sharded over a platform's workers (client.parallel=fsdp): gathered whole, on every worker
+    return {k: full(v.detach()).to("cpu").float().numpy().copy() for k, v in tensors.items()}
 
 
 def set_adapter_state(peft_model, state: AdapterState) -> None:
@@ -136,7 +139,17 @@ def set_adapter_state(peft_model, state: AdapterState) -> None:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter state does not match the model: missing {missing[:3]}, extra {extra[:3]}")
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
-    set_peft_model_state_dict(peft_model, tensors, adapter_name=_active(peft_model))
+    adapter = _active(peft_model)
+    if any(hasattr(p, "device_mesh") for p in peft_model.parameters()):  # sharded (client.parallel=fsdp)
+        from fl_llm.client.parallel import like
+
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                key = state_key(name, adapter)
+                if key in tensors and f".{adapter}." in name:
+                    p.copy_(like(p, tensors[key]))
+        return
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=adapter)
 
 
 def get_adapter_state_keys(peft_model) -> list[str]:

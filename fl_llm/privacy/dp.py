@@ -36,11 +36,16 @@ def clip_factors(norms, clip: float):
     )
 
 
-def private_gradient(per_example: list, clip: float, noise_multiplier: float, expected_batch: float, generator):
+def private_gradient(
+    per_example: list, clip: float, noise_multiplier: float, expected_batch: float, generator, group=None
+):
     """DP-SGD's gradient from per-example gradients (each a tensor [B, *shape]; B may be 0).
 
     Returns (gradients, stats): Σᵢ clip(gᵢ) + N(0, (z·C)²) per coordinate, over q·N; stats has the
-    batch size, the mean per-example norm before clipping and the fraction clipped."""
+    batch size, the mean per-example norm before clipping and the fraction clipped. `group`: a
+    platform's workers (`fl_llm.client.parallel.Group`), each holding its share of the batch: each
+    clips its own examples, the noise is drawn once, on rank 0, and the sums are added up — one
+    platform step, one noise draw, whatever the number of workers."""
     import torch
 
     batch = per_example[0].shape[0]
@@ -53,11 +58,18 @@ def private_gradient(per_example: list, clip: float, noise_multiplier: float, ex
         summed = [torch.zeros(g.shape[1:], dtype=g.dtype, device=g.device) for g in per_example]
         stats = {"batch": 0, "grad_norm": 0.0, "clipped": 0.0}
     std = noise_multiplier * clip if noise_multiplier else 0.0  # z = 0: no noise, even with C = ∞
-    out = []
+    if group is not None and group.rank != 0:
+        std = 0.0  # rank 0's draw is the platform's one noise
+    noised = []
     for s in summed:
         noise = standard_normal(generator, tuple(s.shape)).to(s.device, s.dtype) if std else 0.0
-        out.append((s + std * noise) / expected_batch)
-    return out, stats
+        noised.append(s + std * noise)
+    if group is not None:
+        noised = group.sum_tensors(noised)
+        b = stats["batch"]
+        batch, norms, clipped = group.total([b, stats["grad_norm"] * b, stats["clipped"] * b])
+        stats = {"batch": int(batch), "grad_norm": norms / max(batch, 1), "clipped": clipped / max(batch, 1)}
+    return [s / expected_batch for s in noised], stats
 
 
 def standard_normal(generator, shape: tuple):

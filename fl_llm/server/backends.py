@@ -14,79 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import time
-import traceback
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 from fl_llm.client.api import PlatformAPI, remote_name
 from fl_llm.client.platform import Platform
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.errors import UserError
-from fl_llm.server.placement import host_placement, pinning, placement
+from fl_llm.server.local_backend import Collected, LocalBackend, _Backend, _first_line, check_address, reap
+from fl_llm.server.placement import group_placement, host_placement, pinning, placement
 
-
-@dataclass
-class Collected:
-    """What came back from one call on several platforms before the deadline."""
-
-    results: dict[int, Any] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)  # every platform that did not answer, and why
-    late: list[int] = field(default_factory=list)  # no answer by the deadline (no error either)
-    dead: list[int] = field(default_factory=list)  # its process is gone: restart it before the next call
-
-
-class _Backend:
-    def call(self, ids, method, *args, timeout_s: float) -> Collected:
-        """`method(*args)` on each platform in `ids`; `method` is one of `PlatformAPI`'s."""
-        return self.call_each({i: args for i in ids}, method, timeout_s=timeout_s)
-
-
-class LocalBackend(_Backend):
-    """Every platform in this process, one after another: for debugging without Ray."""
-
-    name = "local"
-
-    def __init__(self, cfg: RunConfig, run_id: str = "run"):
-        self.config = to_dict(cfg)
-        self.platforms = [Platform(self.config, i) for i in range(cfg.data.num_platforms)]
-
-    def put(self, obj):
-        return obj
-
-    def call_each(self, args_by_id: dict[int, tuple], method, *, timeout_s: float) -> Collected:
-        """`method(*args_by_id[i])` on each platform i, one after another."""
-        from fl_llm.client.train import RoundDeadline
-        from fl_llm.faults import InjectedKill
-
-        name = remote_name(method)
-        out = Collected()
-        deadline = time.monotonic() + timeout_s
-        for i, args in args_by_id.items():
-            try:
-                result = getattr(self.platforms[i], name)(*args)
-            except RoundDeadline:
-                out.late.append(i)
-                continue
-            except InjectedKill as e:  # stands for the process exit a Ray actor would really make
-                out.errors[i], out.dead = f"platform process died: {e}", [*out.dead, i]
-                continue
-            except Exception:
-                out.errors[i] = traceback.format_exc(limit=-3).strip()
-                continue
-            if time.monotonic() > deadline:
-                out.late.append(i)  # run in sequence, so a late answer is only known afterwards
-            else:
-                out.results[i] = result
-        return out
-
-    def restart(self, i: int) -> None:
-        self.platforms[i] = Platform(self.config, i)
-
-    def shutdown(self) -> None:
-        self.platforms = []
+__all__ = ["Collected", "LocalBackend", "RayBackend", "RayPlatform", "make_backend", "start_ray"]
 
 
 def _init_ray(cfg: RunConfig) -> None:
@@ -147,6 +85,15 @@ class RayBackend(_Backend):
                 "cpus_per_host": cpus,
                 "gpus_per_host": gpus,
             }
+        elif cfg.ray.workers_per_platform > 1:  # a group of workers per platform (fl_llm.client.group)
+            groups = [[i] for i in range(n)]
+            cpus, gpus = group_placement(cfg, ray.cluster_resources())
+            self.resources = {
+                "workers_per_platform": cfg.ray.workers_per_platform,
+                "parallel": cfg.client.parallel,
+                "cpus_per_worker": cpus,
+                "gpus_per_worker": gpus,
+            }
         else:  # one actor per platform
             groups = [[i] for i in range(n)]
             cpus, gpus = placement(cfg, ray.cluster_resources())
@@ -154,9 +101,14 @@ class RayBackend(_Backend):
             self.resources = {"cpus_per_platform": cpus, "gpus_per_platform": gpus}
         self._options = {"num_cpus": cpus, "num_gpus": gpus, "max_concurrency": 1, "max_restarts": 0}
         self._threads = max(1, int(cpus))
+        self._group_wait_s = 60.0  # how long a platform's placement group may take to be placed
         self.groups = groups
         self.host_of = {i: h for h, members in enumerate(groups) for i in members}
         self.hosted = k > 1
+        self.workers = cfg.ray.workers_per_platform if k == 1 else 1
+        self.followers: list[list] = [[] for _ in groups]  # ranks 1.. of each platform's group
+        self.placement_groups: list = [None] * len(groups)
+        self.rendezvous: dict[int, dict] = {}
         self.stale: set[int] = set()  # hosts whose process died: restart once, whichever platform asks
         try:
             self._pins = pinning(cfg, ray.cluster_resources(), ray.nodes())
@@ -175,14 +127,68 @@ class RayBackend(_Backend):
 
     def _start(self, h: int):
         members = self.groups[h]
+        if self.workers > 1:
+            return self._start_group(h)
         options = {**self._options, **self._pins.get(members[0], {}), "name": self.actor_name(members[0])}
         if self.hosted:
             return self._remote.options(**options).remote(self._config, members, self._threads, True)
         return self._remote.options(**options).remote(self._config, members[0], self._threads, True)
 
+    def _start_group(self, i: int):
+        """Platform i as `ray.workers_per_platform` actors in one placement group on its own nodes:
+        rank 0 (`GroupLeader`, which the driver calls) and its followers (`GroupWorker`), joined
+        in a torch.distributed process group. A group that cannot be placed is a user error."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from fl_llm.client.group import GroupLeader, GroupWorker
+
+        ray, w, pin = self._ray, self.workers, self._pins.get(i, {})
+        bundle = {"CPU": self._options["num_cpus"], "GPU": self._options["num_gpus"]}
+        # the platform's pinning resources, shared by its workers; its labels, on each of them
+        bundle.update({k: v / w for k, v in pin.get("resources", {}).items()})
+        bundle = {k: v for k, v in bundle.items() if v}
+        labels = {"bundle_label_selector": [pin["label_selector"]] * w} if "label_selector" in pin else {}
+        pg = placement_group([bundle] * w, strategy="PACK", name=self.actor_name(i), **labels)
+        try:
+            ray.get(pg.ready(), timeout=self._group_wait_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise UserError(
+                f"platform {i}: its {w} workers, each {bundle}{' on nodes labelled ' + str(pin['label_selector']) if labels else ''}, "
+                f"cannot be placed on the cluster within {self._group_wait_s:g} s (it offers {ray.available_resources()}); "
+                "lower ray.workers_per_platform or the per-worker resources, or add the platform's nodes"
+            ) from None
+        self.placement_groups[i] = pg
+        options = {k: v for k, v in self._options.items() if k != "resources"}
+
+        def on(rank: int, name: str) -> dict:
+            where = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
+            return {**options, "scheduling_strategy": where, "name": name}
+
+        leader = (
+            ray.remote(GroupLeader).options(**on(0, self.actor_name(i))).remote(self._config, i, self._threads, True, w)
+        )
+        if len(ray.nodes()) == 1:  # one machine: a file rendezvous on its disk, no port opened
+            rendezvous = ray.get(leader.rendezvous.remote(None))
+        else:  # a cluster: rank 0's TCP store on its node's address
+            host = ray.get(leader.__ray_call__.remote(lambda _: ray.util.get_node_ip_address()))
+            rendezvous = ray.get(leader.rendezvous.remote(host))
+        self.followers[i] = [
+            ray.remote(GroupWorker)
+            .options(**on(r, f"{self.actor_name(i)}:worker-{r}"))
+            .remote(self._config, i, self._threads, rendezvous, r, w)
+            for r in range(1, w)
+        ]
+        leader.join.remote(rendezvous, Followers(self.followers[i]))
+        self.rendezvous[i] = rendezvous
+        return leader
+
     def _method(self, i: int, method, args: tuple):
         name = remote_name(method)
         actor = self.actors[self.host_of[i]]
+        if self.workers > 1:
+            return actor.call.remote(name, *args)
         return actor.call.remote(i, name, *args) if self.hosted else getattr(actor, name).remote(*args)
 
     def put(self, obj):
@@ -190,6 +196,7 @@ class RayBackend(_Backend):
 
     def call_each(self, args_by_id: dict[int, tuple], method, *, timeout_s: float) -> Collected:
         """`method(*args_by_id[i])` on each platform i, all at once, collected until the deadline."""
+        from fl_llm.client.group import WorkerLost
         from fl_llm.client.train import RoundDeadline
 
         ray = self._ray
@@ -211,6 +218,9 @@ class RayBackend(_Backend):
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e, RoundDeadline) or isinstance(getattr(e, "cause", None), RoundDeadline):
                     out.late.append(i)  # it gave up at the deadline: late, not broken
+                elif isinstance(getattr(e, "cause", None), WorkerLost):  # its process group broke
+                    out.errors[i] = f"platform worker lost: {e.cause}"
+                    out.dead.append(i)
                 else:
                     out.errors[i] = str(e).strip()
             except ray.exceptions.RayError as e:
@@ -228,9 +238,21 @@ class RayBackend(_Backend):
         if self.hosted and h not in self.stale:
             return  # already replaced for a co-hosted platform
         self.stale.discard(h)
-        self._ray.kill(self.actors[h], no_restart=True)
+        self._kill(h)
         self.generation[h] += 1
         self.actors[h] = self._start(h)
+
+    def _kill(self, h: int) -> None:
+        """End host or platform h's processes: its actor, and a group's followers and placement."""
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in [self.actors[h], *self.followers[h]]:
+            self._ray.kill(actor, no_restart=True)
+        self.followers[h] = []
+        forget_rendezvous(self.rendezvous.pop(h, None))
+        if self.placement_groups[h] is not None:
+            remove_placement_group(self.placement_groups[h])
+            self.placement_groups[h] = None
 
     def shutdown(self) -> None:
         """Kill every platform actor and wait until its process has exited: a Ray worker that
@@ -238,19 +260,66 @@ class RayBackend(_Backend):
         ray = self._ray
         actors, self.actors = getattr(self, "actors", []), []
         pids = []
+        everyone = [*actors, *(f for group in getattr(self, "followers", []) for f in group)]
         if actors:
-            refs = [a.process.remote() for a in actors]
+            refs = [a.process.remote() for a in everyone]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
             for ref in ready:
                 try:
                     pids.append(ray.get(ref))
                 except ray.exceptions.RayError:
                     pass  # already dead
-        for a in actors:
+        for a in everyone:
             ray.kill(a, no_restart=True)
+        if any(pg is not None for pg in getattr(self, "placement_groups", [])):
+            from ray.util.placement_group import remove_placement_group
+
+            for pg in self.placement_groups:
+                if pg is not None:
+                    remove_placement_group(pg)
+        for rendezvous in getattr(self, "rendezvous", {}).values():
+            forget_rendezvous(rendezvous)
         if self._started_here:
             ray.shutdown()
         reap(pids)
+
+
+def forget_rendezvous(rendezvous: dict | None) -> None:
+    """Remove a group's file rendezvous (its private directory) when it is on this machine."""
+    import shutil
+
+    path = os.path.dirname((rendezvous or {}).get("file", ""))
+    if os.path.basename(path).startswith("fl_llm-group-") and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Followers:
+    """What rank 0 of a platform holds of its other workers: their actors, called in lockstep."""
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def start(self, name: str, args: tuple) -> list:
+        return [a.run.remote(name, args) for a in self.actors]
+
+    def finish(self, calls: list) -> list:
+        """Their answers, by rank from 1; `WorkerLost` when one died or failed."""
+        import ray
+
+        from fl_llm.client.group import WorkerLost
+        from fl_llm.client.train import RoundDeadline
+
+        out = []
+        for rank, ref in enumerate(calls, start=1):
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(getattr(e, "cause", None), RoundDeadline):
+                    raise WorkerLost(f"worker {rank} failed: {_first_line(e)}") from None
+                out.append(None)  # stopped at the deadline, with the others
+            except ray.exceptions.RayError as e:  # its process is gone
+                raise WorkerLost(f"worker {rank} died: {_first_line(e)}") from None
+        return out
 
 
 LOOPBACK = "127.0.0.1"
@@ -276,54 +345,6 @@ def loopback_only(local: bool):
         yield
     finally:
         services.resolve_ip_for_localhost = original
-
-
-def reap(processes: list[tuple[str, int]], timeout_s: float = 20.0) -> None:
-    """Wait for the platform processes this run started on this host to exit; kill any still
-    there after `timeout_s` (each is a `ray::` worker of ours, identified by host and pid)."""
-    import psutil
-
-    here = socket.gethostname()
-    procs = []
-    for host, pid in processes:
-        if host != here:
-            continue
-        try:
-            proc = psutil.Process(pid)
-            if "ray::" in " ".join(proc.cmdline()) or proc.name().startswith("ray::"):
-                procs.append(proc)
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def check_address(address: str | None, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when `ray.address` names a host:port that does not answer."""
-    if address in (None, "", "auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"ray.address {address!r}: expected 'auto', 'host:port' or 'ray://host:port'")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"ray.address {address!r}: nothing answers there ({e.strerror or e}); is the Ray head running "
-            "(`ray start --head`) and the port reachable?"
-        ) from None
 
 
 def start_ray(cfg: RunConfig) -> None:

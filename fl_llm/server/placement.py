@@ -69,3 +69,30 @@ def placement(cfg: RunConfig, resources: dict) -> tuple[float, float]:
         )
     # Ray counts resources in 1e-4 units: round down, or n shares of 2/3 would not fit in 2.
     return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4
+
+
+def group_placement(cfg: RunConfig, resources: dict) -> tuple[float, float]:
+    """(CPUs, GPUs) per worker of a platform of `ray.workers_per_platform` workers: as set, or the
+    platform's share split over its workers, or an even share of the cluster (at most 1 each)."""
+    n, w = cfg.data.num_platforms, cfg.ray.workers_per_platform
+    total_cpu, total_gpu = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    ray = cfg.ray
+
+    def per_worker(own, platform, total):
+        if own is not None:
+            return own
+        if platform is not None:
+            return platform / w
+        return min(1.0, total / (n * w)) if total else 0.0
+
+    cpus = per_worker(ray.cpus_per_worker, ray.cpus_per_platform, total_cpu)
+    gpus = per_worker(ray.gpus_per_worker, ray.gpus_per_platform, total_gpu)
+    if gpus > 0 and total_gpu == 0:
+        raise UserError(f"ray.gpus_per_worker is {gpus} but the Ray cluster has no GPU")
+    if cpus * n * w > total_cpu + 1e-9 or gpus * n * w > total_gpu + 1e-9:
+        raise UserError(
+            f"{n} platforms x {w} workers x ({cpus:g} CPU, {gpus:g} GPU) do not fit the cluster's "
+            f"{total_cpu:g} CPUs and {total_gpu:g} GPUs; lower ray.cpus_per_worker / ray.gpus_per_worker "
+            "or ray.workers_per_platform, or add nodes"
+        )
+    return math.floor(cpus * 1e4) / 1e4, math.floor(gpus * 1e4) / 1e4

@@ -174,8 +174,17 @@ def platform_table(info: dict, resources: dict | None) -> str:
         positive = f"{p['train_positive_rate']:>9.2f}" if "train_positive_rate" in p else f"{'(kept)':>9}"
         if p.get("answers") == "generated":  # conversations: no labels to balance
             positive = f"{'-':>9}"
-        lines.append(f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {positive}  {p['device']}")
-    if resources and resources.get("platforms_per_host", 1) > 1:
+        workers = p.get("workers") or []
+        device = f"{len(workers)} workers: " + ", ".join(f"{w['device']} ({w['worker']})" for w in workers)
+        lines.append(
+            f"{p['name']:<16} {p['num_train']:>6} {p['num_eval']:>6} {positive}  {device if workers else p['device']}"
+        )
+    if resources and "workers_per_platform" in resources:
+        lines.append(
+            f"each platform: {resources['workers_per_platform']} workers in one placement group "
+            f"({resources['parallel']}), each {resources['cpus_per_worker']:g} CPU, {resources['gpus_per_worker']:g} GPU"
+        )
+    elif resources and resources.get("platforms_per_host", 1) > 1:
         lines.append(
             f"{resources['hosts']} host actors, each {resources['platforms_per_host']} platforms on one base model: "
             f"{resources['cpus_per_host']:g} CPU, {resources['gpus_per_host']:g} GPU"
