@@ -75,6 +75,11 @@ def cmd_serve(ns) -> int:
     own = config_mod.load(path, overrides)
     if not own.federation.bundle:
         raise UserError("fl-llm serve needs federation.bundle: this platform's kit from `fl-llm provision`")
+    if own.ray.workers_per_platform > 1:
+        raise UserError(
+            "fl-llm serve runs this platform as one worker: ray.workers_per_platform must be 1 "
+            "(several workers per platform are for fl-llm run)"
+        )
     creds = load_bundle(own.federation.bundle)
     fed = creds.federation
     if creds.name not in fed.platform_names:

@@ -1,4 +1,5 @@
-"""Where platforms run: Ray actors (`RayBackend`) or in this process (`LocalBackend`).
+"""Where platforms run: Ray actors (`RayBackend`) or in this process (`LocalBackend`, in
+`local_backend`). A platform of several workers is a placement group of actors (`_start_group`).
 
 This is the only module that imports Ray. Both backends run the same `Platform` class and offer
 the same calls to the round loop:
