@@ -160,7 +160,6 @@ def cmd_audit(ns) -> int:
 
 
 def cmd_bench(ns) -> int:
-    import json
 
     from fl_llm.bench import VARIANTS, bench, shape_overrides, summary_lines
     from fl_llm.client.train import device_problem, resolve_device
@@ -182,6 +181,13 @@ def cmd_bench(ns) -> int:
     problem = device_problem(cfg, resolve_device(cfg.client.device))
     if problem:
         raise UserError(problem)
+    if ns.workers:  # one platform's training over 1, 2, 4 ... workers of its own
+        from fl_llm.bench import hardware
+        from fl_llm.bench_scaling import scaling, scaling_lines
+
+        counts, rounds = _worker_counts(ns.workers), max(ns.rounds, 2)
+        result = {"hardware": hardware(), "shape": ns.shape, "scaling": scaling(cfg, counts, rounds)}
+        return _write_bench(result, Path(ns.out), scaling_lines(result["scaling"]))
     result = bench(
         cfg,
         shape=ns.shape,
@@ -195,10 +201,15 @@ def cmd_bench(ns) -> int:
         baseline_batch=ns.baseline_batch,
         baseline_rows=ns.baseline_rows,
     )
-    out = Path(ns.out)
+    return _write_bench(result, Path(ns.out), summary_lines(result))
+
+
+def _write_bench(result: dict, out: Path, lines: list[str]) -> int:
+    import json
+
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(summary_lines(result)))
+    print("\n".join(lines))
     print(f"bench: {out}")
     return 0
 
@@ -229,7 +240,23 @@ def add_bench_arguments(p) -> None:
         default=None,
         help="rows of --pack-length per packed baseline step (default: 8 at 1b, 2 at 8b, one batch's examples at tiny)",
     )
+    p.add_argument(
+        "--workers",
+        default="",
+        help="e.g. 1,2,4: instead, one platform's training tokens/s on that many workers each "
+        "(ray.workers_per_platform, client.parallel as configured) and the scaling efficiency",
+    )
     p.add_argument("--out", default="bench.json", help="where the JSON goes (default bench.json)")
+
+
+def _worker_counts(text: str) -> list[int]:
+    try:
+        counts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise UserError(f"--workers: comma-separated worker counts of at least 1, e.g. 1,2,4; got {text!r}")
+    return sorted(set(counts))
 
 
 def cmd_generate(ns) -> int:

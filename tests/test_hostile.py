@@ -130,7 +130,9 @@ def _free_port() -> int:
 def test_a_default_run_listens_on_loopback_only_and_never_joins_another_cluster(tmp_path):
     """Another Ray cluster is up on this machine (`ray start --head`, what `ray.init()` would
     join); a run with ray.address unset starts its own instance, every socket of which listens on
-    127.0.0.1 — and when it ends, none of its processes is left."""
+    127.0.0.1 — also those of the process groups of platforms with two workers each (gloo's, and
+    no rendezvous port: they meet through a private file) — and when it ends, none of its
+    processes is left."""
     import psutil
 
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -150,6 +152,7 @@ def test_a_default_run_listens_on_loopback_only_and_never_joins_another_cluster(
             time.sleep(0.2)
         assert other.poll() is None and current.is_file() and current.read_bytes() != before
         overrides = [*SMALL, "client.local_steps=2", "server.rounds=2", "tracking.progress=false"]
+        overrides += ["ray.workers_per_platform=2"]
         run = subprocess.Popen(
             [sys.executable, "-m", "fl_llm", "run", *overrides, f"output_dir={out}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -186,3 +186,21 @@ def test_fsdp_holds_about_one_nth_of_the_parameters_per_worker(tmp_path):
         f"{got[0][1] / 2**20:.1f} / {got[1][1] / 2**20:.1f} MiB (ratio {ratio:.3f})"
     )
     assert 0.45 < ratio < 0.55
+
+
+def test_bench_measures_one_platform_over_its_workers(ray_instance, tmp_path, capsys):
+    """`fl-llm bench --workers 1,2`: one platform's tokens/s on 1 and 2 workers, each worker's
+    figures, and the scaling efficiency (1 at N=1 by definition)."""
+    import json
+
+    from fl_llm.cli import main
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "data.synthetic.train_examples=[32]", "data.synthetic.eval_examples=8", "client.local_steps=2"]
+    assert main([*argv, "client.batch_size=8", "--workers=1,2", "--rounds=2", f"--out={out}"]) == 0
+    got = json.loads(out.read_text())["scaling"]
+    assert set(got["workers"]) == {"1", "2"} and got["workers"]["1"]["efficiency"] == 1.0
+    two = got["workers"]["2"]
+    assert len(two["per_worker_tokens_per_s"]) == 2 and all(t > 0 for t in two["per_worker_tokens_per_s"])
+    assert "N=2" in capsys.readouterr().out
+    assert main([*argv, "--workers=0,2"]) == 2

@@ -227,3 +227,19 @@ def resident_parameter_bytes(model) -> int:
         local = p.to_local() if hasattr(p, "to_local") else p
         total += local.numel() * local.element_size()
     return int(total)
+
+
+def worker_figures(metrics: dict, device, seconds: float) -> dict:
+    """One worker's share of a platform's training round, for metrics.jsonl."""
+    import socket
+
+    from fl_llm.client.train import peak_memory
+
+    tokens = metrics.get("worker_tokens", metrics.get("tokens", 0))
+    return {
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+        "device": str(device),
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "peak_memory_bytes": peak_memory(device),
+    }

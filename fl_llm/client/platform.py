@@ -24,7 +24,9 @@ import numpy as np
 from fl_llm import faults
 from fl_llm.client.data_facts import balance_warnings, record_level_dp
 from fl_llm.client.evaluation import Evaluation
+from fl_llm.client.kept_state import KeptState
 from fl_llm.client.model_setup import apply_base_merges
+from fl_llm.client.parallel import worker_figures
 from fl_llm.client.rng import platform_rng
 from fl_llm.client.secagg_party import SecAggParty
 from fl_llm.client.train import device_problem, peak_memory, resolve_device
@@ -34,7 +36,7 @@ from fl_llm.strategies import STRATEGIES
 from fl_llm.tensors import AdapterState
 
 
-class Platform(Evaluation):
+class Platform(Evaluation, KeptState):
     """One platform. `hard_exit`: an injected kill really ends the process (a Ray actor); in the
     driver's own process (the local backend) it raises `InjectedKill` instead. `shared`: a
     `PlatformHost`'s (LoRA-wrapped model, tokenizer), on whose frozen base it trains an adapter of
@@ -147,16 +149,6 @@ class Platform(Evaluation):
         """(host, process id) of this platform: the driver waits for it to exit at shutdown."""
         return this_process()
 
-    @property
-    def private_log(self) -> Path | None:
-        """This platform's own log of what it keeps from the driver under DP."""
-        return self.state_dir / "metrics.jsonl" if self.state_dir else None
-
-    def _release(self, answer: dict, round_: int, call: str) -> dict:
-        from fl_llm.privacy.release import release
-
-        return release(answer, self.cfg.privacy.dp.level, self.private_log, round_, call)
-
     def describe(self) -> dict:
         """Aggregate facts the driver may know: sizes (and, without DP, label balance). Never records."""
         if self.user_error:
@@ -189,43 +181,6 @@ class Platform(Evaluation):
         if self.rank == self.global_rank:
             return state
         return fresh_lora(from_rank(state, self.rank, self.cfg.model.lora.alpha, self.global_rank), self.cfg.seed, 0)
-
-    def commit(self, round_: int) -> bool:
-        """The driver accepted this platform's update of `round_`: the state staged while training
-        it (SCAFFOLD's cᵢ, FedSA's own B, DP-AdamBC's moments, top-k's residual) becomes the state
-        kept between rounds. An update that was rejected, late or part of a failed attempt is
-        never committed; the next training starts from the state as it was."""
-        if self.staged_round != round_:
-            return False
-        self.persistent.update(self.staged)
-        self.staged, self.staged_round = {}, None
-        return True
-
-    def save_state(self, round_: int, keep: int = 2) -> bool:
-        """Write the state kept between rounds as of the end of `round_` into this platform's state
-        directory (the driver calls this at each checkpoint; it never reads the files)."""
-        if self.state_dir is None:
-            return False
-        from fl_llm import checkpoint
-
-        checkpoint.save(self.state_dir / "checkpoints", round_, {"persistent": self.persistent}, keep=keep)
-        return True
-
-    def load_state(self, round_: int) -> int:
-        """Take up the state saved at the newest checkpoint at or before `round_` (the driver's
-        checkpoint being resumed); fresh state when there is none. Returns the round loaded (0: none)."""
-        from fl_llm import checkpoint
-
-        self.persistent, got = {}, 0
-        saved = None
-        if self.state_dir is not None and self.worker == 0:  # rank 0's node keeps the state
-            saved, _ = checkpoint.latest_intact(self.state_dir / "checkpoints", at_most=round_)
-        if saved is not None:
-            got, state = checkpoint.load(saved, verified=True)
-            self.persistent = state["persistent"]
-        if self.group is not None:  # every worker of the platform trains from the same state
-            got, self.persistent = self.group.from_rank0((got, self.persistent))
-        return got
 
     # --- the global model as this platform sees it -------------------------------------------
 
@@ -437,15 +392,3 @@ def safe_name(name: str) -> str:
     """A platform's name as one safe path component (its state directory)."""
     cleaned = re.sub(r"[^\w.-]", "_", name)
     return "_" if cleaned in ("", ".", "..") else cleaned
-
-
-def worker_figures(metrics: dict, device, seconds: float) -> dict:
-    """One worker's share of a platform's training round, for metrics.jsonl."""
-    tokens = metrics.get("worker_tokens", metrics.get("tokens", 0))
-    return {
-        "worker": "{}:{}".format(*this_process()),
-        "device": str(device),
-        "tokens": tokens,
-        "tokens_per_s": tokens / max(seconds, 1e-9),
-        "peak_memory_bytes": peak_memory(device),
-    }
