@@ -196,7 +196,7 @@ def test_bench_measures_one_platform_over_its_workers(ray_instance, tmp_path, ca
     from fl_llm.cli import main
 
     out = tmp_path / "bench.json"
-    argv = ["bench", "data.synthetic.train_examples=[32]", "data.synthetic.eval_examples=8", "client.local_steps=2"]
+    argv = ["bench", "data.synthetic.train_examples=[32]", "data.synthetic.eval_examples=10", "client.local_steps=2"]
     assert main([*argv, "client.batch_size=8", "--workers=1,2", "--rounds=2", f"--out={out}"]) == 0
     got = json.loads(out.read_text())["scaling"]
     assert set(got["workers"]) == {"1", "2"} and got["workers"]["1"]["efficiency"] == 1.0
