@@ -81,9 +81,11 @@ def test_two_workers_train_the_platform_one_worker_would(ray_instance, tmp_path,
     assert p["peak_memory_bytes"] == max(w["peak_memory_bytes"] for w in p["workers"])
 
 
-def test_fsdp_packed_steps_match_one_worker(ray_instance, tmp_path, tmp_path_factory):
-    """Packing calls the base's parts, not the base, so FSDP's root is gathered by hand there."""
-    pack = ["client.pack_length=256"]
+def test_fsdp_packed_fedprox_steps_match_one_worker(ray_instance, tmp_path, tmp_path_factory):
+    """Packing calls the base's parts, not the base, so FSDP's root is gathered by hand there;
+    FedProx's proximal gradient goes onto each worker's shard once (a term computed on sharded
+    weights on one worker alone would wait for the others forever)."""
+    pack = ["client.pack_length=256", "strategy.name=fedprox", "strategy.mu=0.5"]
     want = _run(tmp_path_factory.mktemp("one_packed") / "r", "backend=local", *pack)
     got = _run(tmp_path / "r", "ray.workers_per_platform=2", "client.parallel=fsdp", *pack)
     _assert_same(got, want)
@@ -92,9 +94,10 @@ def test_fsdp_packed_steps_match_one_worker(ray_instance, tmp_path, tmp_path_fac
 def test_record_level_dp_adds_the_noise_once_per_platform_step(ray_instance, tmp_path):
     """Each worker clips its share of the Poisson batch; rank 0 alone draws the noise. With the
     noise seeded (secure_rng=false) the 2-worker update is the 1-worker one — noise added by
-    each worker would make it differ by a second draw of the same size."""
+    each worker would make it differ by a second draw of the same size. (FedProx's term, which
+    has no data in it, goes on after the workers' sum, on every worker.)"""
     dp = ["privacy.dp.level=record", "privacy.dp.noise_multiplier=1.0", "privacy.dp.secure_rng=false"]
-    dp += ["privacy.dp.clip_norm=0.05", "server.rounds=1"]
+    dp += ["privacy.dp.clip_norm=0.05", "server.rounds=1", "strategy.name=fedprox", "strategy.mu=0.5"]
     want = _run(tmp_path / "one", "backend=local", *dp)
     got = _run(tmp_path / "two", "ray.workers_per_platform=2", *dp)
     _, adapter = got

@@ -275,9 +275,7 @@ class LocalTraining:
         if self.dp is not None:
             loss, stats = self.private.step(self.enc, idx, self.pad_id, self.device)
             dp_stats.append(stats)
-            if self.prox_mu and (self.group is None or self.group.rank == 0):  # ∇ (μ/2)‖w − x‖² = μ(w − x)
-                for p, a in zip(self.params, self.anchors):
-                    p.grad.add_(p.detach() - a, alpha=self.prox_mu)
+            self._proximal_gradient()  # no data in it: added after the noise (and the workers' sum)
             return loss
         idx, group = self._share(idx), self.group
         if self.flat:
@@ -302,13 +300,18 @@ class LocalTraining:
             # one of the platform's workers: its share of the sum over the whole batch's answer tokens
             (count,) = group.total([int((targets != IGNORE).sum())])
             summed = _answer_loss(logits, targets, "sum", self.words)
-            objective = summed / max(count, 1)
-            if self.prox_mu and group.rank == 0:  # no data in it: counted once
-                objective = objective + proximal_term(self.params, self.anchors, self.prox_mu)
-            (objective * group.loss_scale()).backward()
+            (summed / max(count, 1) * group.loss_scale()).backward()
         group.reduce_gradients(self.params)
+        self._proximal_gradient()
         (total,) = group.total([float(summed.detach())])
         return total / max(count, 1)
+
+    def _proximal_gradient(self) -> None:
+        """FedProx: ∇ (μ/2)‖w − x‖² = μ(w − x) into the gradient, on each worker's own (shard of
+        the) weights once the step's gradient is whole."""
+        if self.prox_mu:
+            for p, a in zip(self.params, self.anchors):
+                p.grad.add_(p.detach() - a, alpha=self.prox_mu)
 
     def _past_deadline(self) -> bool:
         """Past the round's deadline — for a platform's workers, any of them: they stop together."""
