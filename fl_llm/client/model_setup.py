@@ -44,6 +44,8 @@ def apply_base_merges(model, base: dict, version: int, cfg: RunConfig, platform_
     import numpy as np
     import torch
 
+    from fl_llm.client.parallel import like
+
     start, merges = int(base["start"]), base["merges"]
     if start > version:
         raise RuntimeError(f"platform {platform_id}: base merges from {start}, but it has applied {version}")
@@ -54,6 +56,6 @@ def apply_base_merges(model, base: dict, version: int, cfg: RunConfig, platform_
             for layer, (b, a) in merge.items():
                 weight = model.get_submodule(layer).base_layer.weight
                 delta = torch.from_numpy(np.asarray(b, np.float32) @ np.asarray(a, np.float32)) * scale
-                weight.add_(delta.to(weight.device, weight.dtype))
+                weight.add_(like(weight, delta))  # a shard of it, when sharded over workers
             version += 1
     return version

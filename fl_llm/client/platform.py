@@ -226,7 +226,9 @@ class Platform(Evaluation, KeptState):
         joins = not secagg or self.party.joins(secagg.get("sample_rate", 1.0), round_, attempt)
         if self.group is not None:  # rank 0's coin (a secure one differs per process)
             joins = self.group.from_rank0(joins)
-        if not joins:
+        if not joins:  # rank 0 alone speaks for the platform in secure aggregation
+            if self.worker > 0:
+                return {"num_examples": len(self.train_set), "metrics": {}, "bytes": 0}
             return self._release(self._sits_out(global_state, round_, secagg), round_, "train")
         deadline = None if budget_s is None else time.monotonic() + budget_s
         late = None
