@@ -57,3 +57,13 @@ if [ "${EXTRA:-0}" = 1 ]; then
   timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k qlora >>"$log" 2>&1
   echo "== qlora: exit $?" | tee -a "$log"
 fi
+# several GPUs for one platform (ray.workers_per_platform), on a machine with 2 or more:
+# tokens/s of one platform on 1, 2, 4 GPUs (DDP), and the 8B shape sharded over 2 GPUs (FSDP)
+gpus=$(nvidia-smi --list-gpus | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  counts=$([ "$gpus" -ge 4 ] && echo 1,2,4 || echo 1,2)
+  stage 1b_workers 400 "${lora[@]}" client.batch_size=64 ray.gpus_per_worker=1 client.local_steps=10 \
+    "data.synthetic.train_examples=[512]" data.synthetic.eval_examples=16 --shape 1b --workers "$counts" --rounds 3
+  stage 8b_fsdp 400 "${lora[@]}" client.batch_size=16 ray.gpus_per_worker=1 client.parallel=fsdp client.local_steps=5 \
+    "data.synthetic.train_examples=[256]" data.synthetic.eval_examples=16 --shape 8b --workers 2 --rounds 2
+fi

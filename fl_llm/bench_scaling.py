@@ -2,14 +2,13 @@
 (`ray.workers_per_platform`, `client.parallel`). For each N, a short federated run of one
 platform with N workers; from its rounds after the first (warm-up): the platform's training
 tokens/s (its tokens over its training time), each worker's tokens/s and peak memory, and the
-scaling efficiency tokens/s(N) ÷ (N · tokens/s(1)). Same config, same global batch
+scaling efficiency tokens/s(N) ÷ (N · tokens/s(1)). The config's other keys as given (with files, a config of one platform); same global batch
 (`client.batch_size` is the platform's, split over its workers), so only the parallelism changes.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,17 @@ import numpy as np
 
 def scaling(cfg, workers: list[int], rounds: int) -> dict:
     """{"workers": {N: figures}, "parallel": mode} — one federated run per N (see the module)."""
+    from fl_llm.config import from_dict, to_dict
     from fl_llm.server.loop import run
     from fl_llm.tracking import read_metrics
 
     out: dict = {"parallel": cfg.client.parallel, "batch_size": cfg.client.batch_size, "workers": {}}
     for n in workers:
-        one = replace(
-            cfg,
-            data=replace(cfg.data, num_platforms=1),
-            ray=replace(cfg.ray, workers_per_platform=n),
-            server=replace(cfg.server, rounds=rounds),
-        )
+        one = to_dict(cfg)  # one platform (the synthetic world's first), n workers, validated anew
+        one["data"]["num_platforms"] = 1
+        one["data"]["synthetic"]["train_examples"] = one["data"]["synthetic"]["train_examples"][:1]
+        one["ray"]["workers_per_platform"], one["server"]["rounds"] = n, rounds
+        one = from_dict(one)
         with tempfile.TemporaryDirectory(prefix="fl-llm-bench-") as tmp:
             run(one, Path(tmp) / "run")
             rows = read_metrics(Path(tmp) / "run")
