@@ -192,14 +192,19 @@ def test_fsdp_holds_about_one_nth_of_the_parameters_per_worker(tmp_path):
 
 
 def test_bench_measures_one_platform_over_its_workers(ray_instance, tmp_path, capsys):
-    """`fl-llm bench --workers 1,2`: one platform's tokens/s on 1 and 2 workers, each worker's
-    figures, and the scaling efficiency (1 at N=1 by definition)."""
+    """`fl-llm bench --workers 1,2` on a config of three platforms: the first one's tokens/s on
+    1 and 2 workers, each worker's figures, and the scaling efficiency (1 at N=1 by definition)."""
     import json
 
     from fl_llm.cli import main
 
     out = tmp_path / "bench.json"
-    argv = ["bench", "data.synthetic.train_examples=[32]", "data.synthetic.eval_examples=10", "client.local_steps=2"]
+    argv = [
+        "bench",
+        "data.synthetic.train_examples=[32,24,16]",
+        "data.synthetic.eval_examples=10",
+        "client.local_steps=2",
+    ]
     assert main([*argv, "client.batch_size=8", "--workers=1,2", "--rounds=2", f"--out={out}"]) == 0
     got = json.loads(out.read_text())["scaling"]
     assert set(got["workers"]) == {"1", "2"} and got["workers"]["1"]["efficiency"] == 1.0
