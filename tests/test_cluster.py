@@ -228,6 +228,36 @@ def test_platforms_run_on_the_nodes_that_hold_their_data(two_node_cluster, tmp_p
     assert time.monotonic() - started < 60  # fails fast instead of waiting for a node forever
 
 
+def test_platforms_of_two_workers_meet_over_tcp_on_their_own_nodes(two_node_cluster, tmp_path):
+    """Two nodes: each platform's two workers in a placement group on the node with its resource
+    (each bundle a half of it), meeting through rank 0's TCP store (several nodes: no shared
+    file); the run equals the one-worker run in this process."""
+    import ray
+    from ray.util.state import list_actors
+
+    from fl_llm.config import load
+    from fl_llm.server.loop import run
+    from fl_llm.tracking import read_metrics
+
+    small = ["data.num_platforms=2", "data.synthetic.train_examples=[64]", "data.synthetic.eval_examples=32"]
+    small += ["client.local_steps=3", "client.batch_size=8", "server.rounds=2", "tracking.progress=false"]
+    pins = "ray.placement=[{platform: 0, resources: {site-a: 1}}, {platform: 1, resources: {site-b: 1}}]"
+    group = [f"ray.address={two_node_cluster.address}", "ray.workers_per_platform=2", "ray.cpus_per_worker=0.5"]
+    run(load(None, [*small, *group, pins]), tmp_path / "two")
+    run(load(None, [*small, "backend=local"]), tmp_path / "one")
+    got, want = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [abs(a["eval_loss"] - b["eval_loss"]) < 1e-5 for a, b in zip(got, want)] == [True, True]
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes()}
+    placed: dict = {}
+    dashboard = f"http://127.0.0.1:{two_node_cluster.dashboard_port}"
+    for cls in ("GroupLeader", "GroupWorker"):
+        for actor in list_actors(address=dashboard, filters=[("class_name", "=", cls)], detail=True, limit=1000):
+            site = "site-a" if "site-a" in nodes[actor.node_id] else "site-b"
+            placed.setdefault(actor.name.split(":")[2], set()).add(site)
+    assert placed == {"platform-0": {"site-a"}, "platform-1": {"site-b"}}
+    assert len(got[-1]["platforms"]["gadget-hub"]["workers"]) == 2
+
+
 def test_launch_files_are_what_the_readme_says():
     import yaml
 
