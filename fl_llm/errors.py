@@ -15,3 +15,9 @@ class UserError(Exception):
 
 class PlatformGone(RuntimeError):
     """A platform's process ended (a platform service's Ray actor died): it must be started again."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (300 characters), or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -161,7 +161,8 @@ def test_dp_with_infinite_clip_and_zero_noise_equals_plain_training():
     import torch
 
     from fl_llm.client.platform import Platform
-    from fl_llm.client.train import DpSgd, _answer_loss, _forward, _PrivateGradients
+    from fl_llm.client.private_step import PrivateGradients
+    from fl_llm.client.train import DpSgd, _answer_loss, _forward
     from fl_llm.config import to_dict
     from fl_llm.data.batching import collate
 
@@ -173,7 +174,7 @@ def test_dp_with_infinite_clip_and_zero_noise_equals_plain_training():
     plain = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    private = _PrivateGradients(plat.model, params, DpSgd(math.inf, 0.0, 1.0, 0), expected_batch=len(idx))
+    private = PrivateGradients(plat.model, params, DpSgd(math.inf, 0.0, 1.0, 0), expected_batch=len(idx))
     private.step(plat.train_set, idx, plat.pad_id, plat.device)
     private.close()
     for a, b in zip(plain, (p.grad for p in params)):

@@ -19,6 +19,7 @@ import traceback
 from fl_llm.client.api import REMOTE
 from fl_llm.client.platform import Platform
 from fl_llm.client.train import RoundDeadline
+from fl_llm.errors import first_line
 
 
 class WorkerLost(RuntimeError):
@@ -102,7 +103,7 @@ class GroupLeader:
             self.followers.finish(calls)
             raise
         except Exception as e:
-            raise WorkerLost(f"platform {platform.id}: {name} failed on worker 0 ({_first_line(e)})") from e
+            raise WorkerLost(f"platform {platform.id}: {name} failed on worker 0 ({first_line(e)})") from e
         answers = self.followers.finish(calls)
         if name == "describe":
             result = _with_workers(result, answers)
@@ -119,6 +120,11 @@ def _with_workers(facts: dict, answers: list[dict]) -> dict:
     return {**facts, "workers": workers}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+def forget_rendezvous(rendezvous: dict | None) -> None:
+    """Remove a group's file rendezvous (the private directory `GroupLeader.rendezvous` made) when
+    it is on this machine: the backend calls it as the group ends."""
+    import shutil
+
+    path = os.path.dirname((rendezvous or {}).get("file", ""))
+    if os.path.basename(path).startswith("fl_llm-group-") and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)

@@ -198,8 +198,12 @@ def no_grad(model):
     gathered parameters must stay ordinary tensors for the next training step."""
     import torch
 
-    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
-    return torch.no_grad() if sharded else torch.inference_mode()
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
+
+
+def is_sharded(model) -> bool:
+    """Whether FSDP has sharded the model's parameters over the platform's workers."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
 def full(t):
@@ -233,13 +237,11 @@ def worker_figures(metrics: dict, device, seconds: float) -> dict:
     """One worker's share of a platform's training round, for metrics.jsonl."""
     import socket
 
-    from fl_llm.client.train import peak_memory
-
     tokens = metrics.get("worker_tokens", metrics.get("tokens", 0))
     return {
         "worker": f"{socket.gethostname()}:{os.getpid()}",
         "device": str(device),
         "tokens": tokens,
         "tokens_per_s": tokens / max(seconds, 1e-9),
-        "peak_memory_bytes": peak_memory(device),
+        "peak_memory_bytes": metrics["peak_memory_bytes"],
     }

@@ -140,9 +140,9 @@ def set_adapter_state(peft_model, state: AdapterState) -> None:
         raise ValueError(f"adapter state does not match the model: missing {missing[:3]}, extra {extra[:3]}")
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
     adapter = _active(peft_model)
-    if any(hasattr(p, "device_mesh") for p in peft_model.parameters()):  # sharded (client.parallel=fsdp)
-        from fl_llm.client.parallel import like
+    from fl_llm.client.parallel import is_sharded, like
 
+    if is_sharded(peft_model):  # over a platform's workers (client.parallel=fsdp)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 key = state_key(name, adapter)

@@ -19,10 +19,11 @@ import uuid
 from dataclasses import replace
 
 from fl_llm.client.api import PlatformAPI, remote_name
+from fl_llm.client.group import forget_rendezvous
 from fl_llm.client.platform import Platform
 from fl_llm.config import RunConfig, to_dict
-from fl_llm.errors import UserError
-from fl_llm.server.local_backend import Collected, LocalBackend, _Backend, _first_line, check_address, reap
+from fl_llm.errors import UserError, first_line
+from fl_llm.server.local_backend import Collected, LocalBackend, _Backend, check_address, reap
 from fl_llm.server.placement import group_placement, host_placement, pinning, placement
 
 __all__ = ["Collected", "LocalBackend", "RayBackend", "RayPlatform", "make_backend", "start_ray"]
@@ -53,7 +54,7 @@ def _init_ray(cfg: RunConfig) -> None:
             )
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "a private local Ray instance" if local else f"ray.address {address!r}"
-        raise UserError(f"{where}: Ray did not start or connect ({_first_line(e)})") from None
+        raise UserError(f"{where}: Ray did not start or connect ({first_line(e)})") from None
 
 
 class RayBackend(_Backend):
@@ -211,10 +212,10 @@ class RayBackend(_Backend):
             try:
                 out.results[i] = ray.get(ref)
             except ray.exceptions.RayActorError as e:  # the process is gone (exit, OOM, lost node, ray.kill)
-                out.errors[i] = f"platform process died: {_first_line(e)}"
+                out.errors[i] = f"platform process died: {first_line(e)}"
                 out.dead.append(i)
             except ray.exceptions.OutOfMemoryError as e:  # Ray's memory monitor killed the worker
-                out.errors[i] = f"platform process killed: the node ran out of memory ({_first_line(e)})"
+                out.errors[i] = f"platform process killed: the node ran out of memory ({first_line(e)})"
                 out.dead.append(i)
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e, RoundDeadline) or isinstance(getattr(e, "cause", None), RoundDeadline):
@@ -285,15 +286,6 @@ class RayBackend(_Backend):
         reap(pids)
 
 
-def forget_rendezvous(rendezvous: dict | None) -> None:
-    """Remove a group's file rendezvous (its private directory) when it is on this machine."""
-    import shutil
-
-    path = os.path.dirname((rendezvous or {}).get("file", ""))
-    if os.path.basename(path).startswith("fl_llm-group-") and os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class Followers:
     """What rank 0 of a platform holds of its other workers: their actors, called in lockstep."""
 
@@ -316,10 +308,10 @@ class Followers:
                 out.append(ray.get(ref))
             except ray.exceptions.RayTaskError as e:
                 if not isinstance(getattr(e, "cause", None), RoundDeadline):
-                    raise WorkerLost(f"worker {rank} failed: {_first_line(e)}") from None
+                    raise WorkerLost(f"worker {rank} failed: {first_line(e)}") from None
                 out.append(None)  # stopped at the deadline, with the others
             except ray.exceptions.RayError as e:  # its process is gone
-                raise WorkerLost(f"worker {rank} died: {_first_line(e)}") from None
+                raise WorkerLost(f"worker {rank} died: {first_line(e)}") from None
         return out
 
 
@@ -384,7 +376,7 @@ class RayPlatform:
             try:
                 return ray.get(method.remote(*args))
             except (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError) as e:
-                raise PlatformGone(_first_line(e)) from None
+                raise PlatformGone(first_line(e)) from None
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e, RoundDeadline) or isinstance(getattr(e, "cause", None), RoundDeadline):
                     raise RoundDeadline(str(e)) from None

@@ -102,11 +102,6 @@ def reap(processes: list[tuple[str, int]], timeout_s: float = 20.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def check_address(address: str | None, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when `ray.address` names a host:port that does not answer."""
     if address in (None, "", "auto", "local"):
