@@ -312,6 +312,28 @@ def test_head_lr_and_warmup():
     assert warmup_factor((20, 4), 0) == 1.0 and warmup_factor((0, 0), 0) == 1.0
 
 
+def test_initial_adapter_refuses_once_another_adapter_is_loaded():
+    """The round-0 adapter is the model's own init only until the platform loads another one: asked
+    after training or evaluating, it would hand back that adapter as the "init" (a local-only arm
+    started from it would silently be the federated model fine-tuned). It says so instead."""
+    import numpy as np
+
+    from fl_llm.client.platform import Platform
+    from fl_llm.config import load, to_dict
+
+    cfg = load(None, ["data.synthetic.train_examples=[40]", "data.synthetic.eval_examples=10", "client.local_steps=1"])
+    plat = Platform(to_dict(cfg), 0)
+    init = plat.initial_adapter()
+    again = plat.initial_adapter()
+    assert init.keys() == again.keys() and all(np.array_equal(init[k], again[k]) for k in init)
+    moved = {k: v + 0.5 for k, v in init.items()}
+    plat.evaluate(moved)
+    with pytest.raises(RuntimeError, match="init is gone"):
+        plat.initial_adapter()
+    fresh = Platform(to_dict(cfg), 0)  # a new platform of the same seed still gives the init
+    assert all(np.array_equal(fresh.initial_adapter()[k], init[k]) for k in init)
+
+
 def test_platform_implements_the_remote_api_exactly():
     """Every method of the typed remote API exists on Platform with the same parameters and
     defaults; the contract, not the implementation, is what a backend accepts."""

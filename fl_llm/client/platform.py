@@ -74,6 +74,7 @@ class Platform(Evaluation, KeptState):
         # update (commit): a rejected, late or retried update leaves `persistent` as it was.
         self.staged, self.staged_round = {}, None
         self.state_dir: Path | None = None
+        self.loaded = False  # it has loaded another adapter: the model no longer holds its init
         self.task = sources.task_of(self.cfg)
         self.device = resolve_device(self.cfg.client.device)
         self.group = None  # fl_llm.client.parallel.Group: its place among the platform's workers
@@ -172,10 +173,16 @@ class Platform(Evaluation, KeptState):
     def initial_adapter(self) -> AdapterState:
         """The round-0 global adapter: this model's own init (the same on every platform: same
         seed), or — when ranks differ — a fresh init at the largest rank, so no component starts
-        dead."""
+        dead. Only before the platform has loaded another adapter (train, evaluate): the model
+        then holds that one, and its init is gone."""
         from fl_llm.strategies.flora import fresh_lora
         from fl_llm.strategies.lora import from_rank
 
+        if self.loaded:
+            raise RuntimeError(
+                f"platform {self.name!r}: initial_adapter after it has loaded another adapter (train, evaluate): "
+                "its init is gone; ask a fresh platform"
+            )
         self._activate()
         state = get_adapter_state(self.model)
         if self.rank == self.global_rank:
@@ -197,6 +204,7 @@ class Platform(Evaluation, KeptState):
         if own is not None:
             state = {k: own[k] if self.strategy.personal(k) else v for k, v in state.items()}
         set_adapter_state(self.model, state)
+        self.loaded = True
         return state
 
     def train(
