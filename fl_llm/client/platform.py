@@ -173,16 +173,12 @@ class Platform(Evaluation, KeptState):
     def initial_adapter(self) -> AdapterState:
         """The round-0 global adapter: this model's own init (the same on every platform: same
         seed), or — when ranks differ — a fresh init at the largest rank, so no component starts
-        dead. Only before the platform has loaded another adapter (train, evaluate): the model
-        then holds that one, and its init is gone."""
+        dead."""
         from fl_llm.strategies.flora import fresh_lora
         from fl_llm.strategies.lora import from_rank
 
-        if self.loaded:
-            raise RuntimeError(
-                f"platform {self.name!r}: initial_adapter after it has loaded another adapter (train, evaluate): "
-                "its init is gone; ask a fresh platform"
-            )
+        if self.loaded:  # the model holds the adapter train or evaluate loaded last, not its init
+            raise RuntimeError(f"platform {self.name!r}: initial_adapter after train or evaluate: its init is gone")
         self._activate()
         state = get_adapter_state(self.model)
         if self.rank == self.global_rank:
