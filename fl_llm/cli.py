@@ -8,6 +8,7 @@
     fl-llm compare --strategies fedit,fedex,ffa # aggregation strategies, eval loss round by round
     fl-llm bench [CONFIG] [KEY=VALUE ...]       # throughput vs plain transformers + peft, federation overhead
     fl-llm generate RUN_DIR "Is shipping free?"  # answer prompts with a run's model (--jsonl FILE: a batch)
+    fl-llm personalise RUN_DIR --rounds 8       # each platform's own adapter, fine-tuned from the global one
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
     fl-llm provision federation.yaml --out kits # separate organisations: a CA and each party's kit
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fl_llm.cli_commands import (
         add_bench_arguments,
         add_generate_command,
+        add_personalise_command,
         cmd_audit,
         cmd_bench,
         cmd_compare,
@@ -342,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     add_generate_command(sub)
+    add_personalise_command(sub)
     p = sub.add_parser("config", help="print the resolved config (YAML) without running")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]")
     p.set_defaults(func=cmd_config)

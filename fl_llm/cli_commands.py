@@ -1,4 +1,4 @@
-"""The `fl-llm` commands besides `run`: compare, audit, bench, generate, config, tasks, strategies. Each
+"""The `fl-llm` commands besides `run`: compare, audit, bench, generate, personalise, config, tasks, strategies. Each
 takes the parsed arguments and returns the exit code; `fl_llm.cli` parses and dispatches."""
 
 from __future__ import annotations
@@ -341,3 +341,49 @@ def add_generate_command(sub) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_personalise(ns) -> int:
+    """Each platform's own adapter from a finished run: RUN_DIR/personal/<name>/."""
+    from fl_llm.personalise import personal_table, personalise_run
+    from fl_llm.progress import Progress
+    from fl_llm.server.setup import RunFailed
+
+    progress = Progress(enabled=True)
+    try:
+        result = personalise_run(Path(ns.run_dir), ns.rounds, ns.schedule, ns.overwrite, progress, ns.args)
+    except RunFailed as e:
+        print(f"fl-llm: personalise failed (nothing written): {e}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    print(personal_table(result))
+    print(f"personal adapters: {Path(ns.run_dir) / 'personal'}/<platform> (fl-llm generate RUN_DIR --platform NAME)")
+    return 0
+
+
+def add_personalise_command(sub) -> None:
+    """The `personalise` subcommand and its options."""
+    p = sub.add_parser(
+        "personalise",
+        help="each platform's own adapter: local rounds from a finished run's global model",
+        description="Fine-tune RUN_DIR's global adapter on each platform's own data for --rounds local rounds "
+        "(client.local_steps steps each) and write each platform's adapter to RUN_DIR/personal/<name>/, with "
+        "personal.json: every platform's held-out metrics under the global model and under its own. The "
+        "platforms start as the run started them (its config.yaml). fl-llm compare --personal-rounds P "
+        "measures what P rounds buy against local-only training. Refused under differential privacy, secure "
+        "aggregation, for a federation of organisations and for strategies without one global adapter. "
+        "KEY=VALUE overrides may change where and how it runs and evaluates (backend, ray.*, eval.*, ...).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--rounds", type=int, default=8, metavar="P", help="local rounds per platform (default 8)")
+    p.add_argument(
+        "--schedule",
+        choices=("continue", "fresh"),
+        default="continue",
+        help="continue (default): past the run's schedule end, at its final learning rate — a gentle fine-tune "
+        "that keeps what federation taught; fresh: the schedule's first rounds, as a new local run",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR/personal")
+    p.set_defaults(func=cmd_personalise)

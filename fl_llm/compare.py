@@ -54,22 +54,13 @@ from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import POOLED, task_of
 from fl_llm.generation import generation_due
 from fl_llm.model.adapters import starting_adapter
+from fl_llm.personalise import apply_update, detailed, local_round, personalise, sent_update
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
 from fl_llm.server.loop import SETUP_TIMEOUT_S, run
-from fl_llm.strategies.lora import update_to_global_rank
 from fl_llm.tracking import read_metrics, write_json
 
 __all__ = ["MODES", "PERSONAL", "compare", "format_table", "over_seeds"]
-
-
-def _apply(cfg: RunConfig, platform: int, state: dict, update: dict) -> dict:
-    """state + a platform's update (at its LoRA rank, on the tensors its strategy sends)."""
-    lora = cfg.model.lora
-    ranks = lora.ranks or [lora.r] * cfg.data.num_platforms
-    rank = ranks[platform] if platform >= 0 else max(ranks)
-    update = update_to_global_rank(update, state, rank, lora.alpha, max(ranks))
-    return {k: state[k] + update[k] if k in update else state[k] for k in state}
 
 
 def compare(
@@ -145,14 +136,14 @@ def _compare_one(
         central = init
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
-            local = _local_round(cfg, backend, local, rnd)
+            local = local_round(cfg, backend, local, rnd)
             gen = generation_due(cfg, rnd)  # the instruction task: answers generated on the run's schedule
             ev = backend.call_each(
                 {i: (local[i], None, False, gen) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout
             ).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
-            central = _apply(cfg, POOLED, central, _update(pooled.train(central, rnd)))
+            central = apply_update(cfg, POOLED, central, sent_update(pooled.train(central, rnd)))
             pooled.commit(rnd)
             ev = backend.call(
                 ids, PlatformAPI.evaluate, backend.put(central), None, False, gen, timeout_s=timeout
@@ -167,9 +158,9 @@ def _compare_one(
         federated = _federated_final(cfg, out_dir / "federated")
         if federated is not None:
             finals["federated"] = {i: federated for i in ids}
-            finals[PERSONAL] = _personalise(cfg, backend, federated, personal, progress)
+            finals[PERSONAL] = personalise(cfg, backend, federated, *personal, progress)
         detail = {
-            mode: {names[i]: r for i, r in _detailed(backend, states, timeout).items()}
+            mode: {names[i]: r for i, r in detailed(backend, states, timeout).items()}
             for mode, states in finals.items()
         }
     finally:
@@ -223,37 +214,6 @@ def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
     return {k: np.asarray(v) for k, v in checkpoint.load(path, verified=True)[1]["global_state"].items()}
 
 
-def _personalise(cfg: RunConfig, backend, federated: dict, personal: tuple, progress: Progress) -> dict:
-    """Each platform's model after P local rounds from the federated one: rounds 1..P of the
-    schedule, as a fresh local run starts (the warm-up again, then the peak learning rate) — or,
-    with the "continue" schedule, rounds R+1..R+P: past the schedule's end, at its final rate
-    (lr/10 under cosine), a gentle fine-tune that keeps what federation taught."""
-    rounds, schedule = personal
-    offset = cfg.server.rounds if schedule == "continue" else 0
-    states = {i: federated for i in range(cfg.data.num_platforms)}
-    for rnd in range(1, rounds + 1):
-        progress.phase(f"personalised: local round {rnd}/{rounds} from the federated model")
-        states = _local_round(cfg, backend, states, offset + rnd)
-    return states
-
-
-def _local_round(cfg: RunConfig, backend, states: dict[int, dict], rnd: int) -> dict[int, dict]:
-    """One local round of round `rnd`'s schedule on every platform, each from its own state; a
-    platform that did not answer keeps its state. Each commits what it keeps between rounds."""
-    timeout = cfg.server.round_timeout_s
-    trained = backend.call_each({i: (s, rnd) for i, s in states.items()}, PlatformAPI.train, timeout_s=timeout).results
-    backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)
-    return {i: _apply(cfg, i, s, _update(trained[i])) if i in trained else s for i, s in states.items()}
-
-
-def _detailed(backend, states: dict[int, dict], timeout: float) -> dict[int, dict]:
-    """Each platform's detailed evaluation (interval, calibration) of its final model in one arm."""
-    got = backend.call_each(
-        {i: (state, None, True) for i, state in states.items()}, PlatformAPI.evaluate, timeout_s=timeout
-    )
-    return got.results
-
-
 def budget(cfg: RunConfig, personal_rounds: int = 0) -> dict[str, dict[str, int]]:
     """Optimizer steps and examples each arm spends per platform (centralized: its pooled trainer,
     whose step takes every platform's batch; personalised: the federated arm's, then
@@ -302,10 +262,3 @@ def _earlier(cfg: RunConfig, out_dir: Path, personal: tuple) -> dict | None:
     result = json.loads(done.read_text())
     had = (result.get("personal_rounds", 1), result.get("personal_schedule", "fresh"))
     return result if had == tuple(personal) else None
-
-
-def _update(answer: dict) -> dict:
-    """The update a platform sent: plain, or compressed (compression.name) and decoded here."""
-    from fl_llm.compression import decompress
-
-    return decompress(answer["payload"]) if "payload" in answer else answer["update"]

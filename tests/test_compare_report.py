@@ -99,8 +99,8 @@ def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
     import numpy as np
 
     from fl_llm.client.train import scheduled_lr
-    from fl_llm.compare import _personalise
     from fl_llm.config import load
+    from fl_llm.personalise import personalise
     from fl_llm.progress import Progress
     from fl_llm.server.backends import Collected
 
@@ -115,9 +115,9 @@ def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
             return Collected(results={i: True for i in ids})
 
     cfg = load(None, ["server.rounds=10", "data.num_platforms=2", "data.synthetic.train_examples=[50]"])
-    got = _personalise(cfg, Backend(), {"k": np.zeros(2)}, (3, "continue"), Progress(enabled=False))
+    got = personalise(cfg, Backend(), {"k": np.zeros(2)}, 3, "continue", Progress(enabled=False))
     assert asked == [11, 11, 12, 12, 13, 13] and got[0]["k"].tolist() == [3.0, 3.0]
     assert scheduled_lr(0.01, "cosine", 11, 10) == pytest.approx(0.001)
     asked.clear()
-    _personalise(cfg, Backend(), {"k": np.zeros(2)}, (2, "fresh"), Progress(enabled=False))
+    personalise(cfg, Backend(), {"k": np.zeros(2)}, 2, "fresh", Progress(enabled=False))
     assert asked == [1, 1, 2, 2] and scheduled_lr(0.01, "cosine", 1, 10) == pytest.approx(0.01)

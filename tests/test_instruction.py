@@ -1,6 +1,7 @@
 """Federated supervised fine-tuning on conversations, end to end: a 2-round run on Ray (packed
 batches, generation every round), what it writes, `fl-llm generate` reproducing the platforms'
-reported figures from the saved adapter, record-level DP with secure aggregation (no sample
+reported figures from the saved adapter, `fl-llm personalise` (each platform's own adapter, which
+`fl-llm generate --platform` reproduces), record-level DP with secure aggregation (no sample
 generations leave), and bring-your-own conversation files."""
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ def sft_run(tmp_path_factory):
     from fl_llm.config import load
     from fl_llm.server.loop import run
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the module's one instance
     try:
         cfg = load(None, SFT)
         run_dir = tmp_path_factory.mktemp("sft")
         summary = run(cfg, run_dir)
+        yield cfg, run_dir, summary
     finally:
         ray.shutdown()
-    return cfg, run_dir, summary
 
 
 def test_every_round_reports_generation_metrics_per_platform_and_skill(sft_run):
@@ -123,6 +124,116 @@ def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp
         assert says in capsys.readouterr().err, extra
     assert main(["generate", str(tmp_path), "hi"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def _generate_held_out(run_dir, platform: int, tmp_path, *extra) -> subprocess.CompletedProcess:
+    """`fl-llm generate --jsonl` over one platform's held-out conversations (subprocess: plain
+    transformers + peft, nothing of the platforms' state)."""
+    from fl_llm.config import load
+    from fl_llm.data.sources import load_platform_data
+
+    held = load_platform_data(load(str(run_dir / "config.yaml"), []), platform).eval
+    path = tmp_path / f"held-{platform}.jsonl"
+    path.write_text("".join(json.dumps({"messages": r["messages"]}, ensure_ascii=False) + "\n" for r in held))
+    argv = ["generate", str(run_dir), "--jsonl", str(path), "--out", str(tmp_path / "answers.jsonl"), *extra]
+    return subprocess.run(
+        [sys.executable, "-m", "fl_llm", *argv], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
+def test_personalise_writes_each_platforms_adapter_which_generate_reproduces(sft_run, tmp_path, capsys):
+    """`fl-llm personalise`: P local rounds from the run's global adapter on every platform; the
+    global figures it reports are the run's own last round (so it started from the run's model),
+    each platform's own model fits its held-out answers better, and `fl-llm generate --platform`
+    answers exactly as the platform scored its own model."""
+    import shutil
+
+    from fl_llm.cli import main
+
+    _, src, _ = sft_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)  # the module's run stays as it was for the other tests
+    argv = ["personalise", str(run_dir), "--rounds", "2", "--schedule", "fresh", "eval.generate_examples=0"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 local rounds (12 steps, fresh schedule)" in printed and "gadget-hub" in printed
+    result = json.loads((run_dir / "personal" / "personal.json").read_text())
+    assert (result["rounds"], result["steps"], result["metric"]) == (2, 12, "exact_match")
+    reported = read_metrics(run_dir)[-1]["platforms"]
+    names = ["fashion-mall", "gadget-hub", "home-market"]
+    assert sorted(result["platforms"]) == names
+    assert sorted(p.name for p in (run_dir / "personal").iterdir() if p.is_dir()) == names
+    for name in names:
+        glob, own = result["platforms"][name]["global"], result["platforms"][name]["personal"]
+        assert glob["exact_match"] == pytest.approx(reported[name]["exact_match"], abs=1e-12), name
+        assert glob["eval_loss"] == pytest.approx(reported[name]["eval_loss"], rel=1e-5), name
+        assert own["eval_loss"] < glob["eval_loss"], name  # 12 more steps on its own data, from 2 rounds
+    proc = _generate_held_out(run_dir, 1, tmp_path, "--platform", "gadget-hub")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    em = result["platforms"]["gadget-hub"]["personal"]["exact_match"]
+    assert f"exact match {em:.4f} over 12" in proc.stderr
+    answers = [json.loads(x)["answer"] for x in (tmp_path / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    glob_proc = _generate_held_out(run_dir, 1, tmp_path)  # the global adapter answers otherwise
+    glob_answers = [
+        json.loads(x)["answer"] for x in (tmp_path / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    assert glob_proc.returncode == 0 and answers != glob_answers
+
+    # again: refused (exit 2) without --overwrite, and what is there is left as it was
+    before = (run_dir / "personal" / "personal.json").read_bytes()
+    assert main(["personalise", str(run_dir)]) == 2
+    assert "exists; --overwrite replaces it" in capsys.readouterr().err
+    assert (run_dir / "personal" / "personal.json").read_bytes() == before
+
+
+def _fake_run(tmp_path, name: str, overrides: list[str], status: str = "completed"):
+    """A run directory as a finished run leaves it, as far as personalise checks before starting."""
+    import yaml
+
+    from fl_llm.config import load, to_dict
+
+    rd = tmp_path / name
+    (rd / "adapter").mkdir(parents=True)
+    (rd / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (rd / "config.yaml").write_text(yaml.safe_dump(to_dict(load(None, [*SFT, *overrides]))))
+    (rd / "summary.json").write_text(json.dumps({"status": status}))
+    return rd
+
+
+@pytest.mark.parametrize(
+    "overrides, status, says",
+    [
+        ([], "interrupted", "the run has not finished (status interrupted)"),
+        (["privacy.dp.level=record", "privacy.target_epsilon=8", "client.pack_length=0"], "completed", "privacy"),
+        (["privacy.dp.level=client", "privacy.target_epsilon=8"], "completed", "ledger does not count"),
+        (["privacy.secagg.enabled=true"], "completed", "each platform's plain update"),
+        (["strategy.name=fedsa"], "completed", "keeps a model per platform already"),
+        (["strategy.name=fedex"], "completed", "merges updates into the base"),
+    ],
+)
+def test_personalise_refuses_runs_whose_promises_it_would_break(tmp_path, capsys, overrides, status, says):
+    """Exit 2 with one line, before any platform starts and with nothing written."""
+    from fl_llm.cli import main
+
+    rd = _fake_run(tmp_path, "run", overrides, status)
+    listing = sorted(p.name for p in rd.rglob("*"))
+    assert main(["personalise", str(rd)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in rd.rglob("*")) == listing
+
+
+def test_personalise_refuses_what_is_not_a_run_and_rounds_below_one(tmp_path, capsys):
+    from fl_llm.cli import main
+
+    assert main(["personalise", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    rd = _fake_run(tmp_path, "run", [])
+    assert main(["personalise", str(rd), "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in capsys.readouterr().err
+    for override in ("seed=3", "data.num_platforms=2", "federation.platforms=[]", "eval"):
+        assert main(["personalise", str(rd), override]) == 2
+        assert "only server.round_timeout_s, backend, ray., tracking., eval. may change" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("allowed", [False, True])

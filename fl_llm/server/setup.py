@@ -93,7 +93,7 @@ def setup(r: Run, resume_from: Path | None, on_started, privacy: Privacy | None)
     """The platforms describe themselves (their data checked); then the federation's state: from
     the checkpoint (resume) or round 0 evaluated (fresh)."""
     cfg, everyone = r.cfg, r.everyone
-    r.info = _require_all(r.backend.call(everyone, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
+    r.info = require_all(r.backend.call(everyone, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
     bad = [r.info[i]["user_error"] for i in everyone if r.info[i].get("user_error")]
     if bad:
         raise UserError(bad[0])
@@ -143,7 +143,7 @@ def _resume(r: Run, resume_from: Path, merge_scale: float) -> Federation:
     r.history = state["history"]
     r.rd.rewrite_metrics(r.history)  # rounds logged after the checkpoint are redone
     # each platform takes up its own state as of the checkpoint, from its own state dir
-    _require_all(r.backend.call(r.everyone, PlatformAPI.load_state, fed.round, timeout_s=SETUP_TIMEOUT_S), "restore")
+    require_all(r.backend.call(r.everyone, PlatformAPI.load_state, fed.round, timeout_s=SETUP_TIMEOUT_S), "restore")
     fed.downlink.held.clear()  # the new platform processes hold no adapter yet,
     fed.merges.applied.clear()  # and a pristine base
     r.progress.info(f"resuming after round {fed.round} from {resume_from}")
@@ -154,7 +154,7 @@ def _start_fresh(r: Run, merge_scale: float) -> Federation:
     """Round 0: the initial adapter (identical on every platform: same seed, or model.init_adapter),
     evaluated."""
     cfg, backend, everyone = r.cfg, r.backend, r.everyone
-    fresh = _require_all(backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S), "initialise")[0]
+    fresh = require_all(backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S), "initialise")[0]
     global_state = starting_adapter(cfg.model, fresh)  # or model.init_adapter: a warm start
     fed = Federation(
         round=0,
@@ -228,7 +228,7 @@ def with_state_dir(cfg: RunConfig, rd: RunDir) -> RunConfig:
     return replace(cfg, client=replace(cfg.client, state_dir=str(rd.platform_states.resolve() / "{name}")))
 
 
-def _require_all(collected: Collected, what: str) -> dict:
+def require_all(collected: Collected, what: str) -> dict:
     if collected.errors or collected.late:
         parts = [f"platform {i}: {e}" for i, e in sorted(collected.errors.items())]
         parts += [f"platform {i}: no answer in time" for i in collected.late]

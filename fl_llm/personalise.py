@@ -1,0 +1,238 @@
+"""Personalisation: each platform's own model, fine-tuned locally from the federated one.
+
+One global model serves platforms whose data differ only on average: a shop's own return windows,
+its greeting, its label balance are what the average blurs. Personalising trains P more local
+rounds (`client.local_steps` optimizer steps each) on each platform's own data, starting from the
+federated model — either as a fresh local run starts them (the schedule's first rounds: warm-up,
+then the peak learning rate) or, with the "continue" schedule, past the schedule's end at its
+final rate (lr/10 under cosine): a gentle fine-tune that keeps what federation taught. This is the
+personalised arm of `fl-llm compare` and the `fl-llm personalise RUN_DIR` command, one code path
+for both.
+
+`personalise_run` writes, for a finished run, RUN_DIR/personal/<name>/ — one PEFT adapter per
+platform, what `fl-llm generate RUN_DIR --platform NAME` loads — and RUN_DIR/personal/personal.json
+with each platform's held-out metrics under the global and under its own adapter. It is refused
+where it would break a promise the run made: under differential privacy (the extra rounds spend
+privacy the run's ledger does not count, and under client-level DP their updates reach the driver
+un-noised), under secure aggregation (the driver would see each platform's plain update), for a
+federation of organisations (each personal adapter would pass through the coordinator), and for
+strategies without one global adapter (FedSA's models are personal already; FedEx and FLoRA merge
+into the base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fl_llm.client.api import PlatformAPI
+from fl_llm.config import RunConfig
+from fl_llm.errors import UserError
+from fl_llm.progress import Progress
+from fl_llm.strategies.lora import update_to_global_rank
+from fl_llm.tensors import AdapterState
+
+SCHEDULES = ("fresh", "continue")
+
+
+# --- the rounds, shared with fl-llm compare ----------------------------------------------------------------------------
+
+
+def apply_update(cfg: RunConfig, platform: int, state: AdapterState, update: AdapterState) -> AdapterState:
+    """state + a platform's update (at its LoRA rank, on the tensors its strategy sends); platform
+    -1 is compare's pooled trainer, at the largest rank."""
+    lora = cfg.model.lora
+    ranks = lora.ranks or [lora.r] * cfg.data.num_platforms
+    rank = ranks[platform] if platform >= 0 else max(ranks)
+    update = update_to_global_rank(update, state, rank, lora.alpha, max(ranks))
+    return {k: state[k] + update[k] if k in update else state[k] for k in state}
+
+
+def sent_update(answer: dict) -> AdapterState:
+    """The update a platform sent: plain, or compressed (compression.name) and decoded here."""
+    from fl_llm.compression import decompress
+
+    return decompress(answer["payload"]) if "payload" in answer else answer["update"]
+
+
+def local_round(
+    cfg: RunConfig, backend, states: dict[int, AdapterState], rnd: int, strict: bool = False
+) -> dict[int, AdapterState]:
+    """One local round of round `rnd`'s schedule on every platform, each from its own state; a
+    platform that did not answer keeps its state (`strict`: the round fails instead). Each commits
+    what it keeps between rounds."""
+    from fl_llm.server.setup import require_all
+
+    timeout = cfg.server.round_timeout_s
+    got = backend.call_each({i: (s, rnd) for i, s in states.items()}, PlatformAPI.train, timeout_s=timeout)
+    trained = require_all(got, f"train in local round {rnd}") if strict else got.results
+    backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)
+    return {i: apply_update(cfg, i, s, sent_update(trained[i])) if i in trained else s for i, s in states.items()}
+
+
+def personalise(
+    cfg: RunConfig, backend, federated: AdapterState, rounds: int, schedule: str, progress: Progress, strict=False
+) -> dict[int, AdapterState]:
+    """Each platform's model after `rounds` local rounds from the federated one: rounds 1..P of
+    the schedule ("fresh") or rounds R+1..R+P, past its end at the final rate ("continue").
+    `strict`: a platform that fails a round fails the whole (else it keeps its model)."""
+    offset = cfg.server.rounds if schedule == "continue" else 0
+    states = {i: federated for i in range(cfg.data.num_platforms)}
+    for rnd in range(1, rounds + 1):
+        progress.phase(f"personalised: local round {rnd}/{rounds} from the federated model")
+        states = local_round(cfg, backend, states, offset + rnd, strict)
+    return states
+
+
+def detailed(backend, states: dict[int, AdapterState], timeout: float, strict: bool = False) -> dict[int, dict]:
+    """Each platform's detailed evaluation (interval, calibration; the instruction task: its
+    held-out answers generated) of its model in `states`; `strict`: every platform or a failure."""
+    from fl_llm.server.setup import require_all
+
+    got = backend.call_each(
+        {i: (state, None, True) for i, state in states.items()}, PlatformAPI.evaluate, timeout_s=timeout
+    )
+    return require_all(got, "evaluate") if strict else got.results
+
+
+# --- fl-llm personalise RUN_DIR ----------------------------------------------------------------------------------------
+
+
+# What an override may change: where and how the personalisation runs and is evaluated, never the
+# run it starts from (model, data, seeds, strategy, privacy, the federation's parties).
+CHANGEABLE = ("server.round_timeout_s", "backend", "ray.", "tracking.", "eval.")
+
+
+def check_run(run_dir: Path, overwrite: bool, overrides: list[str] = ()) -> RunConfig:
+    """The finished run's config (with `overrides` of CHANGEABLE keys), or a UserError (exit 2)
+    saying why it cannot be personalised — before anything starts or is written."""
+    from fl_llm.config import key_in, load
+    from fl_llm.strategies import STRATEGIES
+    from fl_llm.tracking import RunDir
+
+    rd = RunDir(run_dir)
+    where = f"personalise {str(run_dir)!r}"
+    if not rd.config.is_file():
+        raise UserError(f"{where}: not a run directory (no config.yaml)")
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if "=" not in text or not key_in(key, CHANGEABLE):
+            raise UserError(f"{where}: override {text!r} — only {', '.join(CHANGEABLE)} may change (KEY=VALUE)")
+    cfg = load(str(rd.config), list(overrides))
+    status = json.loads(rd.summary.read_text()).get("status") if rd.summary.is_file() else None
+    if status != "completed":
+        raise UserError(
+            f"{where}: the run has not finished (status {status or 'unknown'}); finish it first "
+            f"(fl-llm run --resume {run_dir})"
+        )
+    strategy = STRATEGIES[cfg.strategy.name]
+    why = None
+    if not strategy.one_global_model:
+        why = f"strategy {cfg.strategy.name} keeps a model per platform already (RUN_DIR/personal)"
+    elif strategy.merges_into_base:
+        why = f"strategy {cfg.strategy.name} merges updates into the base model, so its adapter is not the whole model"
+    elif cfg.privacy.dp.level != "none":
+        why = (
+            f"privacy.dp.level={cfg.privacy.dp.level}: the extra local rounds would spend privacy the run's "
+            "ledger does not count"
+        )
+    elif cfg.privacy.secagg.enabled:
+        why = "secure aggregation is on: personalising would show the driver each platform's plain update"
+    elif cfg.federation.platforms:
+        why = "a federation of organisations: each personal adapter would pass through the coordinator"
+    if why:
+        raise UserError(f"{where}: {why}")
+    if not (rd.adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"{where}: no global adapter at {str(rd.adapter)!r}")
+    personal = rd.path / "personal"
+    if personal.exists() and not overwrite:
+        raise UserError(f"{where}: {str(personal)!r} exists; --overwrite replaces it")
+    return cfg
+
+
+def personalise_run(
+    run_dir: Path,
+    rounds: int,
+    schedule: str,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    overrides: list[str] = (),
+) -> dict:
+    """Personalise a finished run's global adapter on every platform; write RUN_DIR/personal/
+    (whole or not at all) and return what personal.json holds."""
+    from fl_llm.client.platform import safe_name
+    from fl_llm.data.sources import task_of
+    from fl_llm.model.adapters import load_init_adapter, save_adapter
+    from fl_llm.model.build import is_builtin, resolve_name
+    from fl_llm.server.backends import make_backend
+    from fl_llm.server.loop import SETUP_TIMEOUT_S
+    from fl_llm.tracking import RunDir, atomic_dir, write_json
+
+    if rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {rounds}")
+    if schedule not in SCHEDULES:
+        raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    rd = RunDir(Path(run_dir))
+    cfg = check_run(rd.path, overwrite, overrides)
+    progress = progress or Progress(enabled=False)
+    # the platforms keep nothing on disk here: the run's own state dirs stay as the run left them
+    cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, state_dir=""))
+    ids, timeout = list(range(cfg.data.num_platforms)), cfg.server.round_timeout_s
+    lora = cfg.model.lora
+    rank = max(lora.ranks or [lora.r])
+    base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
+    with rd.lock():
+        progress.phase(f"starting {len(ids)} platforms on the {cfg.backend_in_use} backend")
+        backend = make_backend(cfg, rd.path.name)
+        try:
+            info = backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S).results
+            names = {i: info[i]["name"] for i in ids}
+            fresh = backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S).results[0]
+            run_model = dataclasses.replace(cfg.model, init_adapter=str(rd.adapter))
+            global_state = load_init_adapter(run_model, like=fresh)  # checked against this model's shapes
+            progress.phase("evaluating the global model on every platform")
+            before = detailed(backend, {i: global_state for i in ids}, timeout, strict=True)
+            states = personalise(cfg, backend, global_state, rounds, schedule, progress, strict=True)
+            progress.phase("evaluating each platform's own model")
+            after = detailed(backend, states, timeout, strict=True)
+        finally:
+            backend.shutdown()
+        steps = rounds * cfg.client.local_steps
+        result = {
+            "run_dir": str(rd.path),
+            "rounds": rounds,
+            "schedule": schedule,
+            "steps": steps,
+            "examples": steps * cfg.client.batch_size,
+            "metric": task_of(cfg).primary,
+            "platforms": {names[i]: {"global": before[i], "personal": after[i]} for i in ids},
+        }
+        with atomic_dir(rd.path / "personal") as tmp:
+            for i in ids:
+                state = {k: np.asarray(v, np.float32) for k, v in states[i].items()}
+                save_adapter(state, cfg.model, tmp / safe_name(names[i]), base_name, rank=rank)
+            write_json(tmp / "personal.json", result)
+    return result
+
+
+def personal_table(result: dict) -> str:
+    """One line per platform: the headline metric and eval loss under the global model and its own."""
+    metric = result["metric"]
+    lines = [
+        f"{result['rounds']} local rounds ({result['steps']} steps, {result['schedule']} schedule) per platform",
+        f"{'platform':<20} {metric + ' global':>22} {'personal':>10} {'eval loss global':>17} {'personal':>10}",
+    ]
+
+    def fmt(d: dict | None, key: str) -> str:
+        value = (d or {}).get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+    for name, p in result["platforms"].items():
+        g, o = p["global"], p["personal"]
+        lines.append(
+            f"{name:<20} {fmt(g, metric):>22} {fmt(o, metric):>10} {fmt(g, 'eval_loss'):>17} {fmt(o, 'eval_loss'):>10}"
+        )
+    return "\n".join(lines)
