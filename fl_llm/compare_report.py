@@ -219,6 +219,11 @@ def format_table(result: dict) -> str:
     if "below_local" in result:
         below = result["below_local"]
         lines.append("below local-only beyond the intervals: " + (", ".join(below) if below else "none"))
+    if PERSONAL in detail and "personal_rounds" in result:
+        lines.append(
+            f"to keep the personalised adapters: fl-llm personalise <this dir>/federated --rounds "
+            f"{result['personal_rounds']} --schedule {result.get('personal_schedule', 'fresh')}"
+        )
     lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
     lines.append(gap_line(lo, fed, hi, _interval_noise(detail, metric), "held-out bootstrap"))
     if detail.get("federated"):

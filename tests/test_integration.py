@@ -42,6 +42,36 @@ def test_run_dir_has_everything(ray_run):
     assert hidden == {".fl_llm-run", ".lock"}, f"temp files left behind: {hidden}"  # the marker and the lock
 
 
+def test_personalise_a_yes_no_run_keeps_its_global_figures_and_writes_loadable_adapters(ray_run, tmp_path, capsys):
+    """`fl-llm personalise` on a classification run: the global figures it reports are the run's
+    last round per platform; each platform's own adapter differs from the global one, carries its
+    detailed evaluation (interval, calibration) and loads with plain transformers + peft."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fl_llm.cli import main
+
+    _, src, _ = ray_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    assert main(["personalise", str(run_dir), "--rounds", "1", "tracking.progress=false"]) == 0
+    assert "1 local rounds" in capsys.readouterr().out
+    result = json.loads((run_dir / "personal" / "personal.json").read_text())
+    last = read_metrics(run_dir)[-1]["platforms"]
+    glob = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert result["metric"] == "auc" and sorted(result["platforms"]) == sorted(last)
+    for name, p in result["platforms"].items():
+        assert p["global"]["auc"] == pytest.approx(last[name]["auc"], abs=1e-9), name
+        assert p["personal"]["interval"][0] <= p["personal"]["auc"] <= p["personal"]["interval"][1]
+        own = load_file(str(run_dir / "personal" / name / "adapter_model.safetensors"))
+        assert own.keys() == glob.keys() and any(not np.array_equal(own[k], glob[k]) for k in own), name
+    base = AutoModelForCausalLM.from_pretrained(str(run_dir / "base_model"))
+    PeftModel.from_pretrained(base, str(run_dir / "personal" / name))  # a standard PEFT adapter
+
+
 def test_metrics_have_the_promised_fields(ray_run):
     cfg, run_dir, _ = ray_run
     rows = read_metrics(run_dir)
@@ -208,6 +238,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
         assert 0 <= result["modes"][mode]["average"]["auc"] <= 1
     table = format_table(result)
     assert "local-only" in table and "centralized" in table and "average" in table
+    assert "fl-llm personalise <this dir>/federated --rounds 2 --schedule fresh" in table
     # the fourth arm, the budgets, intervals and calibration of every arm's final models
     assert set(result["detail"]) == {*MODES, "personalised"}
     for per in result["detail"].values():
