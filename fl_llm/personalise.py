@@ -169,6 +169,7 @@ def personalise_run(
     from fl_llm.model.build import is_builtin, resolve_name
     from fl_llm.server.backends import make_backend
     from fl_llm.server.loop import SETUP_TIMEOUT_S
+    from fl_llm.server.setup import require_all
     from fl_llm.tracking import RunDir, atomic_dir, write_json
 
     if rounds < 1:
@@ -188,7 +189,10 @@ def personalise_run(
         progress.phase(f"starting {len(ids)} platforms on the {cfg.backend_in_use} backend")
         backend = make_backend(cfg, rd.path.name)
         try:
-            info = backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S).results
+            info = require_all(backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
+            bad = [info[i]["user_error"] for i in ids if info[i].get("user_error")]
+            if bad:  # e.g. a data file that moved since the run: nothing is written
+                raise UserError(bad[0])
             names = {i: info[i]["name"] for i in ids}
             fresh = backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S).results[0]
             run_model = dataclasses.replace(cfg.model, init_adapter=str(rd.adapter))

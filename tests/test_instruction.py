@@ -186,6 +186,32 @@ def test_personalise_writes_each_platforms_adapter_which_generate_reproduces(sft
     assert (run_dir / "personal" / "personal.json").read_bytes() == before
 
 
+def test_personalise_stops_with_one_line_when_a_platforms_data_no_longer_loads(sft_run, tmp_path, capsys):
+    """The platforms load their data again: a file that changed since the run (here: records without
+    messages) is the user's error — exit 2 with the platform's line, nothing written."""
+    import shutil
+
+    import yaml
+
+    from fl_llm.cli import main
+
+    _, src, _ = sft_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(src, run_dir)
+    paths = []
+    for name in ("fashion-mall", "gadget-hub", "home-market"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"question": f"q{i}", "reply": f"a{i}"}) + "\n" for i in range(30)))
+        paths.append(str(path))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"].update(source="files", files={**config["data"]["files"], "paths": paths})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["personalise", str(run_dir), "tracking.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 'messages'" in err and err.count("\n") == 1, err
+    assert not (run_dir / "personal").exists()
+
+
 def _fake_run(tmp_path, name: str, overrides: list[str], status: str = "completed"):
     """A run directory as a finished run leaves it, as far as personalise checks before starting."""
     import yaml
