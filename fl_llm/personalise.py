@@ -169,7 +169,7 @@ def personalise_run(
     from fl_llm.model.build import is_builtin, resolve_name
     from fl_llm.server.backends import make_backend
     from fl_llm.server.loop import SETUP_TIMEOUT_S
-    from fl_llm.server.setup import require_all
+    from fl_llm.server.setup import described
     from fl_llm.tracking import RunDir, atomic_dir, write_json
 
     if rounds < 1:
@@ -189,11 +189,7 @@ def personalise_run(
         progress.phase(f"starting {len(ids)} platforms on the {cfg.backend_in_use} backend")
         backend = make_backend(cfg, rd.path.name)
         try:
-            info = require_all(backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
-            bad = [info[i]["user_error"] for i in ids if info[i].get("user_error")]
-            if bad:  # e.g. a data file that moved since the run: nothing is written
-                raise UserError(bad[0])
-            names = {i: info[i]["name"] for i in ids}
+            names = {i: d["name"] for i, d in described(backend, ids).items()}  # data that moved: exit 2
             fresh = backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S).results[0]
             run_model = dataclasses.replace(cfg.model, init_adapter=str(rd.adapter))
             global_state = load_init_adapter(run_model, like=fresh)  # checked against this model's shapes
@@ -230,8 +226,8 @@ def personal_table(result: dict) -> str:
         f"{'platform':<20} {metric + ' global':>22} {'personal':>10} {'eval loss global':>17} {'personal':>10}",
     ]
 
-    def fmt(d: dict | None, key: str) -> str:
-        value = (d or {}).get(key)
+    def fmt(d: dict, key: str) -> str:
+        value = d.get(key)
         return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
     for name, p in result["platforms"].items():

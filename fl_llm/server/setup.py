@@ -93,12 +93,8 @@ def setup(r: Run, resume_from: Path | None, on_started, privacy: Privacy | None)
     """The platforms describe themselves (their data checked); then the federation's state: from
     the checkpoint (resume) or round 0 evaluated (fresh)."""
     cfg, everyone = r.cfg, r.everyone
-    r.info = require_all(r.backend.call(everyone, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
-    bad = [r.info[i]["user_error"] for i in everyone if r.info[i].get("user_error")]
-    if bad:
-        raise UserError(bad[0])
+    r.info = described(r.backend, everyone)
     r.names = {i: r.info[i]["name"] for i in everyone}
-    _require_unique(r.names)
     if on_started is not None:
         on_started()
     write_json(r.rd.platforms, [r.info[i] for i in everyone])
@@ -177,6 +173,17 @@ def _start_fresh(r: Run, merge_scale: float) -> Federation:
         f"{r.primary} {fmt_value(fed.initial.get(r.primary)).strip()}  (before training)"
     )
     return fed
+
+
+def described(backend, ids: list[int]) -> dict[int, dict]:
+    """Each platform's description once it has loaded its data: a platform that did not answer
+    fails the start (RunFailed); one whose data or names are the user's error is a UserError."""
+    info = require_all(backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S), "start")
+    bad = [info[i]["user_error"] for i in ids if info[i].get("user_error")]
+    if bad:
+        raise UserError(bad[0])
+    _require_unique({i: info[i]["name"] for i in ids})
+    return info
 
 
 def _require_unique(names: dict[int, str]) -> None:
