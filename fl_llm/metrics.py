@@ -1,6 +1,7 @@
-"""Evaluation metrics over labels and scores: scikit-learn's where it has them (AUC, average
-precision, F1); here what it lacks — recall at a false-positive rate, hit rate and NDCG over
-candidate lists of varying length, calibration bins, the F1-best threshold, bootstrap intervals."""
+"""Evaluation metrics over labels and scores: scikit-learn's where it has them (average
+precision, F1; AUC by ranks, equal to its own); here what it lacks — recall at a false-positive
+rate, hit rate and NDCG over candidate lists of varying length, calibration bins, the F1-best
+threshold, bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ import numpy as np
 
 
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve (scikit-learn); NaN when only one class is present."""
+    """Area under the ROC curve as the Mann-Whitney statistic (Hanley & McNeil, 1982): the share
+    of (positive, negative) pairs ordered right, ties counting half — scikit-learn's
+    `roc_auc_score` exactly (tested), without its input validation, which costs ~4 ms a call and
+    dominated the bootstrap intervals (200 calls per platform and arm). NaN when only one class is
+    present."""
+    from scipy.stats import rankdata
+
     y = np.asarray(labels).astype(bool)
     if y.all() or not y.any():
         return float("nan")
-    from sklearn.metrics import roc_auc_score  # imported where used: sklearn takes ~1.7 s to import
-
-    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))  # ties get their average rank
+    pos = int(y.sum())
+    neg = len(y) - pos
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def binary_metrics(labels, scores, groups=None) -> dict[str, float]:

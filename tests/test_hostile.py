@@ -151,8 +151,8 @@ def test_a_default_run_listens_on_loopback_only_and_never_joins_another_cluster(
         while time.monotonic() < deadline and (not current.is_file() or current.read_bytes() == before):
             time.sleep(0.2)
         assert other.poll() is None and current.is_file() and current.read_bytes() != before
-        overrides = [*SMALL, "client.local_steps=2", "server.rounds=2", "tracking.progress=false"]
-        overrides += ["ray.workers_per_platform=2"]
+        overrides = [*SMALL, "client.local_steps=2", "server.rounds=1", "tracking.progress=false"]
+        overrides += ["data.num_platforms=2", "data.synthetic.train_examples=[160,120]", "ray.workers_per_platform=2"]
         run = subprocess.Popen(
             [sys.executable, "-m", "fl_llm", "run", *overrides, f"output_dir={out}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

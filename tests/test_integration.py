@@ -173,7 +173,7 @@ def test_platforms_sharing_one_base_model_match_one_actor_each(ray_run, tmp_path
     assert all(p["participated"] for p in second["platforms"].values()) and not second["restarted"]
 
 
-def test_partial_cohort_and_sampling_is_seeded(ray_instance, tmp_path):
+def test_partial_cohort_and_sampling_is_seeded(tmp_path):
     from fl_llm.config import load
     from fl_llm.server.loop import run, sample_cohort
 
@@ -182,7 +182,7 @@ def test_partial_cohort_and_sampling_is_seeded(ray_instance, tmp_path):
     assert all(set(sample_cohort(7, r, [0, 2, 4], 2)) <= {0, 2, 4} for r in range(1, 6))
     assert all(len(c) == 2 and len(set(c)) == 2 for c in a)
     assert len({tuple(c) for c in a}) > 1
-    cfg = load(None, [*SMALL, "server.platforms_per_round=2", "server.rounds=1"])
+    cfg = load(None, [*SMALL, "server.platforms_per_round=2", "server.rounds=1", "backend=local"])  # the driver's
     run(cfg, tmp_path / "partial")
     (row,) = read_metrics(tmp_path / "partial")
     assert len(row["cohort"]) == 2

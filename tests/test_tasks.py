@@ -32,6 +32,19 @@ def test_auc_average_precision_and_macro_f1_by_hand():
     assert macro_f1([0, 0, 1, 1], [0, 0, 1, 0], 2) == pytest.approx((4 / 5 + 2 / 3) / 2)
 
 
+def test_auc_equals_scikit_learns_with_ties_and_any_scale():
+    """roc_auc counts ordered pairs by ranks; scikit-learn's roc_auc_score integrates the ROC curve:
+    equal on scores with many ties, on logits and on a single distinct score."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for n in (5, 40, 300):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        for s in (np.round(rng.random(n), 1), rng.normal(size=n) * 50, np.full(n, 0.3)):
+            assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
 def test_recall_at_fpr_by_hand():
     # 100 negatives scored 0..99, positives at 99.5, 98.5 and 50.5. At 1% FPR the threshold sits
     # at the 2nd-highest negative (98): only scores above it count.
