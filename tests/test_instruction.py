@@ -154,6 +154,7 @@ def test_personalise_writes_each_platforms_adapter_which_generate_reproduces(sft
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)  # the module's run stays as it was for the other tests
     argv = ["personalise", str(run_dir), "--rounds", "2", "--schedule", "fresh", "eval.generate_examples=0"]
+    argv.append("backend=local")  # in-process platforms (the yes/no run's personalise runs on Ray)
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "2 local rounds (12 steps, fresh schedule)" in printed and "gadget-hub" in printed
@@ -206,7 +207,7 @@ def test_personalise_stops_with_one_line_when_a_platforms_data_no_longer_loads(s
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["data"].update(source="files", files={**config["data"]["files"], "paths": paths})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["personalise", str(run_dir), "tracking.progress=false"]) == 2
+    assert main(["personalise", str(run_dir), "tracking.progress=false", "backend=local"]) == 2
     err = capsys.readouterr().err
     assert "needs 'messages'" in err and err.count("\n") == 1, err
     assert not (run_dir / "personal").exists()
