@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import uuid
 from dataclasses import replace
 
@@ -40,7 +42,7 @@ def _init_ray(cfg: RunConfig) -> None:
     in_job = bool(os.environ.get("RAY_ADDRESS"))
     local = address is None and not in_job
     try:
-        with loopback_only(local):
+        with loopback_only(local), _keeping_sigterm():
             ray.init(
                 address="local" if local else address,
                 num_cpus=cfg.ray.num_cpus if local else None,
@@ -55,6 +57,22 @@ def _init_ray(cfg: RunConfig) -> None:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "a private local Ray instance" if local else f"ray.address {address!r}"
         raise UserError(f"{where}: Ray did not start or connect ({first_line(e)})") from None
+
+
+@contextlib.contextmanager
+def _keeping_sigterm():
+    """`ray.init` replaces this process's SIGTERM handler twice: Python's with `sys.exit(15)`, and
+    underneath it Ray's core installs one that logs a stack and aborts (signal 6) — a `kill` or
+    `ray job stop` would end a run with no summary, not "interrupted", platforms not told. Put
+    back the handler there was (the CLI's: stop as Ctrl-C does, resumable); only the main thread
+    may set one."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:  # None: set outside Python, nothing of ours to put back
+            signal.signal(signal.SIGTERM, before)
 
 
 class RayBackend(_Backend):
