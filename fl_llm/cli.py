@@ -302,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default) or continue (past the schedule's end, at its final rate: a gentle fine-tune)",
     )
     p.add_argument(
+        "--personal-anchor",
+        type=float,
+        default=0.0,
+        metavar="MU",
+        help="the personalised rounds also minimise (MU/2)·||v - w||², w the federated model (Ditto's personal "
+        "objective; fl-llm personalise --anchor); default 0: none",
+    )
+    p.add_argument(
         "--strategies",
         metavar="A,B,...",
         help="compare these strategy.name values, the first as the baseline "

@@ -15,6 +15,7 @@ from fl_llm.errors import UserError
 def cmd_compare(ns) -> int:
     from fl_llm.compare import compare
     from fl_llm.compare_strategies import compare_strategies, strategy_configs
+    from fl_llm.personalise import check_anchor
     from fl_llm.progress import Progress
     from fl_llm.server.loop import RunFailed
 
@@ -24,6 +25,7 @@ def cmd_compare(ns) -> int:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     if ns.personal_rounds < 1:
         raise UserError(f"--personal-rounds must be >= 1, got {ns.personal_rounds}")
+    check_anchor(ns.personal_anchor, "--personal-anchor")
     if cfg.federation.platforms and ns.strategies is None:
         raise UserError(
             "fl-llm compare pools every platform's data (its centralized arm): it runs on one organisation's "
@@ -67,6 +69,7 @@ def cmd_compare(ns) -> int:
                 resume=ns.resume,
                 personal_rounds=ns.personal_rounds,
                 personal_schedule=ns.personal_schedule,
+                personal_anchor=ns.personal_anchor,
             )
     except UserError:
         if not ns.resume:  # never delete the earlier comparison's runs
@@ -351,7 +354,9 @@ def cmd_personalise(ns) -> int:
 
     progress = Progress(enabled=True)
     try:
-        result = personalise_run(Path(ns.run_dir), ns.rounds, ns.schedule, ns.overwrite, progress, ns.args)
+        result = personalise_run(
+            Path(ns.run_dir), ns.rounds, ns.schedule, ns.overwrite, progress, ns.args, anchor=ns.anchor
+        )
     except RunFailed as e:
         print(f"fl-llm: personalise failed (nothing written): {e}", file=sys.stderr)
         return 1
@@ -384,6 +389,14 @@ def add_personalise_command(sub) -> None:
         default="continue",
         help="continue (default): past the run's schedule end, at its final learning rate — a gentle fine-tune "
         "that keeps what federation taught; fresh: the schedule's first rounds, as a new local run",
+    )
+    p.add_argument(
+        "--anchor",
+        type=float,
+        default=0.0,
+        metavar="MU",
+        help="keep each platform's model near the global one: every step also minimises (MU/2)·||v - w||², w the "
+        "run's global adapter (Ditto's personal objective); pairs with --schedule fresh (default 0: none)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR/personal")
     p.set_defaults(func=cmd_personalise)

@@ -71,13 +71,15 @@ def compare(
     resume: bool = False,
     personal_rounds: int = 1,
     personal_schedule: str = "fresh",
+    personal_anchor: float = 0.0,
 ) -> dict:
     """Local-only vs federated vs centralized (and personalised); over `seeds` seeds (mean and
     std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read.
     `personal_schedule`: the personalised rounds' learning rate — "fresh" (the schedule's first
-    rounds, as a new local run) or "continue" (past the schedule's end, at its final rate)."""
+    rounds, as a new local run) or "continue" (past the schedule's end, at its final rate);
+    `personal_anchor` μ: their proximal pull toward the federated model (0: none)."""
     progress = progress or Progress(enabled=False)
-    personal = (personal_rounds, personal_schedule)
+    personal = (personal_rounds, personal_schedule, personal_anchor)
     if seeds <= 1:
         return _compare_one(cfg, Path(out_dir), progress, resume, personal)
     out_dir = Path(out_dir)
@@ -98,10 +100,10 @@ def compare(
 
 
 def _compare_one(
-    cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False, personal: tuple = (1, "fresh")
+    cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False, personal: tuple = (1, "fresh", 0.0)
 ) -> dict:
     out_dir = Path(out_dir)
-    personal_rounds, personal_schedule = personal
+    personal_rounds, personal_schedule, personal_anchor = personal
     done = _earlier(cfg, out_dir, personal) if resume else None
     if done is not None:
         progress.info(f"== seed {cfg.seed}: compared already ({out_dir / 'comparison.json'}) ==")
@@ -158,7 +160,9 @@ def _compare_one(
         federated = _federated_final(cfg, out_dir / "federated")
         if federated is not None:
             finals["federated"] = {i: federated for i in ids}
-            finals[PERSONAL] = personalise(cfg, backend, federated, *personal, progress)
+            finals[PERSONAL] = personalise(
+                cfg, backend, federated, personal_rounds, personal_schedule, progress, anchor=personal_anchor
+            )
         detail = {
             mode: {names[i]: r for i, r in detailed(backend, states, timeout).items()}
             for mode, states in finals.items()
@@ -172,6 +176,7 @@ def _compare_one(
     result["budget"] = budget(cfg, personal_rounds if PERSONAL in detail else 0)
     result["personal_rounds"] = personal_rounds
     result["personal_schedule"] = personal_schedule
+    result["personal_anchor"] = personal_anchor
     result["below_local"] = below_local(detail, metric)
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     write_json(out_dir / "comparison.json", result)
@@ -251,7 +256,7 @@ def below_local(detail: dict, metric: str) -> list[str]:
 def _earlier(cfg: RunConfig, out_dir: Path, personal: tuple) -> dict | None:
     """A finished comparison of this seed in `out_dir`, when its federated run had this config (a
     run with another config is an error naming the setting) and its personalised arm as many
-    rounds on the same schedule (else the seed is compared again, reusing its federated run)."""
+    rounds on the same schedule and anchor (else the seed is compared again, reusing its federated run)."""
     import json
 
     from fl_llm.compare_strategies import earlier_run
@@ -260,5 +265,9 @@ def _earlier(cfg: RunConfig, out_dir: Path, personal: tuple) -> dict | None:
     if not done.is_file() or earlier_run(cfg, out_dir / "federated") != "reuse":
         return None
     result = json.loads(done.read_text())
-    had = (result.get("personal_rounds", 1), result.get("personal_schedule", "fresh"))
+    had = (
+        result.get("personal_rounds", 1),
+        result.get("personal_schedule", "fresh"),
+        result.get("personal_anchor", 0.0),
+    )
     return result if had == tuple(personal) else None

@@ -223,6 +223,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"to keep the personalised adapters: fl-llm personalise <this dir>/federated --rounds "
             f"{result['personal_rounds']} --schedule {result.get('personal_schedule', 'fresh')}"
+            + (f" --anchor {result['personal_anchor']:g}" if result.get("personal_anchor") else "")
         )
     lo, fed, hi = (modes[m]["average"][metric] for m in MODES)
     lines.append(gap_line(lo, fed, hi, _interval_noise(detail, metric), "held-out bootstrap"))

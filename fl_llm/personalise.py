@@ -5,9 +5,13 @@ its greeting, its label balance are what the average blurs. Personalising trains
 rounds (`client.local_steps` optimizer steps each) on each platform's own data, starting from the
 federated model — either as a fresh local run starts them (the schedule's first rounds: warm-up,
 then the peak learning rate) or, with the "continue" schedule, past the schedule's end at its
-final rate (lr/10 under cosine): a gentle fine-tune that keeps what federation taught. This is the
-personalised arm of `fl-llm compare` and the `fl-llm personalise RUN_DIR` command, one code path
-for both.
+final rate (lr/10 under cosine): a gentle fine-tune that keeps what federation taught. An anchor
+μ > 0 adds (μ/2)‖v − w‖² to every step's loss, w the federated model for all P rounds — Ditto's
+personal objective (Li et al., 2021, "Ditto: Fair and Robust Federated Learning Through
+Personalization"), here trained after the run instead of alongside it — so a fresh schedule can
+relearn a platform's own behaviour at the full rate while staying near the shared model (it takes
+the place of a FedProx run's own proximal term in these rounds). This is the personalised arm of
+`fl-llm compare` and the `fl-llm personalise RUN_DIR` command, one code path for both.
 
 `personalise_run` writes, for a finished run, RUN_DIR/personal/<name>/ — one PEFT adapter per
 platform, what `fl-llm generate RUN_DIR --platform NAME` loads — and RUN_DIR/personal/personal.json
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -59,32 +64,50 @@ def sent_update(answer: dict) -> AdapterState:
 
 
 def local_round(
-    cfg: RunConfig, backend, states: dict[int, AdapterState], rnd: int, strict: bool = False
+    cfg: RunConfig, backend, states: dict[int, AdapterState], rnd: int, strict: bool = False, anchor: dict | None = None
 ) -> dict[int, AdapterState]:
     """One local round of round `rnd`'s schedule on every platform, each from its own state; a
     platform that did not answer keeps its state (`strict`: the round fails instead). Each commits
-    what it keeps between rounds."""
+    what it keeps between rounds. `anchor` {"state", "mu"}: every platform's proximal term
+    toward that adapter."""
     from fl_llm.server.setup import require_all
 
     timeout = cfg.server.round_timeout_s
-    got = backend.call_each({i: (s, rnd) for i, s in states.items()}, PlatformAPI.train, timeout_s=timeout)
+    extra = (0, None, None, None, None, anchor) if anchor else ()  # train's attempt .. secagg, then anchor
+    got = backend.call_each({i: (s, rnd, *extra) for i, s in states.items()}, PlatformAPI.train, timeout_s=timeout)
     trained = require_all(got, f"train in local round {rnd}") if strict else got.results
     backend.call(list(trained), PlatformAPI.commit, rnd, timeout_s=timeout)
     return {i: apply_update(cfg, i, s, sent_update(trained[i])) if i in trained else s for i, s in states.items()}
 
 
 def personalise(
-    cfg: RunConfig, backend, federated: AdapterState, rounds: int, schedule: str, progress: Progress, strict=False
+    cfg: RunConfig,
+    backend,
+    federated: AdapterState,
+    rounds: int,
+    schedule: str,
+    progress: Progress,
+    strict=False,
+    anchor: float = 0.0,
 ) -> dict[int, AdapterState]:
     """Each platform's model after `rounds` local rounds from the federated one: rounds 1..P of
     the schedule ("fresh") or rounds R+1..R+P, past its end at the final rate ("continue").
+    `anchor` μ > 0: each step also minimises (μ/2)‖v − w‖², w the federated model throughout —
+    Ditto's personal objective (Li et al., 2021); 0: plain local fine-tuning.
     `strict`: a platform that fails a round fails the whole (else it keeps its model)."""
     offset = cfg.server.rounds if schedule == "continue" else 0
     states = {i: federated for i in range(cfg.data.num_platforms)}
+    pull = {"state": federated, "mu": anchor} if anchor else None  # a nested ref would reach Ray unresolved
     for rnd in range(1, rounds + 1):
         progress.phase(f"personalised: local round {rnd}/{rounds} from the federated model")
-        states = local_round(cfg, backend, states, offset + rnd, strict)
+        states = local_round(cfg, backend, states, offset + rnd, strict, pull)
     return states
+
+
+def check_anchor(anchor: float, option: str) -> None:
+    """μ of the anchor must be a finite number ≥ 0 (0: none); else a UserError naming `option`."""
+    if not (isinstance(anchor, (int, float)) and math.isfinite(anchor) and anchor >= 0):
+        raise UserError(f"{option} must be a finite number >= 0 (0: no anchor), got {anchor!r}")
 
 
 def detailed(backend, states: dict[int, AdapterState], timeout: float, strict: bool = False) -> dict[int, dict]:
@@ -160,6 +183,7 @@ def personalise_run(
     overwrite: bool = False,
     progress: Progress | None = None,
     overrides: list[str] = (),
+    anchor: float = 0.0,
 ) -> dict:
     """Personalise a finished run's global adapter on every platform; write RUN_DIR/personal/
     (whole or not at all) and return what personal.json holds."""
@@ -176,6 +200,7 @@ def personalise_run(
         raise UserError(f"--rounds must be >= 1, got {rounds}")
     if schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    check_anchor(anchor, "--anchor")
     rd = RunDir(Path(run_dir))
     cfg = check_run(rd.path, overwrite, overrides)
     progress = progress or Progress(enabled=False)
@@ -195,7 +220,7 @@ def personalise_run(
             global_state = load_init_adapter(run_model, like=fresh)  # checked against this model's shapes
             progress.phase("evaluating the global model on every platform")
             before = detailed(backend, {i: global_state for i in ids}, timeout, strict=True)
-            states = personalise(cfg, backend, global_state, rounds, schedule, progress, strict=True)
+            states = personalise(cfg, backend, global_state, rounds, schedule, progress, strict=True, anchor=anchor)
             progress.phase("evaluating each platform's own model")
             after = detailed(backend, states, timeout, strict=True)
         finally:
@@ -205,6 +230,7 @@ def personalise_run(
             "run_dir": str(rd.path),
             "rounds": rounds,
             "schedule": schedule,
+            "anchor": anchor,
             "steps": steps,
             "examples": steps * cfg.client.batch_size,
             "metric": task_of(cfg).primary,
@@ -222,7 +248,9 @@ def personal_table(result: dict) -> str:
     """One line per platform: the headline metric and eval loss under the global model and its own."""
     metric = result["metric"]
     lines = [
-        f"{result['rounds']} local rounds ({result['steps']} steps, {result['schedule']} schedule) per platform",
+        f"{result['rounds']} local rounds ({result['steps']} steps, {result['schedule']} schedule"
+        + (f", anchored to the global model with μ {result['anchor']:g}" if result.get("anchor") else "")
+        + ") per platform",
         f"{'platform':<20} {metric + ' global':>22} {'personal':>10} {'eval loss global':>17} {'personal':>10}",
     ]
 

@@ -121,3 +121,71 @@ def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
     asked.clear()
     personalise(cfg, Backend(), {"k": np.zeros(2)}, 2, "fresh", Progress(enabled=False))
     assert asked == [1, 1, 2, 2] and scheduled_lr(0.01, "cosine", 1, 10) == pytest.approx(0.01)
+
+
+def test_an_anchor_pulls_each_step_toward_that_fixed_adapter():
+    """Ditto's personal objective: with `anchor` a, one SGD step is v − η(∇L + μ(v − a)); two
+    anchors a₁, a₂ from the same start end η·μ·(a₁ − a₂) apart, and an anchor equal to the start
+    is FedProx's term exactly."""
+    import numpy as np
+    import torch
+
+    from fl_llm.client.train import local_train
+    from fl_llm.config import load
+    from fl_llm.data import sources
+    from fl_llm.data.batching import encode
+    from fl_llm.model.adapters import apply_lora, get_adapter_state, set_adapter_state
+    from fl_llm.model.build import build_base
+
+    cfg = load(None, ["data.synthetic.train_examples=[32,32,32]", "model.lora.dropout=0.0"])
+    base, tok = build_base(cfg.model, cfg.seed, num_labels=2)
+    model = apply_lora(base, cfg.model, cfg.seed)
+    enc = encode(sources.load_platform_data(cfg, 0).train, sources.task_of(cfg), tok, cfg.model.max_length)
+    init = get_adapter_state(model)
+    start = {k: v + 0.01 * (np.arange(v.size).reshape(v.shape) % 7) for k, v in init.items()}  # B not zero
+    far = {k: v - 0.5 for k, v in start.items()}
+    mu, lr = 2.0, 0.1
+
+    def one_sgd_step(anchor):  # plain SGD, no clipping or decay, the same batch
+        set_adapter_state(model, start)
+        settings = dict(steps=1, batch_size=8, lr=lr, optimizer="sgd", weight_decay=0.0, max_grad_norm=0.0)
+        rng, cpu, pad = np.random.default_rng(0), torch.device("cpu"), tok.pad_token_id
+        local_train(model, enc, **settings, rng=rng, device=cpu, pad_id=pad, prox_mu=mu, anchor=anchor)
+        return get_adapter_state(model)
+
+    near_start, toward_far = one_sgd_step(start), one_sgd_step(far)
+    for k in start:
+        np.testing.assert_allclose(near_start[k] - toward_far[k], lr * mu * (start[k] - far[k]), rtol=1e-4, atol=1e-6)
+    fedprox = one_sgd_step(None)  # FedProx: the anchor is where the step starts
+    assert all(np.array_equal(fedprox[k], near_start[k]) for k in start)
+
+
+def test_anchored_personalisation_sends_the_federated_model_as_the_anchor_every_round():
+    """--anchor μ: every local round's anchor is the federated model itself — not the round's
+    starting point, which moves — with that μ; without it, no anchor is sent."""
+    import numpy as np
+
+    from fl_llm.config import load
+    from fl_llm.personalise import personalise
+    from fl_llm.progress import Progress
+    from fl_llm.server.backends import Collected
+
+    sent = []
+
+    class Backend:
+        def call_each(self, args, method, timeout_s):
+            sent.extend((a[0]["k"].tolist(), a[7] if len(a) > 2 else None) for a in args.values())
+            return Collected(results={i: {"update": {"k": np.ones(2)}} for i in args})
+
+        def call(self, ids, method, *args, timeout_s):
+            return Collected(results={i: True for i in ids})
+
+    cfg = load(None, ["server.rounds=10", "data.num_platforms=2", "data.synthetic.train_examples=[50]"])
+    federated = {"k": np.array([5.0, -1.0])}
+    got = personalise(cfg, Backend(), federated, 3, "fresh", Progress(enabled=False), anchor=0.5)
+    assert [start for start, _ in sent] == [[5.0, -1.0]] * 2 + [[6.0, 0.0]] * 2 + [[7.0, 1.0]] * 2
+    assert all(a["mu"] == 0.5 and a["state"]["k"].tolist() == [5.0, -1.0] for _, a in sent)
+    assert got[1]["k"].tolist() == [8.0, 2.0]
+    sent.clear()
+    personalise(cfg, Backend(), federated, 1, "fresh", Progress(enabled=False))
+    assert [a for _, a in sent] == [None, None]

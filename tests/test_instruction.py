@@ -258,6 +258,12 @@ def test_personalise_refuses_what_is_not_a_run_and_rounds_below_one(tmp_path, ca
     rd = _fake_run(tmp_path, "run", [])
     assert main(["personalise", str(rd), "--rounds", "0"]) == 2
     assert "--rounds must be >= 1" in capsys.readouterr().err
+    for mu in ("-1", "nan", "inf"):  # a negative μ would push away from the global model
+        assert main(["personalise", str(rd), "--schedule", "fresh", "--anchor", mu]) == 2
+        assert "--anchor must be a finite number >= 0" in capsys.readouterr().err
+        assert main(["compare", "--personal-anchor", mu]) == 2
+        assert "--personal-anchor must be a finite number >= 0" in capsys.readouterr().err
+    assert not (rd / "personal").exists()
     for override in ("seed=3", "data.num_platforms=2", "federation.platforms=[]", "eval"):
         assert main(["personalise", str(rd), override]) == 2
         assert "only server.round_timeout_s, backend, ray., tracking., eval. may change" in capsys.readouterr().err

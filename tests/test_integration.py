@@ -57,9 +57,12 @@ def test_personalise_a_yes_no_run_keeps_its_global_figures_and_writes_loadable_a
     _, src, _ = ray_run
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)
-    assert main(["personalise", str(run_dir), "--rounds", "1", "tracking.progress=false"]) == 0
-    assert "1 local rounds" in capsys.readouterr().out
+    # on Ray, anchored to the global adapter (Ditto's personal objective): the anchor reaches each actor
+    argv = ["personalise", str(run_dir), "--rounds", "1", "--anchor", "0.5", "tracking.progress=false"]
+    assert main(argv) == 0
+    assert "1 local rounds (" in (out := capsys.readouterr().out) and "anchored to the global model with μ 0.5" in out
     result = json.loads((run_dir / "personal" / "personal.json").read_text())
+    assert result["anchor"] == 0.5
     last = read_metrics(run_dir)[-1]["platforms"]
     glob = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert result["metric"] == "auc" and sorted(result["platforms"]) == sorted(last)
@@ -228,7 +231,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
             "data.synthetic.eval_examples=40",
         ],
     )
-    result = compare(cfg, tmp_path / "cmp", personal_rounds=2)
+    result = compare(cfg, tmp_path / "cmp", personal_rounds=2, personal_anchor=0.1)
     assert (tmp_path / "cmp" / "comparison.json").exists()
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "federated" / "metrics.jsonl").exists()
@@ -238,7 +241,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
         assert 0 <= result["modes"][mode]["average"]["auc"] <= 1
     table = format_table(result)
     assert "local-only" in table and "centralized" in table and "average" in table
-    assert "fl-llm personalise <this dir>/federated --rounds 2 --schedule fresh" in table
+    assert "fl-llm personalise <this dir>/federated --rounds 2 --schedule fresh --anchor 0.1" in table
     # the fourth arm, the budgets, intervals and calibration of every arm's final models
     assert set(result["detail"]) == {*MODES, "personalised"}
     for per in result["detail"].values():
@@ -249,6 +252,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert result["budget"]["local"] == {"steps": 12, "examples": 12 * 16}
     assert result["budget"]["centralized"]["examples"] == 2 * 12 * 16
     assert result["budget"]["personalised"]["steps"] == 12 + 2 * 12 and result["personal_rounds"] == 2
+    assert result["personal_anchor"] == 0.1
     assert result["detail"]["personalised"] != result["detail"]["federated"]  # it trained further
     assert isinstance(result["below_local"], list) and "budget per platform" in table
     assert "gap local-only -> centralized" in table or "closes" in table

@@ -31,8 +31,10 @@ class PlatformAPI(Protocol):
         control: AdapterState | None = None,
         base: dict | None = None,
         secagg: dict | None = None,
+        anchor: dict | None = None,
     ) -> dict:
-        """Local training from the global adapter: the update (plain, compressed or masked)."""
+        """Local training from the global adapter: the update (plain, compressed or masked);
+        `anchor` {"state", "mu"}: a personalisation round's proximal term toward a fixed adapter."""
 
     def evaluate(
         self, global_state: AdapterState, base: dict | None = None, detail: bool = False, generate: bool = False

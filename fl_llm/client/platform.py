@@ -212,6 +212,7 @@ class Platform(Evaluation, KeptState):
         control: AdapterState | None = None,
         base: dict | None = None,
         secagg: dict | None = None,
+        anchor: dict | None = None,
     ) -> dict:
         """Local training from the global adapter; returns the update (local - global) on the
         tensors this strategy sends, in this platform's LoRA rank.
@@ -222,6 +223,8 @@ class Platform(Evaluation, KeptState):
         `control`: SCAFFOLD's server control variate c. `base`: base merges to apply first.
         `secagg`: this round's secure-aggregation inputs (the shares addressed to this platform,
         its weight, the ring): the update then leaves only masked (`_masked_upload`).
+        `anchor`: {"state": adapter, "mu": μ} — a personalisation round's (μ/2)‖w − anchor‖²
+        toward that fixed adapter (the federated model), in place of the strategy's own term.
         """
         from fl_llm.client.train import RoundDeadline, scheduled_lr
 
@@ -250,7 +253,12 @@ class Platform(Evaluation, KeptState):
         scaffold = self.strategy.local_term == "scaffold"
         c_i = (self.persistent.get("c") or {k: np.zeros_like(v) for k, v in start.items()}) if scaffold else None
         correction = {k: control[k] - c_i[k] for k in c_i} if scaffold and control is not None else None
-        metrics = self._local_steps(round_, attempt, lr, deadline, correction)
+        if anchor is not None:
+            from fl_llm.strategies.lora import to_rank
+
+            alpha = self.cfg.model.lora.alpha
+            anchor = {"state": to_rank(anchor["state"], self.rank, alpha, self.global_rank), "mu": anchor["mu"]}
+        metrics = self._local_steps(round_, attempt, lr, deadline, correction, anchor)
         local = get_adapter_state(self.model)
         update = {k: local[k] - start[k] for k in self.strategy.upload_keys(local)}
         result = {"num_examples": len(self.train_set), "metrics": metrics}
@@ -279,9 +287,12 @@ class Platform(Evaluation, KeptState):
         metrics["worker"] = "{}:{}".format(*this_process())  # platforms on one host share it
         return self._release(result, round_, "train")
 
-    def _local_steps(self, round_: int, attempt: int, lr: float, deadline: float | None, correction) -> dict:
+    def _local_steps(
+        self, round_: int, attempt: int, lr: float, deadline: float | None, correction, anchor: dict | None = None
+    ) -> dict:
         """This round's `client.local_steps` optimizer steps on the model as loaded (DP-SGD under
-        record-level DP; SCAFFOLD's `correction` c − cᵢ added to each gradient); its metrics."""
+        record-level DP; SCAFFOLD's `correction` c − cᵢ added to each gradient; `anchor`'s
+        proximal term, else FedProx's); its metrics."""
         import torch
 
         from fl_llm.client.train import DpSgd, local_train, scheduled_lr
@@ -315,7 +326,8 @@ class Platform(Evaluation, KeptState):
                 pad_id=self.pad_id,
                 deadline=deadline,
                 on_step=faults.step_hook(self.cfg.faults, self.id, round_, attempt, self.hard_exit, self.worker),
-                prox_mu=self.cfg.strategy.mu if self.strategy.local_term == "prox" else 0.0,
+                prox_mu=anchor["mu"] if anchor else self.cfg.strategy.mu if self.strategy.local_term == "prox" else 0.0,
+                anchor=anchor["state"] if anchor else None,
                 correction=correction,
                 dp=dp,
                 pack_length=c.pack_length,

@@ -139,7 +139,10 @@ class LocalTraining:
     A fresh optimizer each round: optimizer state is not part of the federated model and would
     go stale while the global adapter moves. Past `deadline` (time.monotonic) it raises
     `RoundDeadline`; `on_step(step)` runs after each step (fault injection hooks in there).
-    `prox_mu`: FedProx's (μ/2)‖w − x‖² toward the starting point x. `correction`: SCAFFOLD's
+    `prox_mu`: FedProx's (μ/2)‖w − x‖² toward the starting point x — or, given `anchor` (an
+    adapter state by key), toward that fixed point instead: Ditto's personal objective (Li et al.,
+    2021, "Ditto: Fair and Robust Federated Learning Through Personalization"), the global model
+    as x across all of a personalisation's rounds. `correction`: SCAFFOLD's
     c − cᵢ per adapter key, added to every gradient. `dp`: DP-SGD — Poisson-sampled batches,
     per-example gradients (Opacus), clipped and noised; the data-independent terms (proximal,
     correction) are added after the noise, as post-processing. `pack_length`: pack each batch's
@@ -175,6 +178,7 @@ class LocalTraining:
     deadline: float | None = None
     on_step: Any = None
     prox_mu: float = 0.0
+    anchor: dict | None = None
     correction: dict | None = None
     dp: DpSgd | None = None
     pack_length: int = 0
@@ -198,7 +202,11 @@ class LocalTraining:
         group_rates = sorted(set(rates), key=rates.index)
         expected = dp.sample_rate * len(enc) if dp is not None else 0.0  # DP-SGD's expected batch q·N
         opt = self._make_optimizer(rates, group_rates, expected)
-        self.anchors = [p.detach().clone() for p in self.params] if self.prox_mu else None
+        self.anchors = None
+        if self.prox_mu and self.anchor is not None:  # laid out as its parameter, as the correction
+            self.anchors = [like(p, torch.from_numpy(np.asarray(self.anchor[k], np.float32))) for k, p in named]
+        elif self.prox_mu:
+            self.anchors = [p.detach().clone() for p in self.params]
         fix = None
         if self.correction is not None:  # laid out as its parameter (sharded under FSDP)
             fix = [like(p, torch.from_numpy(np.asarray(self.correction[k], np.float32))) for k, p in named]
