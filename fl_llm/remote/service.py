@@ -72,6 +72,8 @@ CHECKS = {
     "ints": lambda x: isinstance(x, list) and all(_INT(v) and v >= 0 for v in x),
 }
 # Each method's arguments, in order: (name, check). Trailing ones may be left out (their defaults).
+# train's `anchor` (a personalisation round's pull toward the federated model) is not served: a
+# federation of organisations is never personalised through the coordinator.
 ARGS: dict[str, list[tuple[str, str]]] = {
     "describe": [],
     "initial_adapter": [],
