@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from fl_llm.client.api import PlatformAPI
-from fl_llm.client.platform import Platform
+from fl_llm.client.platform import Platform, safe_name
 from fl_llm.compare_report import (
     MODES,
     PERSONAL,
@@ -58,6 +58,7 @@ from fl_llm.personalise import apply_update, detailed, local_round, personalise,
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
 from fl_llm.server.loop import SETUP_TIMEOUT_S, run
+from fl_llm.strategies import STRATEGIES
 from fl_llm.tracking import read_metrics, write_json
 
 __all__ = ["MODES", "PERSONAL", "compare", "format_table", "over_seeds"]
@@ -124,28 +125,29 @@ def _compare_one(
 
     # --- local-only and centralized, on the same platforms --------------------------------------
     progress.info("== local-only and centralized (pooled data, upper bound), then personalised ==")
-    backend = make_backend(cfg)
+    alone = _alone(cfg)
+    backend = make_backend(alone)
     try:
         info = backend.call(ids, PlatformAPI.describe, timeout_s=SETUP_TIMEOUT_S).results
         names = {i: info[i]["name"] for i in ids}
         init = starting_adapter(
             cfg.model, backend.call([0], PlatformAPI.initial_adapter, timeout_s=SETUP_TIMEOUT_S).results[0]
         )
-        pooled_cfg = to_dict(dataclasses.replace(cfg, backend="local"))
+        pooled_cfg = to_dict(dataclasses.replace(alone, backend="local"))
         pooled_cfg["client"]["batch_size"] = cfg.client.batch_size * n
         pooled = Platform(pooled_cfg, POOLED)
         local = {i: init for i in ids}
         central = init
         for rnd in range(1, rounds + 1):
             progress.phase(f"round {rnd}/{rounds}: local-only training")
-            local = local_round(cfg, backend, local, rnd)
+            local = local_round(alone, backend, local, rnd)
             gen = generation_due(cfg, rnd)  # the instruction task: answers generated on the run's schedule
             ev = backend.call_each(
                 {i: (local[i], None, False, gen) for i in ids}, PlatformAPI.evaluate, timeout_s=timeout
             ).results
             per_round["local"].append({names[i]: ev[i] for i in ev})
             progress.phase(f"round {rnd}/{rounds}: centralized training on pooled data")
-            central = apply_update(cfg, POOLED, central, sent_update(pooled.train(central, rnd)))
+            central = apply_update(alone, POOLED, central, sent_update(pooled.train(central, rnd)))
             pooled.commit(rnd)
             ev = backend.call(
                 ids, PlatformAPI.evaluate, backend.put(central), None, False, gen, timeout_s=timeout
@@ -157,11 +159,12 @@ def _compare_one(
             )
             progress.info(f"round {rnd:>3}/{rounds}  {metric}: {line}")
         finals = {"local": local, "centralized": {i: central for i in ids}}
-        federated = _federated_final(cfg, out_dir / "federated")
+        federated = _federated_final(cfg, out_dir / "federated", names)
         if federated is not None:
-            finals["federated"] = {i: federated for i in ids}
+            finals["federated"] = federated
+        if federated is not None and STRATEGIES[cfg.strategy.name].one_global_model:  # else personal already
             finals[PERSONAL] = personalise(
-                cfg, backend, federated, personal_rounds, personal_schedule, progress, anchor=personal_anchor
+                cfg, backend, federated[0], personal_rounds, personal_schedule, progress, anchor=personal_anchor
             )
         detail = {
             mode: {names[i]: r for i, r in detailed(backend, states, timeout).items()}
@@ -186,6 +189,18 @@ def _compare_one(
     return result
 
 
+def _alone(cfg: RunConfig) -> RunConfig:
+    """The config of the arms compare trains itself (local-only, centralized, personalised). A
+    model trained alone has nothing to keep from a federation: where the strategy keeps tensors on
+    each platform (FedSA's B, FedPer's head), these arms train them as FedAvg does — the same
+    steps, but every tensor is in the state they hand back, so no platform's kept tensors from one
+    arm are put into another arm's model when it is evaluated there."""
+    strategy = STRATEGIES[cfg.strategy.name]
+    if strategy.one_global_model:
+        return cfg
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="fedavg"))
+
+
 def _federated(cfg: RunConfig, run_dir: Path, progress: Progress, resume: bool) -> None:
     """The federated arm: run it — or, resuming, read it when it finished with this config, or
     continue it from its checkpoint (`compare_strategies.earlier_run` decides, as for strategies)."""
@@ -202,21 +217,34 @@ def _federated(cfg: RunConfig, run_dir: Path, progress: Progress, resume: bool) 
     run(cfg, run_dir, progress, resume=what == "resume")
 
 
-def _federated_final(cfg: RunConfig, run_dir: Path) -> dict | None:
-    """The federated run's final global adapter, when it is the whole model (not with FedEx/FLoRA
-    base merges, nor FedSA's per-platform B)."""
+def _federated_final(cfg: RunConfig, run_dir: Path, names: dict[int, str]) -> dict[int, dict] | None:
+    """Each platform's final federated model: the run's last global adapter — with, for a strategy
+    that keeps tensors on each platform (FedSA's B, FedPer's head), that platform's own from its
+    state dir at the same round. None when the run merged into the base weights (FedEx, FLoRA) or
+    a platform's own tensors are not there (checkpoint.every=0)."""
     import numpy as np
 
     from fl_llm import checkpoint
-    from fl_llm.strategies import STRATEGIES
 
     strategy = STRATEGIES[cfg.strategy.name]
-    if strategy.merges_into_base or not strategy.one_global_model:
+    if strategy.merges_into_base:
         return None
     path, _ = checkpoint.latest_intact(run_dir / "checkpoints")
     if path is None:
         return None
-    return {k: np.asarray(v) for k, v in checkpoint.load(path, verified=True)[1]["global_state"].items()}
+    rnd, saved = checkpoint.load(path, verified=True)
+    final = {k: np.asarray(v) for k, v in saved["global_state"].items()}
+    if strategy.one_global_model:
+        return {i: final for i in names}
+    states_of = cfg.client.state_dir or str(run_dir.resolve() / "platforms" / "{name}")
+    out = {}
+    for i, name in names.items():
+        own_path, _ = checkpoint.latest_intact(Path(states_of.replace("{name}", safe_name(name))) / "checkpoints", rnd)
+        own = checkpoint.load(own_path, verified=True)[1]["persistent"].get("B") if own_path else None
+        if not own or any(np.shape(own.get(k)) != final[k].shape for k in final if strategy.personal(k)):
+            return None  # not saved, or at another rank than the global adapter's
+        out[i] = {k: np.asarray(own[k]) if strategy.personal(k) else v for k, v in final.items()}
+    return out
 
 
 def budget(cfg: RunConfig, personal_rounds: int = 0) -> dict[str, dict[str, int]]:

@@ -253,13 +253,14 @@ def _format_seeds_table(result: dict) -> str:
     import numpy as np
 
     metric, runs = result["metric"], result["per_seed"]
-    lines = [f"{'seed':<8}  {'local-only':>10}  {'federated':>10}  {'centralized':>11}  {PERSONAL:>12}   ({metric})"]
+    personal = any(PERSONAL in r.get("detail", {}) for r in runs)  # FedSA/FedPer runs are personal already
+    head = f"{'seed':<8}  {'local-only':>10}  {'federated':>10}  {'centralized':>11}"
+    lines = [head + (f"  {PERSONAL:>12}" if personal else "") + f"   ({metric})"]
     for r in runs:
         vals = [r["modes"][m]["average"][metric] for m in MODES]
-        pers = _mean(r["detail"][PERSONAL], metric) if PERSONAL in r.get("detail", {}) else float("nan")
-        lines.append(
-            f"{r['seeds'][0]:<8}  " + "  ".join(f"{v:>{w}.4f}" for v, w in zip([*vals, pers], (10, 10, 11, 12)))
-        )
+        if personal:
+            vals.append(_mean(r["detail"][PERSONAL], metric) if PERSONAL in r.get("detail", {}) else float("nan"))
+        lines.append(f"{r['seeds'][0]:<8}  " + "  ".join(f"{v:>{w}.4f}" for v, w in zip(vals, (10, 10, 11, 12))))
     m = result["modes"]
     cells = [f"{m[k]['average'][metric]:.4f}±{m[k]['std'][metric]:.3f}" for k in MODES]
     lines.append(f"{'mean±sd':<8}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, (10, 10, 11))))

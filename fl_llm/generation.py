@@ -70,7 +70,7 @@ def generation_due(cfg, round_: int) -> bool:
 def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cpu"):
     """(model, tokenizer, config) of a finished run with plain transformers + peft: its base model
     (the built-in one as saved in RUN_DIR/base_model) with the global adapter — or, with
-    `platform`, that platform's own adapter (RUN_DIR/personal/<name>: fl-llm personalise, or a FedSA run)."""
+    `platform`, that platform's own adapter (RUN_DIR/personal/<name>: fl-llm personalise, or a FedSA or FedPer run)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +98,7 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
                 + (
                     f"(it has: {', '.join(have)})"
                     if have
-                    else "(fl-llm personalise RUN_DIR writes them; fedsa runs do too)"
+                    else "(fl-llm personalise RUN_DIR writes them; fedsa and fedper runs do too)"
                 )
             )
     if not (adapter / "adapter_config.json").is_file():

@@ -20,7 +20,7 @@ where it would break a promise the run made: under differential privacy (the ext
 privacy the run's ledger does not count, and under client-level DP their updates reach the driver
 un-noised), under secure aggregation (the driver would see each platform's plain update), for a
 federation of organisations (each personal adapter would pass through the coordinator), and for
-strategies without one global adapter (FedSA's models are personal already; FedEx and FLoRA merge
+strategies without one global adapter (FedSA's and FedPer's models are personal already; FedEx and FLoRA merge
 into the base).
 """
 

@@ -44,6 +44,7 @@ CASES = [
     ("config not a mapping", lambda t: ["run", str(_write(t / "c.yaml", "- 1\n- 2\n"))], "must hold a mapping"),
     ("unknown task", lambda t: ["run", "data.task=weather"], "'data.task' must be one of"),
     ("unknown strategy", lambda t: ["run", "strategy.name=fedmagic"], "'strategy.name' must be one of"),
+    ("personal heads without a head", lambda t: ["run", "strategy.name=fedper"], "model.kind=causal_lm has none"),
     ("min above cohort", lambda t: ["run", "server.min_platforms=5"], "'server.min_platforms' must be <="),
     ("fault on no platform", lambda t: ["run", "faults.kill=[{platform: 9, round: 1}]"], "faults.kill[0].platform"),
     ("model dir missing", lambda t: ["run", f"model.name_or_path={t}/no-model"], "does not exist"),

@@ -60,6 +60,19 @@ def test_the_seeds_table_prints_the_platform_lines():
     assert "-0.0467" in line and "BELOW" in line
 
 
+def test_the_seeds_table_has_no_personalised_column_when_no_seed_has_that_arm():
+    """A FedSA or FedPer comparison: its federated models are per platform already, so there is no
+    personalised arm — no column of nan for it."""
+    from fl_llm.compare_report import over_seeds
+
+    runs = [_run(s, 0.75, 0.70, 0.76, 0.76) for s in range(2)]
+    for r in runs:
+        del r["detail"]["personalised"]
+    table = format_table(over_seeds(runs))
+    assert "nan" not in table and "personal" not in table
+    assert table.splitlines()[0].split() == ["seed", "local-only", "federated", "centralized", "(auc)"]
+
+
 def test_gap_line_states_its_noise_or_why_there_is_no_share():
     assert gap_line(0.70, 0.75, 0.80, 0.02, "x").startswith("federated closes 50% (±10%)")
     none = gap_line(0.70, 0.75, 0.69, 0.02, "x")  # pooling did not help: no ratio, not "-500%"
@@ -88,7 +101,7 @@ def test_per_skill_figures_over_seeds():
     assert e["federated_minus_local"] == pytest.approx([0.3, 0.2])
     lines = _tag_lines({"tags": tags})
     assert lines[0].startswith("exact_match/shared") and "+0.300 ± 0.200" in lines[1]
-    for r in runs:  # a strategy without one global model (FedSA): no detail of it, no tag table
+    for r in runs:  # a strategy that merges into the base (FedEx, FLoRA): no detail of it, no tag table
         del r["detail"]["federated"]
     assert tags_over_seeds(runs) == {}
 

@@ -21,6 +21,7 @@ TINY = [*SMALL, "backend=local", "server.rounds=1", "client.local_steps=3", "dat
 EXTRA = {
     "scaffold": ["client.optimizer=sgd", "client.lr=0.05"],
     "krum": ["data.num_platforms=5", "data.synthetic.train_examples=[60]"],
+    "fedper": ["model.kind=seq_cls", "data.task=review"],  # the head it keeps: a classifier's
 }
 
 
@@ -41,8 +42,8 @@ def test_every_strategy_runs(name, tmp_path):
     full = row["adapter_bytes"]
     if name == "scaffold":
         assert sent == {2 * full}  # the update and Δc
-    elif name in ("ffa", "fedsa"):
-        assert max(sent) < full  # only B, or only A
+    elif name in ("ffa", "fedsa", "fedper"):
+        assert max(sent) < full  # only B, only A, or no head
     else:
         assert sent == {full}
 
@@ -108,6 +109,28 @@ def test_fedsa_keeps_b_on_each_platform(tmp_path):
         assert np.array_equal(personal["fashion-mall"][k], personal["gadget-hub"][k])
     assert any(not np.array_equal(personal["fashion-mall"][k], personal["gadget-hub"][k]) for k in b_keys)
     assert not (tmp_path / "sa" / "adapter").exists()  # no single global model to export
+
+
+def test_fedper_keeps_each_platforms_head_and_compare_scores_its_own_model(tmp_path):
+    """FedPer shares the LoRA factors and keeps each platform's classification head; compare scores
+    each platform with its own head, exactly as the run evaluated it, and the arms it trains itself
+    are those of a FedAvg comparison (they keep nothing from a federation)."""
+    from fl_llm.compare import PERSONAL, compare
+
+    cls = [*TINY, "model.kind=seq_cls", "data.task=review"]
+    per = compare(load(None, [*cls, "strategy.name=fedper"]), tmp_path / "per")
+    avg = compare(load(None, [*cls, "strategy.name=fedavg"]), tmp_path / "avg")
+    names = ["fashion-mall", "gadget-hub", "home-market"]
+    own = {p: _adapter(tmp_path / "per" / "federated" / "personal" / p) for p in names}
+    head = [k for k in own[names[0]] if "lora_" not in k]
+    assert head and all(not np.array_equal(own[names[0]][k], own[names[1]][k]) for k in head)
+    assert all(np.array_equal(own[names[0]][k], own[p][k]) for p in names for k in own[p] if "lora_" in k)
+    logged = read_metrics(tmp_path / "per" / "federated")[-1]["platforms"]
+    for p in names:
+        assert per["detail"]["federated"][p]["macro_f1"] == pytest.approx(logged[p]["macro_f1"], abs=1e-9)
+        for arm in ("local", "centralized"):
+            assert per["detail"][arm][p]["macro_f1"] == avg["detail"][arm][p]["macro_f1"]
+    assert PERSONAL not in per["detail"]  # its federated models are the personal ones already
 
 
 @pytest.mark.parametrize("name", ["flora", "fedavg", "ffa"])

@@ -4,7 +4,7 @@ Each platform audits itself (`Platform.audit`, where its data is, like training 
 are its training records, non-members its held-out records, drawn with the same number of each
 label on both sides; the attacks score both with the model before private training (the round-0
 adapter) and with the trained global model exactly as it was evaluated (base merges, FedSA's own
-B from the platform's own state dir included), and only the figures come back — AUC, TPR at low
+B or FedPer's own head from the platform's own state dir included), and only the figures come back — AUC, TPR at low
 FPR and the audited ε, checked against the run's privacy ledger. The alarm ("bound VIOLATED")
 is a statement at 95% confidence for the whole run: α = 5% is divided among its
 attacks × platforms (Bonferroni).
@@ -43,7 +43,10 @@ def _final_model(run_dir: Path, cfg: RunConfig) -> tuple[dict, dict | None, int]
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
     if not adapter.is_file():
         raise UserError(f"audit {str(run_dir)!r}: no checkpoint and no adapter/ there; has the run finished a round?")
-    if cfg.strategy.name in ("fedex", "flora", "fedsa"):
+    from fl_llm.strategies import STRATEGIES
+
+    strategy = STRATEGIES[cfg.strategy.name]
+    if strategy.merges_into_base or not strategy.one_global_model:  # FedEx, FLoRA; FedSA, FedPer
         raise UserError(
             f"audit {str(run_dir)!r}: strategy {cfg.strategy.name} keeps part of the model outside adapter/; "
             "auditing it needs the run's checkpoints (checkpoint.every > 0)"

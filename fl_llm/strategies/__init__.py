@@ -24,6 +24,7 @@ _FILES = (
     "fedex",
     "flora",
     "fedsa",
+    "fedper",
     # robust combination (FedAvg server step; strategy.robust combines them with the others)
     "norm_bound",
     "median",
