@@ -5,6 +5,7 @@ over seeds, and the plots (per round; reliability of each platform's final model
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from fl_llm.config import RunConfig
@@ -152,7 +153,8 @@ def tags_over_seeds(runs: list[dict]) -> dict[str, dict[str, dict]]:
 
 
 def _tag_lines(result: dict) -> list[str]:
-    """Per tag and platform: each arm's mean ± sd over seeds and federated − local-only."""
+    """Per tag and platform: each arm's mean ± sd over seeds and federated − local-only (one seed:
+    the figures alone, there is no spread to show)."""
     tags = result.get("tags") or {}
     lines = []
     for key, per in tags.items():
@@ -160,10 +162,14 @@ def _tag_lines(result: dict) -> list[str]:
         width = max(12, *(len(n) for n in per))
         lines.append(f"{key:<{width}}  " + "  ".join(f"{a[:11]:>13}" for a in arms) + "   federated - local")
         for name, e in per.items():
-            cells = "  ".join(f"{e[a][0]:>6.3f}±{e[a][1]:<6.3f}" for a in arms)
+            cells = "  ".join(f"{e[a][0]:>6.3f}{_spread(e[a][1]):<7}" for a in arms)
             d = e.get("federated_minus_local", [float("nan")] * 2)
-            lines.append(f"{name:<{width}}  {cells}   {d[0]:+.3f} ± {d[1]:.3f}")
+            lines.append(f"{name:<{width}}  {cells}   {d[0]:+.3f}{_spread(d[1], ' ± ')}")
     return lines
+
+
+def _spread(sd: float, sep: str = "±") -> str:
+    return "" if math.isnan(sd) else f"{sep}{sd:.3f}"
 
 
 def gap_line(local: float, federated: float, centralized: float, noise: float, what: str) -> str:
@@ -239,7 +245,6 @@ def _mean(per_platform: dict[str, dict], metric: str) -> float:
 def _interval_noise(detail: dict, metric: str) -> float:
     """The noise of a gap between two platform-averaged figures: each arm's mean interval
     half-width (1.96 s.e. per platform) over √platforms, the two combined."""
-    import math
 
     halves = []
     for arm in ("local", "centralized"):

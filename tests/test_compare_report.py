@@ -101,6 +101,8 @@ def test_per_skill_figures_over_seeds():
     assert e["federated_minus_local"] == pytest.approx([0.3, 0.2])
     lines = _tag_lines({"tags": tags})
     assert lines[0].startswith("exact_match/shared") and "+0.300 ± 0.200" in lines[1]
+    one = _tag_lines({"tags": tags_over_seeds(runs[:1])})  # one seed: no spread to print, no "±nan"
+    assert "nan" not in "\n".join(one) and one[1].split()[1:] == ["0.200", "0.500", "0.900", "0.500", "+0.300"]
     for r in runs:  # a strategy that merges into the base (FedEx, FLoRA): no detail of it, no tag table
         del r["detail"]["federated"]
     assert tags_over_seeds(runs) == {}
