@@ -133,6 +133,23 @@ def test_fedper_keeps_each_platforms_head_and_compare_scores_its_own_model(tmp_p
     assert PERSONAL not in per["detail"]  # its federated models are the personal ones already
 
 
+def test_a_fedper_platform_sends_no_head_and_keeps_the_one_it_trained():
+    """What leaves a FedPer platform is the LoRA factors' update and nothing of its head (the
+    tiny classifier's `score`); the head it trained is what it starts the next round from."""
+    from fl_llm.client.platform import Platform
+    from fl_llm.config import to_dict
+
+    plat = Platform(to_dict(load(None, [*TINY, "model.kind=seq_cls", "data.task=review", "strategy.name=fedper"])), 0)
+    start = plat.initial_adapter()
+    head = {k for k in start if "score" in k}
+    sent = plat.train(start, 1)["update"]
+    assert head and set(sent) == set(start) - head
+    plat.commit(1)
+    trained = {k: plat.persistent["B"][k] for k in head}
+    assert all(not np.array_equal(trained[k], start[k]) for k in head)  # it did train the head
+    assert all(np.array_equal(plat._load_global(start, None)[k], trained[k]) for k in head)
+
+
 @pytest.mark.parametrize("name", ["flora", "fedavg", "ffa"])
 def test_platforms_with_different_ranks(name, tmp_path):
     summary, rows = _run(tmp_path / name, f"strategy.name={name}", "model.lora.ranks=[2, 4, 8]")
