@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 from fl_llm.client.api import PlatformAPI
-from fl_llm.client.platform import Platform, safe_name
+from fl_llm.client.kept_state import state_dir_of
+from fl_llm.client.platform import Platform
 from fl_llm.compare_report import (
     MODES,
     PERSONAL,
@@ -57,9 +58,9 @@ from fl_llm.model.adapters import starting_adapter
 from fl_llm.personalise import apply_update, detailed, local_round, personalise, sent_update
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
-from fl_llm.server.loop import SETUP_TIMEOUT_S, run
+from fl_llm.server.loop import SETUP_TIMEOUT_S, run, with_state_dir
 from fl_llm.strategies import STRATEGIES
-from fl_llm.tracking import read_metrics, write_json
+from fl_llm.tracking import RunDir, read_metrics, write_json
 
 __all__ = ["MODES", "PERSONAL", "compare", "format_table", "over_seeds"]
 
@@ -162,10 +163,10 @@ def _compare_one(
         federated = _federated_final(cfg, out_dir / "federated", names)
         if federated is not None:
             finals["federated"] = federated
-        if federated is not None and STRATEGIES[cfg.strategy.name].one_global_model:  # else personal already
-            finals[PERSONAL] = personalise(
-                cfg, backend, federated[0], personal_rounds, personal_schedule, progress, anchor=personal_anchor
-            )
+            if STRATEGIES[cfg.strategy.name].one_global_model:  # else its models are personal already
+                finals[PERSONAL] = personalise(
+                    cfg, backend, federated[0], personal_rounds, personal_schedule, progress, anchor=personal_anchor
+                )
         detail = {
             mode: {names[i]: r for i, r in detailed(backend, states, timeout).items()}
             for mode, states in finals.items()
@@ -236,10 +237,10 @@ def _federated_final(cfg: RunConfig, run_dir: Path, names: dict[int, str]) -> di
     final = {k: np.asarray(v) for k, v in saved["global_state"].items()}
     if strategy.one_global_model:
         return {i: final for i in names}
-    states_of = cfg.client.state_dir or str(run_dir.resolve() / "platforms" / "{name}")
+    states = with_state_dir(cfg, RunDir(run_dir)).client.state_dir  # where the run's platforms kept theirs
     out = {}
     for i, name in names.items():
-        own_path, _ = checkpoint.latest_intact(Path(states_of.replace("{name}", safe_name(name))) / "checkpoints", rnd)
+        own_path, _ = checkpoint.latest_intact(state_dir_of(states, name) / "checkpoints", rnd)
         own = checkpoint.load(own_path, verified=True)[1]["persistent"].get("B") if own_path else None
         if not own or any(np.shape(own.get(k)) != final[k].shape for k in final if strategy.personal(k)):
             return None  # not saved, or at another rank than the global adapter's

@@ -245,7 +245,6 @@ def _mean(per_platform: dict[str, dict], metric: str) -> float:
 def _interval_noise(detail: dict, metric: str) -> float:
     """The noise of a gap between two platform-averaged figures: each arm's mean interval
     half-width (1.96 s.e. per platform) over √platforms, the two combined."""
-
     halves = []
     for arm in ("local", "centralized"):
         widths = [(d["interval"][1] - d["interval"][0]) / 2 for d in detail.get(arm, {}).values() if d.get("interval")]

@@ -6,7 +6,19 @@ write and read it in the platform's own state directory, which the driver never 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+
+def safe_name(name: str) -> str:
+    """A platform's name as one safe path component (its state directory)."""
+    cleaned = re.sub(r"[^\w.-]", "_", name)
+    return "_" if cleaned in ("", ".", "..") else cleaned
+
+
+def state_dir_of(template: str, name: str) -> Path:
+    """A platform's own state directory: client.state_dir with `{name}` as its safe name."""
+    return Path(template.replace("{name}", safe_name(name)))
 
 
 class KeptState:

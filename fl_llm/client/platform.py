@@ -14,7 +14,6 @@ evaluation (`evaluation.py`); a Ray actor, in-process, or behind `fl-llm serve`,
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from fl_llm import faults
 from fl_llm.client.data_facts import balance_warnings, record_level_dp
 from fl_llm.client.evaluation import Evaluation
-from fl_llm.client.kept_state import KeptState
+from fl_llm.client.kept_state import KeptState, safe_name, state_dir_of
 from fl_llm.client.model_setup import apply_base_merges
 from fl_llm.client.parallel import worker_figures
 from fl_llm.client.rng import platform_rng
@@ -111,7 +110,7 @@ class Platform(Evaluation, KeptState):
         data = sources.load_platform_data(self.cfg, self.data_index)
         self.name = data.name
         if self.cfg.client.state_dir:
-            self.state_dir = Path(self.cfg.client.state_dir.replace("{name}", safe_name(self.name)))
+            self.state_dir = state_dir_of(self.cfg.client.state_dir, self.name)
         self.model, self.tokenizer, self.adapter = build_model(self.cfg, self.id, self.rank, self.device, shared)
         if self.group is not None and self.group.sharded:
             from fl_llm.client.parallel import shard_model
@@ -404,9 +403,3 @@ class Platform(Evaluation, KeptState):
 def this_process() -> tuple[str, int]:
     """(host name, process id) of the calling process."""
     return socket.gethostname(), os.getpid()
-
-
-def safe_name(name: str) -> str:
-    """A platform's name as one safe path component (its state directory)."""
-    cleaned = re.sub(r"[^\w.-]", "_", name)
-    return "_" if cleaned in ("", ".", "..") else cleaned
