@@ -32,7 +32,8 @@ mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 big=$([ "${mem:-0}" -gt 100000 ] && echo 1 || echo 0)
 # 0. the variable-length attention kernel against one attention per example (forward, backward)
 echo "== varlen ($(date +%T))" | tee -a "$log"
-timeout 40 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k varlen >>"$log" 2>&1
+# (`-o addopts=...`: the device bundle has no pytest-xdist, and one GPU test runs in one process)
+timeout 40 "$py" -m pytest -q -p no:cacheprovider -o addopts=--strict-markers tests/test_gpu.py -k varlen >>"$log" 2>&1
 echo "== varlen: exit $?" | tee -a "$log"
 # 1. 8 platforms of the Llama-3-8B shape on one GPU, one resident base: a short federated run
 #    (10 local steps: enough training per round for the <=3% overhead target to be measurable)
@@ -54,7 +55,7 @@ if [ "${EXTRA:-0}" = 1 ]; then
   stage 1b_compile 300 "${lora[@]}" client.batch_size=64 client.compile=true --shape 1b --rounds 0 --variants fl_llm_packed
   stage 1b_flex 300 "${lora[@]}" client.batch_size=64 model.attn_implementation=flex_attention --shape 1b \
     --rounds 0 --variants fl_llm_packed
-  timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k qlora >>"$log" 2>&1
+  timeout 120 "$py" -m pytest -q -p no:cacheprovider -o addopts=--strict-markers tests/test_gpu.py -k qlora >>"$log" 2>&1
   echo "== qlora: exit $?" | tee -a "$log"
 fi
 # several GPUs for one platform (ray.workers_per_platform), on a machine with 2 or more:

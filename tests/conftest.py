@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite's two workers share the cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,6 +35,15 @@ def small_cfg():
         return load(None, [*SMALL, *extra])
 
     return make
+
+
+def start_local_ray(num_cpus: int = 2):
+    """A private Ray instance for one test module. `address="local"`: never the cluster another
+    module (in the other test worker) started with `ray start`, which a bare `ray.init()` would join."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
 
 
 def platform_states(run_dir) -> dict:

@@ -357,7 +357,9 @@ def test_sigterm_leaves_an_interrupted_resumable_run(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "--resume" in summary["resume"]
-    assert _cli("run", "--resume", out) == 0
+    # resumed in-process: where a run's platforms run may change on resume, and a second Ray
+    # instance would add nothing to what this test shows
+    assert _cli("run", "--resume", out, "backend=local") == 0
     assert [r["round"] for r in read_metrics(out)] == list(range(1, 7))
 
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from fl_llm.tracking import read_metrics
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, start_local_ray
 
 SFT = [
     "data.task=instruction",
@@ -39,7 +39,7 @@ def sft_run(tmp_path_factory):
     from fl_llm.config import load
     from fl_llm.server.loop import run
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the module's one instance
+    start_local_ray()  # the module's one instance
     try:
         cfg = load(None, SFT)
         run_dir = tmp_path_factory.mktemp("sft")

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from fl_llm.tracking import read_metrics
-from tests.conftest import REPO, SMALL
+from tests.conftest import REPO, SMALL, start_local_ray
 
 
 @pytest.fixture(scope="module")
 def ray_instance():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -13,6 +13,7 @@ from fl_llm.config import load
 from fl_llm.errors import UserError
 from fl_llm.server.loop import run
 from fl_llm.tracking import read_metrics
+from tests.conftest import start_local_ray
 
 # two platforms, 8-example steps split over 2 workers: small enough for 2 cores
 BASE = [
@@ -32,7 +33,7 @@ NAMES = ["fashion-mall", "gadget-hub"]
 def ray_instance():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(4)
     yield ray
     ray.shutdown()
 

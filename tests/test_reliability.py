@@ -18,7 +18,7 @@ import pytest
 from fl_llm.config import load
 from fl_llm.server.loop import RunFailed, run
 from fl_llm.tracking import read_metrics
-from tests.conftest import REPO, SMALL
+from tests.conftest import REPO, SMALL, start_local_ray
 
 NAMES = ["fashion-mall", "gadget-hub", "home-market"]  # the synthetic platforms, by index
 STEPS = "client.local_steps=4"  # what these tests watch is the round, not the training in it
@@ -29,7 +29,7 @@ BASE = [*SMALL, "server.round_timeout_s=120"]
 def ray_instance():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -16,6 +16,7 @@ from fl_llm.privacy.secagg import (
     shamir_split,
     unmask,
 )
+from tests.conftest import start_local_ray
 
 
 def run_protocol(xs, threshold, ring, drop_before_mask=(), drop_before_reveal=(), round_=1, wire=None):
@@ -283,7 +284,7 @@ def test_secure_run_with_client_dp_and_int8_on_ray(tmp_path):
     (each platform clipped its own update); int8 narrows the masked ring to 16 bits."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     try:
         summary, rows = _run(
             tmp_path / "r",
