@@ -1,9 +1,11 @@
 """Behaviour pins: the default job (8 rounds), and the same job with SCAFFOLD, FedEx, FedSA and secure
 aggregation with int8 uplinks — per-round `eval_loss` and the SHA-256 of the final adapter's
 bytes. A restructuring that changes no behaviour leaves every figure identical — on the same CPU
-model and torch build only: float results are bit-exact only there (another CPU moves eval_loss in
-the 8th digit with the same code), so the file records them and `check` on other hardware says so
-and exits 3 without comparing.
+and torch build only: float results are bit-exact only there (another CPU moves eval_loss in the
+8th digit with the same code; two CPUs that both call themselves "AMD EPYC" did too), so the file
+keeps one record per machine — CPU name, family/model/stepping, the vector instructions torch uses,
+core count, torch version — and `check` on a machine it has no record of says so and exits 3
+without comparing. `record` adds this machine's record (or replaces it) and keeps the others.
 
     python benchmarks/pin.py record benchmarks/pinned.json    # before a change (about 3 min, 2 cores)
     python benchmarks/pin.py check benchmarks/pinned.json     # after it: exit 1 on any difference
@@ -50,20 +52,40 @@ def run_job(name: str, overrides: list[str], root: Path) -> dict:
 
 
 def machine() -> dict:
-    """What bit-exact float results depend on: the CPU model and the torch build."""
+    """What bit-exact float results depend on: the CPU (its name alone is not enough: the same
+    name covers several generations), the vector instructions torch uses, the cores (they set the
+    platforms' threads) and the torch build."""
+    import os
     import platform
 
     import torch
 
-    cpu = platform.processor()
+    info = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"cpu": cpu, "torch": torch.__version__}
+    return {
+        "cpu": info.get("model name", platform.processor()),
+        "cpu_id": " ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info),
+        "vector": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+
+
+def _records(path: Path) -> list[dict]:
+    """The file's records, [{"machine": ..., "jobs": {name: figures}}]; a file of the older
+    one-machine layout is one record (whose coarser machine matches no machine now)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if "records" in data:
+        return data["records"]
+    machine_ = data.pop("machine", None)
+    return [{"machine": machine_, "jobs": data}]
 
 
 def measure() -> dict:
@@ -76,16 +98,19 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     mode, path = argv[0], Path(argv[1])
+    here, records = machine(), _records(path)
     if mode == "check":
-        want = json.loads(path.read_text())
-        recorded = want.pop("machine", None)
-        if recorded != machine():
-            print(f"recorded on {recorded}, this is {machine()}: not comparable (record the pins here first)")
+        mine = [r for r in records if r["machine"] == here]
+        if not mine:
+            seen = "; ".join(str(r["machine"]) for r in records) or "none"
+            print(f"recorded on {seen}; this is {here}: not comparable (record the pins here first)")
             return 3
+        want = mine[0]["jobs"]
     got = measure()
     if mode == "record":
-        path.write_text(json.dumps({"machine": machine(), **got}, indent=1) + "\n")
-        print(f"wrote {path}")
+        records = [r for r in records if r["machine"] != here] + [{"machine": here, "jobs": got}]
+        path.write_text(json.dumps({"records": records}, indent=1) + "\n")
+        print(f"wrote {path} ({len(records)} machine{'s' if len(records) > 1 else ''})")
         return 0
     bad = 0
     for name in want:
