@@ -77,15 +77,8 @@ def machine() -> dict:
 
 
 def _records(path: Path) -> list[dict]:
-    """The file's records, [{"machine": ..., "jobs": {name: figures}}]; a file of the older
-    one-machine layout is one record (whose coarser machine matches no machine now)."""
-    if not path.exists():
-        return []
-    data = json.loads(path.read_text())
-    if "records" in data:
-        return data["records"]
-    machine_ = data.pop("machine", None)
-    return [{"machine": machine_, "jobs": data}]
+    """The file's records, [{"machine": ..., "jobs": {name: figures}}]; none before the first."""
+    return json.loads(path.read_text())["records"] if path.exists() else []
 
 
 def measure() -> dict:

@@ -74,7 +74,7 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fl_llm.client.platform import safe_name
+    from fl_llm.client.kept_state import safe_name
     from fl_llm.config import load
     from fl_llm.data.chat import ensure_template
     from fl_llm.errors import UserError

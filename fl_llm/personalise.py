@@ -187,7 +187,7 @@ def personalise_run(
 ) -> dict:
     """Personalise a finished run's global adapter on every platform; write RUN_DIR/personal/
     (whole or not at all) and return what personal.json holds."""
-    from fl_llm.client.platform import safe_name
+    from fl_llm.client.kept_state import safe_name
     from fl_llm.data.sources import task_of
     from fl_llm.model.adapters import load_init_adapter, save_adapter
     from fl_llm.model.build import is_builtin, resolve_name

@@ -34,12 +34,10 @@ SFT = [
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    import ray
-
     from fl_llm.config import load
     from fl_llm.server.loop import run
 
-    start_local_ray()  # the module's one instance
+    ray = start_local_ray()  # the module's one instance
     try:
         cfg = load(None, SFT)
         run_dir = tmp_path_factory.mktemp("sft")

@@ -15,9 +15,7 @@ from tests.conftest import REPO, SMALL, start_local_ray
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    import ray
-
-    start_local_ray()
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

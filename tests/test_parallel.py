@@ -31,9 +31,7 @@ NAMES = ["fashion-mall", "gadget-hub"]
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    import ray
-
-    start_local_ray(4)
+    ray = start_local_ray(4)
     yield ray
     ray.shutdown()
 

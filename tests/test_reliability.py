@@ -27,9 +27,7 @@ BASE = [*SMALL, "server.round_timeout_s=120"]
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    import ray
-
-    start_local_ray()
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -282,9 +282,7 @@ def test_secure_run_with_client_dp_and_int8_on_ray(tmp_path):
     """Ray actors, a platform process killed mid-round (os._exit): its pairwise masks are removed
     with the survivors' shares and the round goes on; client-level DP noises the unmasked sum
     (each platform clipped its own update); int8 narrows the masked ring to 16 bits."""
-    import ray
-
-    start_local_ray()
+    ray = start_local_ray()
     try:
         summary, rows = _run(
             tmp_path / "r",

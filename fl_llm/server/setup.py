@@ -189,7 +189,7 @@ def described(backend, ids: list[int]) -> dict[int, dict]:
 def _require_unique(names: dict[int, str]) -> None:
     """Every platform needs a name of its own: names key the privacy ledger, the metrics and each
     platform's state dir (as a safe path component)."""
-    from fl_llm.client.platform import safe_name
+    from fl_llm.client.kept_state import safe_name
 
     seen: dict[str, int] = {}
     for i, name in sorted(names.items()):
