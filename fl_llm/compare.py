@@ -185,7 +185,9 @@ def _compare_one(
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     write_json(out_dir / "comparison.json", result)
     _plot(result, out_dir / "comparison.png")
-    plot_reliability(detail, out_dir / "reliability.png")
+    undrawn = plot_reliability(detail, out_dir / "reliability.png")
+    if undrawn:
+        progress.warn(undrawn)
     progress.info(format_table(result))
     return result
 

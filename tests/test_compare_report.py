@@ -204,3 +204,73 @@ def test_anchored_personalisation_sends_the_federated_model_as_the_anchor_every_
     sent.clear()
     personalise(cfg, Backend(), federated, 1, "fresh", Progress(enabled=False))
     assert [a for _, a in sent] == [None, None]
+
+
+def _font_with(tmp_path, chars: str, family: str):
+    """A TrueType font whose only glyphs (plain squares) are `chars`, built with fontTools."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    def square():
+        pen = TTGlyphPen(None)
+        pen.moveTo((100, 0)), pen.lineTo((100, 700)), pen.lineTo((900, 700)), pen.lineTo((900, 0)), pen.closePath()
+        return pen.glyph()
+
+    names = [".notdef", *(f"g{ord(c):x}" for c in chars)]
+    fb = FontBuilder(1000, isTTF=True)
+    fb.setupGlyphOrder(names)
+    fb.setupCharacterMap({ord(c): f"g{ord(c):x}" for c in chars})
+    fb.setupGlyf({n: square() for n in names})
+    fb.setupHorizontalMetrics({n: (1000, 100) for n in names})
+    fb.setupHorizontalHeader(ascent=800, descent=-200)
+    fb.setupNameTable({"familyName": family, "styleName": "Regular"})
+    fb.setupOS2(), fb.setupPost()
+    path = tmp_path / f"{family}.ttf"
+    fb.save(str(path))
+    return path
+
+
+def _reliability_detail(names):
+    bins = [{"mean_probability": 0.2, "positive_rate": 0.25}, {"mean_probability": 0.8, "positive_rate": 0.7}]
+    return {"local": {n: {"reliability": bins, "ece": 0.05} for n in names}}
+
+
+def test_a_name_no_font_draws_gets_a_numbered_panel_and_one_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from matplotlib import font_manager
+
+    from fl_llm.compare_report import plot_reliability
+
+    # only fonts without Chinese characters installed (the default font among them)
+    latin = [e for e in font_manager.fontManager.ttflist if e.name.startswith("DejaVu")]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", latin)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        note = plot_reliability(_reliability_detail(["书籍", "shop-b"]), tmp_path / "reliability.png")
+    assert (tmp_path / "reliability.png").stat().st_size > 1000
+    assert note is not None and "书籍" in note and "shop-b" not in note.split(", so")[0]
+    assert "1 shop-b, 2 书籍" in note  # the panels in order, so the numbered one can be told
+    assert not [w for w in caught if "Glyph" in str(w.message)]  # not one matplotlib warning per character
+    assert plot_reliability(_reliability_detail(["shop-a", "shop-b"]), tmp_path / "latin.png") is None
+
+
+def test_a_font_that_has_the_characters_is_put_after_the_default(tmp_path, monkeypatch):
+    import warnings
+
+    from matplotlib import font_manager
+
+    from fl_llm.compare_report import fonts_that_draw, plot_reliability
+
+    path = _font_with(tmp_path, "书籍蒙", "Test Han")
+    entry = font_manager.FontEntry(fname=str(path), name="Test Han")
+    latin = [e for e in font_manager.fontManager.ttflist if e.name.startswith("DejaVu")]
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", [*latin, entry])
+    rc, undrawn = fonts_that_draw(["书籍", "蒙牛"])
+    assert rc["font.family"][1:] == ["Test Han"] and undrawn == {"蒙牛"}  # 牛 is in no font
+    assert fonts_that_draw(["书籍", "shop"])[1] == set()
+    assert fonts_that_draw(["shop"]) == ({}, set())  # the default draws it: nothing changed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert plot_reliability(_reliability_detail(["书籍"]), tmp_path / "r.png") is None
+    assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
