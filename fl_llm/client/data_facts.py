@@ -9,6 +9,7 @@ import numpy as np
 from fl_llm.config import RunConfig
 
 MIN_PER_CLASS = 20  # fewer rows of a class in a split than this gets a warning at start
+MAX_UNKNOWN_SHARE = 0.05  # more of a platform's training tokens unknown to the tokenizer gets one
 
 
 def encode_splits(cfg: RunConfig, task, tokenizer, data):
@@ -65,3 +66,26 @@ def balance_warnings(name: str, answers: list[str], train_labels, eval_labels) -
                 f"(fewer than {MIN_PER_CLASS}: its metrics will be noisy)"
             )
     return out
+
+
+def unknown_token_warning(name: str, tokenizer, rows) -> str | None:
+    """A tokenizer with a fixed vocabulary maps characters it does not know to one unknown token:
+    an English encoder reads most Chinese characters as [UNK], so the model sees blanks where the
+    text was and learns little, whatever the recipe. Said at start when more than
+    MAX_UNKNOWN_SHARE of a platform's training tokens (special tokens aside) are unknown; byte-level
+    tokenizers (the built-in one, most LLMs') have no unknown token and never warn."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not rows:
+        return None
+    special = np.asarray(sorted(set(tokenizer.all_special_ids) - {unk}), dtype=np.int64)
+    every = max(1, len(rows) // 2000)  # a large split: 2,000 rows spread over it tell the share
+    ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows[::every]])
+    text = ids[~np.isin(ids, special)]
+    share = float((text == unk).mean()) if len(text) else 0.0
+    if share <= MAX_UNKNOWN_SHARE:
+        return None
+    return (
+        f"{name}: {share:.0%} of its training tokens are unknown to the model's tokenizer "
+        f"({tokenizer.unk_token}): the model reads them as blanks and will learn little from this text; "
+        "use a model whose vocabulary covers its language (model.name_or_path)"
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fl_llm import faults
-from fl_llm.client.data_facts import balance_warnings, record_level_dp
+from fl_llm.client.data_facts import balance_warnings, record_level_dp, unknown_token_warning
 from fl_llm.client.evaluation import Evaluation
 from fl_llm.client.kept_state import KeptState, safe_name, state_dir_of
 from fl_llm.client.model_setup import apply_base_merges
@@ -157,14 +157,16 @@ class Platform(Evaluation, KeptState):
         facts.update(num_eval=len(self.eval_set), device=str(self.device))
         if self.group is not None:
             facts["worker"] = "{}:{}".format(*this_process())
+        warnings = []
         if self.task.generative:
             facts["answers"] = "generated"
         else:  # a yes/no or multi-class task: its label balance
             counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
             facts.update(label_counts=counts.tolist(), train_positive_rate=float(counts[-1] / max(counts.sum(), 1)))
             warnings = balance_warnings(self.name, self.task.verbalizer, self.train_set.labels, self.eval_set.labels)
-            if warnings:
-                facts["warnings"] = warnings
+        unreadable = unknown_token_warning(self.name, self.tokenizer, self.train_set.input_ids)
+        if warnings or unreadable:
+            facts["warnings"] = [*warnings, *([unreadable] if unreadable else [])]
         if self.dp_noise or self.dp_sample_rate:
             facts.update(dp_sample_rate=self.dp_sample_rate, dp_noise_multiplier=self.dp_noise)
         return self._release(facts, 0, "describe")
