@@ -1,6 +1,6 @@
 """A platform's data as it trains on it, and aggregate facts of it, computed where the data is:
-both splits encoded, the label balance and its warnings, and the sampling rate and noise of its
-DP-SGD (they depend on its data size)."""
+both splits encoded, the label balance and its warnings, text its tokenizer cannot read, and the
+sampling rate and noise of its DP-SGD (they depend on its data size)."""
 
 from __future__ import annotations
 
