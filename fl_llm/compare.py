@@ -48,7 +48,6 @@ from fl_llm.compare_report import (
     _weighted_average,
     format_table,
     over_seeds,
-    plot_reliability,
     sizes_of,
 )
 from fl_llm.config import RunConfig, to_dict
@@ -56,6 +55,7 @@ from fl_llm.data.sources import POOLED, task_of
 from fl_llm.generation import generation_due
 from fl_llm.model.adapters import starting_adapter
 from fl_llm.personalise import apply_update, detailed, local_round, personalise, sent_update
+from fl_llm.plots import plot_reliability
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
 from fl_llm.server.loop import SETUP_TIMEOUT_S, run, with_state_dir

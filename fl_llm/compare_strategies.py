@@ -26,10 +26,10 @@ from pathlib import Path
 
 from fl_llm import checkpoint
 from fl_llm import config as config_mod
-from fl_llm.compare_report import plot_per_round
 from fl_llm.config import RunConfig
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
+from fl_llm.plots import plot_per_round
 from fl_llm.progress import Progress
 from fl_llm.server.loop import run
 from fl_llm.tracking import read_metrics, write_json

@@ -240,7 +240,7 @@ def test_a_name_no_font_draws_gets_a_numbered_panel_and_one_warning(tmp_path, mo
 
     from matplotlib import font_manager
 
-    from fl_llm.compare_report import plot_reliability
+    from fl_llm.plots import plot_reliability
 
     # only fonts without Chinese characters installed (the default font among them)
     latin = [e for e in font_manager.fontManager.ttflist if e.name.startswith("DejaVu")]
@@ -260,7 +260,7 @@ def test_a_font_that_has_the_characters_is_put_after_the_default(tmp_path, monke
 
     from matplotlib import font_manager
 
-    from fl_llm.compare_report import fonts_that_draw, plot_reliability
+    from fl_llm.plots import fonts_that_draw, plot_reliability
 
     path = _font_with(tmp_path, "书籍蒙", "Test Han")
     entry = font_manager.FontEntry(fname=str(path), name="Test Han")

@@ -164,9 +164,9 @@ class Platform(Evaluation, KeptState):
             counts = np.bincount(self.train_set.labels, minlength=len(self.task.verbalizer))
             facts.update(label_counts=counts.tolist(), train_positive_rate=float(counts[-1] / max(counts.sum(), 1)))
             warnings = balance_warnings(self.name, self.task.verbalizer, self.train_set.labels, self.eval_set.labels)
-        unreadable = unknown_token_warning(self.name, self.tokenizer, self.train_set.input_ids)
-        if warnings or unreadable:
-            facts["warnings"] = [*warnings, *([unreadable] if unreadable else [])]
+        warnings += filter(None, [unknown_token_warning(self.name, self.tokenizer, self.train_set.input_ids)])
+        if warnings:
+            facts["warnings"] = warnings
         if self.dp_noise or self.dp_sample_rate:
             facts.update(dp_sample_rate=self.dp_sample_rate, dp_noise_multiplier=self.dp_noise)
         return self._release(facts, 0, "describe")
