@@ -178,3 +178,20 @@ def test_shop_assistant_conversations_are_deterministic_and_each_platform_has_it
                 assert all(f" {v}" in msgs[-2]["content"] or f" {v}" in msgs[1]["content"] for v in values)
                 assert r["scope"] == "shared"
     assert instruction_records(world, 1, 30, split="eval") == instruction_records(world, 1, 30, split="eval")
+
+
+def test_a_platforms_policy_answers_are_few_fixed_sentences(world):
+    """Learnable from a young shop's data: a policy answer depends on the kind of question (and,
+    for returns, whether the product is electronics), never on a number drawn for the conversation
+    — at most 4 sentences per language: returns, returns of electronics, shipping, warranty. (An
+    answer that decided whether an amount ships free was not learnable, and varied per order.)"""
+    from fl_llm.data.instructions import policies
+
+    for p in range(3):
+        pol = policies(world, p)
+        rows = instruction_records(world, p, 600, split="train")
+        for lang in ("en", "zh"):
+            answers = {r["messages"][-1]["content"] for r in rows if r["skill"] == "policy" and r["lang"] == lang}
+            assert 3 <= len(answers) <= 4, (p, lang, answers)
+            shipping = [a for a in answers if "ship" in a or "包邮" in a]
+            assert len(shipping) == 1 and str(pol["free_over"]) in shipping[0] and str(pol["fee"]) in shipping[0]

@@ -10,11 +10,16 @@ a system message naming the platform and ask, in English or Chinese (each platfo
 - `title` (shared): a title (brand, colour, category) written from attributes listed in random
   order;
 - `qa` (shared): "does it come in <colour>?" answered from the card;
-- `policy` (the platform's own): returns, shipping for an order amount, warranty — answered with
-  the platform's greeting and its numbers.
+- `policy` (the platform's own): returns, shipping, warranty — answered with the platform's
+  greeting and its numbers.
 
-Every answer is a deterministic function of the conversation, so exact match is meaningful; a
-federated model can learn the shared skills from everyone's data, while each platform's policy
+Every answer is a deterministic function of the conversation, so exact match is meaningful, and
+every one is learnable from a young shop's data by the built-in model. (The shipping question once
+named an order's amount and asked whether it ships free. Comparing two prices is not learnable
+from a few dozen examples: shop models trained on it gave three shops one verdict for nearly every
+amount and were right on 20 of 38 held-out orders, where always answering "free" is right on 29,
+so that question's exact match measured which verdict a model settled on. It now asks for the
+rule.) A federated model can learn the shared skills from everyone's data, while each platform's policy
 answers are its own (the system message says whose). A value the answer copies from the prompt
 is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and
 "Orbit" different tokens, and copying should not need a spelling lesson. Records carry `skill`, `scope` (shared or
@@ -152,20 +157,13 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
             if zh
             else (f"How many days do I have to return the {cat}?", f"{hi} You can return it within {days} days.")
         )
-    elif kind == 1:
-        amount = int(rng.integers(5, 150))
-        over, fee, free = pol["free_over"], pol["fee"], amount >= pol["free_over"]
-        if zh:
-            qa = (
-                f"我的订单{amount}美元，包邮吗？",
-                f"{hi}满{over}美元包邮，" + ("这单免运费。" if free else f"这单运费{fee}美元。"),
-            )
-        else:
-            outcome = "so this one does." if free else f"this one pays ${fee}."
-            qa = (
-                f"Is shipping free for my ${amount} order?",
-                f"{hi} Orders from ${over} ship free" + (", " if free else "; ") + outcome,
-            )
+    elif kind == 1:  # the rule, not a verdict on an amount: see the module's note on learnability
+        over, fee = pol["free_over"], pol["fee"]
+        qa = (
+            (f"运费怎么算？", f"{hi}满{over}美元包邮，不满{over}美元运费{fee}美元。")
+            if zh
+            else ("How much is shipping?", f"{hi} Orders from ${over} ship free; below that, shipping is ${fee}.")
+        )
     else:
         months = pol["warranty_months"]
         qa = (
