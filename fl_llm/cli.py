@@ -7,7 +7,7 @@
     fl-llm compare [CONFIG] [KEY=VALUE ...]     # local-only vs federated vs centralized
     fl-llm compare --strategies fedit,fedex,ffa # aggregation strategies, eval loss round by round
     fl-llm bench [CONFIG] [KEY=VALUE ...]       # throughput vs plain transformers + peft, federation overhead
-    fl-llm generate RUN_DIR "Is shipping free?"  # answer prompts with a run's model (--jsonl FILE: a batch)
+    fl-llm generate RUN_DIR "How much is shipping?"  # answer prompts with a run's model (--jsonl FILE: a batch)
     fl-llm personalise RUN_DIR --rounds 8       # each platform's own adapter, fine-tuned from the global one
     fl-llm config [CONFIG] [KEY=VALUE ...]      # print the resolved config
     fl-llm tasks | fl-llm strategies            # what data.task / strategy.name accept
