@@ -160,7 +160,7 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
     elif kind == 1:  # the rule, not a verdict on an amount: see the module's note on learnability
         over, fee = pol["free_over"], pol["fee"]
         qa = (
-            (f"运费怎么算？", f"{hi}满{over}美元包邮，不满{over}美元运费{fee}美元。")
+            ("运费怎么算？", f"{hi}满{over}美元包邮，不满{over}美元运费{fee}美元。")
             if zh
             else ("How much is shipping?", f"{hi} Orders from ${over} ship free; below that, shipping is ${fee}.")
         )
