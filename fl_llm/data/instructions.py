@@ -19,11 +19,12 @@ named an order's amount and asked whether it ships free. Comparing two prices is
 from a few dozen examples: shop models trained on it gave three shops one verdict for nearly every
 amount and were right on 20 of 38 held-out orders, where always answering "free" is right on 29,
 so that question's exact match measured which verdict a model settled on. It now asks for the
-rule.) A federated model can learn the shared skills from everyone's data, while each platform's policy
-answers are its own (the system message says whose). A value the answer copies from the prompt
-is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and
-"Orbit" different tokens, and copying should not need a spelling lesson. Records carry `skill`, `scope` (shared or
-own) and `lang`; metrics are reported per skill and per scope. As in `synthetic`, a platform only ever draws its own records.
+rule.) A federated model can learn the shared skills from everyone's data, while each platform's
+policy answers are its own (the system message says whose). A value the answer copies from the
+prompt is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit"
+and "Orbit" different tokens, and copying should not need a spelling lesson. Records carry
+`skill`, `scope` (shared or own) and `lang`; metrics are reported per skill and per scope. As in
+`synthetic`, a platform only ever draws its own records.
 """
 
 from __future__ import annotations
