@@ -195,3 +195,28 @@ def test_a_platforms_policy_answers_are_few_fixed_sentences(world):
             assert 3 <= len(answers) <= 4, (p, lang, answers)
             shipping = [a for a in answers if "ship" in a or "包邮" in a]
             assert len(shipping) == 1 and str(pol["free_over"]) in shipping[0] and str(pol["fee"]) in shipping[0]
+
+
+def test_every_platform_asks_about_both_return_windows(world):
+    """A shop's two return windows (electronics, the rest) are both in its own data: return questions
+    ask about electronics about half the time on every platform, whatever it mostly sells. (Asked
+    about the card's product, a shop of mostly electronics showed its other window in 0 to 3 of 60
+    conversations, and every model gave its majority window to nearly every held-out question.)"""
+    from fl_llm.data.instructions import CATEGORIES_ZH, ELECTRONICS, policies
+
+    electronics_zh = {CATEGORIES_ZH[c] for c, (en, _, _) in enumerate(synthetic.CATEGORIES) if en in ELECTRONICS}
+    for p in range(3):
+        pol = policies(world, p)
+        asked = []
+        for r in instruction_records(world, p, 600, split="train"):
+            q, a = r["messages"][-2]["content"], r["messages"][-1]["content"]
+            if q.startswith("How many days do I have to return the "):
+                electronic = q.removeprefix("How many days do I have to return the ").rstrip("?") in ELECTRONICS
+            elif q.endswith("可以在几天内退货？"):
+                electronic = q.removesuffix("可以在几天内退货？") in electronics_zh
+            else:
+                continue
+            days = pol["return_days_electronics"] if electronic else pol["return_days"]
+            assert f" {days} days" in a or f"{days}天" in a, (q, a)
+            asked.append(electronic)
+        assert len(asked) > 40 and 0.35 < np.mean(asked) < 0.65, (p, len(asked), np.mean(asked))

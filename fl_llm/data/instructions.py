@@ -1,9 +1,10 @@
 """Shop-assistant conversations in the synthetic world: skills every platform shares, and its own policies.
 
 Each platform (a company of `synthetic.make_world`) sells from the shared catalog with its own
-category mix, and has its own policies — return windows (shorter for electronics), a free-shipping
-threshold and fee, a warranty, a greeting in its own tone. Its assistant's conversations open with
-a system message naming the platform and ask, in English or Chinese (each platform its own mix):
+category mix, and has its own policies — return windows (one for electronics, one for the rest), a
+free-shipping threshold and fee, a warranty, a greeting in its own tone. Its assistant's
+conversations open with a system message naming the platform and ask, in English or Chinese (each
+platform its own mix):
 
 - `attribute` (shared): a product card, then "what is its brand / colour / category?" —
   sometimes a follow-up question in a second turn;
@@ -14,16 +15,19 @@ a system message naming the platform and ask, in English or Chinese (each platfo
   greeting and its numbers.
 
 Every answer is a deterministic function of the conversation, so exact match is meaningful, and
-every one is learnable from a young shop's data by the built-in model. (The shipping question once
-named an order's amount and asked whether it ships free. Comparing two prices is not learnable
-from a few dozen examples: shop models trained on it gave three shops one verdict for nearly every
-amount and were right on 20 of 38 held-out orders, where always answering "free" is right on 29,
-so that question's exact match measured which verdict a model settled on. It now asks for the
-rule.) A federated model can learn the shared skills from everyone's data, while each platform's
+every one is learnable from a young shop's data by the built-in model. Two earlier choices were
+not, and were changed. The shipping question named an order's amount and asked whether it ships
+free: comparing two prices is not learnable from a few dozen examples (shop models gave one verdict
+to nearly every amount, right on 20 of 38 held-out orders where always "free" is right on 29), so
+it asks for the rule. And a return question asked about the product on the card, so a shop that
+sells mostly electronics (or hardly any) showed its other return window in 0 to 3 of its 60
+conversations, and its held-out answers to that window measured luck: every model gave the majority
+window to nearly every one. The product asked about is now electronics half the time, from any
+shop. A federated model can learn the shared skills from everyone's data, while each platform's
 policy answers are its own (the system message says whose). A value the answer copies from the
-prompt is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit"
-and "Orbit" different tokens, and copying should not need a spelling lesson. Records carry
-`skill`, `scope` (shared or own) and `lang`; metrics are reported per skill and per scope. As in
+prompt is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and
+"Orbit" different tokens, and copying should not need a spelling lesson. Records carry `skill`,
+`scope` (shared or own) and `lang`; metrics are reported per skill and per scope. As in
 `synthetic`, a platform only ever draws its own records.
 """
 
@@ -150,8 +154,11 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
     kind = rng.integers(3)
     hi = pol["greeting_zh"] if zh else pol["greeting"]
     cat = fields["category_zh"] if zh else fields["category"]
-    if kind == 0:
-        electronic = fields["category"] in ELECTRONICS
+    if kind == 0:  # half the return questions about electronics: see the module's note on learnability
+        electronic = bool(rng.random() < 0.5)
+        group = [c for c, (en, _, _) in enumerate(CATEGORIES) if (en in ELECTRONICS) == electronic]
+        c = int(rng.choice(group))
+        cat = CATEGORIES_ZH[c] if zh else CATEGORIES[c][0]
         days = pol["return_days_electronics"] if electronic else pol["return_days"]
         qa = (
             (f"{cat}可以在几天内退货？", f"{hi}可以在{days}天内退货。")
