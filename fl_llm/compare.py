@@ -45,10 +45,9 @@ from fl_llm.compare_report import (
     PERSONAL,
     _plot,
     _result,
-    _weighted_average,
     format_table,
     over_seeds,
-    sizes_of,
+    round_line,
 )
 from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import POOLED, task_of
@@ -154,11 +153,8 @@ def _compare_one(
                 ids, PlatformAPI.evaluate, backend.put(central), None, False, gen, timeout_s=timeout
             ).results
             per_round["centralized"].append({names[i]: ev[i] for i in ev})
-            line = "  ".join(
-                f"{m} {_weighted_average(per_round[m][rnd - 1], sizes_of(per_round[m][rnd - 1]), metric):.3f}"
-                for m in ("local", "centralized")
-            )
-            progress.info(f"round {rnd:>3}/{rounds}  {metric}: {line}")
+            now = {m: per_round[m][rnd - 1] for m in ("local", "centralized")}
+            progress.info(f"round {rnd:>3}/{rounds}  {round_line(now, metric)}")
         finals = {"local": local, "centralized": {i: central for i in ids}}
         federated = _federated_final(cfg, out_dir / "federated", names)
         if federated is not None:

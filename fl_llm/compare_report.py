@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fl_llm.config import RunConfig
 from fl_llm.plots import plot_per_round
+from fl_llm.progress import fmt_value
 
 MODES = ("local", "federated", "centralized")
 PERSONAL = "personalised"
@@ -20,6 +21,18 @@ def _weighted_average(per_platform: dict[str, dict], sizes: dict[str, int], metr
     pairs = [(v, w) for v, w in pairs if v is not None and v == v]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else float("nan")
+
+
+def round_line(now: dict[str, dict[str, dict]], metric: str) -> str:
+    """`loss/auc: local 0.612/0.701  centralized 0.590/0.733` — each arm's eval loss and headline
+    metric this round, weighted by held-out size; "-" where it was not measured (the instruction
+    task generates answers only every eval.generate_every rounds)."""
+    arms = "  ".join(
+        f"{arm} {fmt_value(_weighted_average(v, sizes_of(v), 'eval_loss'))}/"
+        f"{fmt_value(_weighted_average(v, sizes_of(v), metric))}"
+        for arm, v in now.items()
+    )
+    return f"loss/{metric}: {arms}"
 
 
 def sizes_of(per_platform: dict[str, dict]) -> dict[str, int]:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from fl_llm.compare import below_local
-from fl_llm.compare_report import format_table, gap_line, platforms_over_seeds
+from fl_llm.compare_report import format_table, gap_line, platforms_over_seeds, round_line
 
 
 def _run(seed: int, local: float, fed: float, central: float, personal: float, below=()):
@@ -274,3 +274,14 @@ def test_a_font_that_has_the_characters_is_put_after_the_default(tmp_path, monke
         warnings.simplefilter("always")
         assert plot_reliability(_reliability_detail(["书籍"]), tmp_path / "r.png") is None
     assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
+
+
+def test_the_round_line_weights_by_held_out_size_and_shows_a_dash_for_what_was_not_measured():
+    """A round without generated answers has no exact match: "-", never "nan"; the loss is there."""
+    now = {
+        "local": {"a": {"eval_loss": 1.0, "exact_match": 0.2, "num_eval": 300}, "b": {"eval_loss": 2.0, "exact_match": 0.6, "num_eval": 100}},
+        "centralized": {"a": {"eval_loss": 1.5, "num_eval": 300}, "b": {"eval_loss": 1.5, "exact_match": float("nan"), "num_eval": 100}},
+    }  # fmt: skip
+    line = round_line(now, "exact_match")
+    assert line == "loss/exact_match: local 1.250/0.300  centralized 1.500/  -  "
+    assert "nan" not in line

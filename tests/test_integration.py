@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -298,6 +299,7 @@ def test_compare_over_seeds_reports_mean_and_spread(tmp_path):
     assert (out / "seed-3" / "comparison.json").stat().st_mtime_ns == first
     assert json.loads((out / "comparison.json").read_text())["seeds"] == [3, 4]
     assert "mean±sd" in proc.stdout and (out / "comparison.png").stat().st_size > 1000
+    assert re.search(r"round   1/1  loss/auc: local \d\.\d{3}/\d\.\d{3}  centralized \d\.\d{3}/\d\.\d{3}", proc.stdout)
 
 
 def test_tiny_sequence_classifier_trains_its_head(tmp_path):
