@@ -27,12 +27,12 @@ def round_line(now: dict[str, dict[str, dict]], metric: str) -> str:
     """`loss/auc: local 0.612/0.701  centralized 0.590/0.733` — each arm's eval loss and headline
     metric this round, weighted by held-out size; "-" where it was not measured (the instruction
     task generates answers only every eval.generate_every rounds)."""
-    arms = "  ".join(
-        f"{arm} {fmt_value(_weighted_average(v, sizes_of(v), 'eval_loss'))}/"
-        f"{fmt_value(_weighted_average(v, sizes_of(v), metric))}"
-        for arm, v in now.items()
-    )
-    return f"loss/{metric}: {arms}"
+
+    def both(v: dict[str, dict]) -> str:
+        sizes = sizes_of(v)
+        return f"{fmt_value(_weighted_average(v, sizes, 'eval_loss'))}/{fmt_value(_weighted_average(v, sizes, metric))}"
+
+    return f"loss/{metric}: " + "  ".join(f"{arm} {both(v)}" for arm, v in now.items())
 
 
 def sizes_of(per_platform: dict[str, dict]) -> dict[str, int]:

@@ -54,6 +54,10 @@ CATEGORIES_ZH = (
     "户外用品",
 )
 ELECTRONICS = frozenset({"phones", "laptops", "headphones"})
+# The categories a return question draws from, by whether they are electronics (indices into CATEGORIES).
+RETURN_GROUPS = {
+    e: tuple(c for c, (en, _, _) in enumerate(CATEGORIES) if (en in ELECTRONICS) == e) for e in (True, False)
+}
 GREETINGS = (
     ("Hi lovely!", "亲爱的，"),
     ("Hello, tech fan.", "科技达人您好，"),
@@ -156,8 +160,7 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
     cat = fields["category_zh"] if zh else fields["category"]
     if kind == 0:  # half the return questions about electronics: see the module's note on learnability
         electronic = bool(rng.random() < 0.5)
-        group = [c for c, (en, _, _) in enumerate(CATEGORIES) if (en in ELECTRONICS) == electronic]
-        c = int(rng.choice(group))
+        c = int(rng.choice(RETURN_GROUPS[electronic]))
         cat = CATEGORIES_ZH[c] if zh else CATEGORIES[c][0]
         days = pol["return_days_electronics"] if electronic else pol["return_days"]
         qa = (
