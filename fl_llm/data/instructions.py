@@ -19,11 +19,15 @@ every one is learnable from a young shop's data by the built-in model. Two earli
 not, and were changed. The shipping question named an order's amount and asked whether it ships
 free: comparing two prices is not learnable from a few dozen examples (shop models gave one verdict
 to nearly every amount, right on 20 of 38 held-out orders where always "free" is right on 29), so
-it asks for the rule. And a return question asked about the product on the card, so a shop that
+it asks for the rule. A return question asked about the product on the card, so a shop that
 sells mostly electronics (or hardly any) showed its other return window in 0 to 3 of its 60
-conversations, and its held-out answers to that window measured luck: every model gave the majority
-window to nearly every one. The product asked about is now electronics half the time, from any
-shop. A federated model can learn the shared skills from everyone's data, while each platform's
+conversations, and its held-out answers to that window measured luck: it asks about any product.
+And drawn independently, a young shop's 60 conversations held 10 to 23 policy questions, and most
+shops never saw some policy asked in some language — held-out questions its own data could not
+teach. So each split has the skills in SKILL_MIX's exact proportions, and its policy conversations
+ask the four policy facts (both return windows, shipping, warranty) in both languages in turn, each
+block of eight in its own random order (a shop's policies are stated in both languages; its other
+conversations follow its language mix). A federated model can learn the shared skills from everyone's data, while each platform's
 policy answers are its own (the system message says whose). A value the answer copies from the
 prompt is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and
 "Orbit" different tokens, and copying should not need a spelling lesson. Records carry `skill`,
@@ -69,6 +73,7 @@ GREETINGS = (
 ZH_SHARE = (0.25, 0.5, 0.35, 0.6, 0.3, 0.45)  # Chinese conversations on each platform archetype
 SKILLS = ("attribute", "title", "qa", "policy")
 SKILL_MIX = (0.25, 0.25, 0.2, 0.3)
+POLICY_FACTS = ("return_electronics", "return_other", "shipping", "warranty")
 
 
 def item_color(world: World, items: np.ndarray) -> np.ndarray:
@@ -154,12 +159,11 @@ def _qa(fields, zh, rng) -> list[dict]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def _policy(fields, zh, rng, pol: dict) -> list[dict]:
-    kind = rng.integers(3)
+def _policy(fields, zh, rng, pol: dict, fact: str) -> list[dict]:
     hi = pol["greeting_zh"] if zh else pol["greeting"]
     cat = fields["category_zh"] if zh else fields["category"]
-    if kind == 0:  # half the return questions about electronics: see the module's note on learnability
-        electronic = bool(rng.random() < 0.5)
+    if fact.startswith("return"):  # any product: see the module's note on learnability
+        electronic = fact == "return_electronics"
         c = int(rng.choice(RETURN_GROUPS[electronic]))
         cat = CATEGORIES_ZH[c] if zh else CATEGORIES[c][0]
         days = pol["return_days_electronics"] if electronic else pol["return_days"]
@@ -168,7 +172,7 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
             if zh
             else (f"How many days do I have to return the {cat}?", f"{hi} You can return it within {days} days.")
         )
-    elif kind == 1:  # the rule, not a verdict on an amount: see the module's note on learnability
+    elif fact == "shipping":  # the rule, not a verdict on an amount: see the module's note on learnability
         over, fee = pol["free_over"], pol["fee"]
         qa = (
             ("运费怎么算？", f"{hi}满{over}美元包邮，不满{over}美元运费{fee}美元。")
@@ -185,6 +189,21 @@ def _policy(fields, zh, rng, pol: dict) -> list[dict]:
     return [{"role": "user", "content": qa[0]}, {"role": "assistant", "content": qa[1]}]
 
 
+def skill_plan(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The skill of each of `n` conversations: SKILL_MIX's exact proportions (largest remainder), shuffled."""
+    raw = np.asarray(SKILL_MIX) * n
+    counts = np.floor(raw).astype(int)
+    counts[np.argsort(counts - raw, kind="stable")[: n - counts.sum()]] += 1
+    return rng.permutation(np.repeat(np.arange(len(SKILLS)), counts))
+
+
+def policy_plan(k: int, rng: np.random.Generator) -> list[tuple[str, bool]]:
+    """The (fact, in Chinese) of each of `k` policy conversations: every fact in both languages once per
+    block of eight, each block in its own random order — so a shop's data states all its policies."""
+    combos = [(fact, zh) for fact in POLICY_FACTS for zh in (False, True)]
+    return [combos[i] for _ in range(-(-k // len(combos))) for i in rng.permutation(len(combos))][:k]
+
+
 def instruction_records(world: World, platform: int, n: int, *, split: str) -> list[dict]:
     """`n` conversations of one platform's shop assistant (train and eval: different draws)."""
     rng = np.random.default_rng([world.seed, 0x5EC, platform, {"train": 1, "eval": 2}[split], 5])
@@ -192,7 +211,8 @@ def instruction_records(world: World, platform: int, n: int, *, split: str) -> l
     name = world.platform_names[platform]
     items = _sample_items(world, platform, (n,), rng)
     colors = item_color(world, items)
-    skills = rng.choice(len(SKILLS), size=n, p=SKILL_MIX)
+    skills = skill_plan(n, rng)
+    asked = iter(policy_plan(int((skills == SKILLS.index("policy")).sum()), rng))
     zh_share = ZH_SHARE[platform % len(ZH_SHARE)]
     rows = []
     for item, color, skill in zip(items, colors, skills):
@@ -207,14 +227,14 @@ def instruction_records(world: World, platform: int, n: int, *, split: str) -> l
             "price": int(round(float(world.item_price[item]))),
             "rating": f"{world.item_rating[item]:.1f}",
         }
-        zh = bool(rng.random() < zh_share)
-        system = f"你是{name}的购物助手。" if zh else f"You are the shopping assistant of {name}."
         kind = SKILLS[skill]
-        turns = (
-            _policy(fields, zh, rng, pol)
-            if kind == "policy"
-            else {"attribute": _attribute, "title": _title, "qa": _qa}[kind](fields, zh, rng)
-        )
+        if kind == "policy":
+            fact, zh = next(asked)
+            turns = _policy(fields, zh, rng, pol, fact)
+        else:
+            zh = bool(rng.random() < zh_share)
+            turns = {"attribute": _attribute, "title": _title, "qa": _qa}[kind](fields, zh, rng)
+        system = f"你是{name}的购物助手。" if zh else f"You are the shopping assistant of {name}."
         rows.append(
             {
                 "messages": [{"role": "system", "content": system}, *turns],
