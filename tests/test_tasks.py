@@ -242,7 +242,7 @@ def test_a_young_shop_states_every_policy_in_both_languages():
     training conversations, every policy fact (the two return windows, shipping, warranty) is asked
     in English and in Chinese at least twice, on every seed and platform, and the skills come in the
     mix's exact proportions. (Drawn independently, a shop's 60 held 10 to 23 policy conversations,
-    and on seeds 0-2 eight of twelve shops never saw some fact in some language — up to 22 of their
+    and on seeds 0-2 nine of twelve shops never saw some fact in some language — 9 to 33 of their
     ~90 held-out policy questions, which no model trained on the shop's data could answer but by
     luck.)"""
     from fl_llm.data.instructions import SKILL_MIX, SKILLS
