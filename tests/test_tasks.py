@@ -197,44 +197,42 @@ def test_a_platforms_policy_answers_are_few_fixed_sentences(world):
             assert len(shipping) == 1 and str(pol["free_over"]) in shipping[0] and str(pol["fee"]) in shipping[0]
 
 
-def test_every_platform_asks_about_both_return_windows(world):
-    """A shop's two return windows (electronics, the rest) are both in its own data: return questions
-    ask about electronics about half the time on every platform, whatever it mostly sells. (Asked
-    about the card's product, a shop of mostly electronics showed its other window in 0 to 3 of 60
-    conversations, and every model gave its majority window to nearly every held-out question.)"""
-    from fl_llm.data.instructions import CATEGORIES_ZH, ELECTRONICS, policies
-
-    electronics_zh = {CATEGORIES_ZH[c] for c, (en, _, _) in enumerate(synthetic.CATEGORIES) if en in ELECTRONICS}
-    for p in range(3):
-        pol = policies(world, p)
-        asked = []
-        for r in instruction_records(world, p, 600, split="train"):
-            q, a = r["messages"][-2]["content"], r["messages"][-1]["content"]
-            if q.startswith("How many days do I have to return the "):
-                electronic = q.removeprefix("How many days do I have to return the ").rstrip("?") in ELECTRONICS
-            elif q.endswith("可以在几天内退货？"):
-                electronic = q.removesuffix("可以在几天内退货？") in electronics_zh
-            else:
-                continue
-            days = pol["return_days_electronics"] if electronic else pol["return_days"]
-            assert f" {days} days" in a or f"{days}天" in a, (q, a)
-            asked.append(electronic)
-        assert len(asked) > 40 and 0.35 < np.mean(asked) < 0.65, (p, len(asked), np.mean(asked))
-
-
 def _policy_fact(question: str) -> str:
     """Which of a shop's four policy facts a policy question asks for (the answer's number)."""
     from fl_llm.data.instructions import CATEGORIES_ZH, ELECTRONICS
 
     electronics_zh = {CATEGORIES_ZH[c] for c, (en, _, _) in enumerate(synthetic.CATEGORIES) if en in ELECTRONICS}
     if question.startswith("How many days do I have to return the "):
-        return "return_electronics" if question[38:].rstrip("?") in ELECTRONICS else "return_other"
+        product = question.removeprefix("How many days do I have to return the ").rstrip("?")
+        return "return_electronics" if product in ELECTRONICS else "return_other"
     if question.endswith("可以在几天内退货？"):
         return "return_electronics" if question.removesuffix("可以在几天内退货？") in electronics_zh else "return_other"
     if question in ("How much is shipping?", "运费怎么算？"):
         return "shipping"
     assert "warranty" in question or "保修" in question, question
     return "warranty"
+
+
+def test_every_platform_asks_about_both_return_windows(world):
+    """A shop's two return windows (electronics, the rest) are both in its own data: return questions
+    ask about electronics about half the time on every platform, whatever it mostly sells. (Asked
+    about the card's product, a shop of mostly electronics showed its other window in 0 to 3 of 60
+    conversations, and every model gave its majority window to nearly every held-out question.)"""
+    from fl_llm.data.instructions import policies
+
+    for p in range(3):
+        pol = policies(world, p)
+        asked = []
+        for r in instruction_records(world, p, 600, split="train"):
+            q, a = r["messages"][-2]["content"], r["messages"][-1]["content"]
+            fact = _policy_fact(q) if r["skill"] == "policy" else None
+            if fact not in ("return_electronics", "return_other"):
+                continue
+            electronic = fact == "return_electronics"
+            days = pol["return_days_electronics"] if electronic else pol["return_days"]
+            assert f" {days} days" in a or f"{days}天" in a, (q, a)
+            asked.append(electronic)
+        assert len(asked) > 40 and 0.35 < np.mean(asked) < 0.65, (p, len(asked), np.mean(asked))
 
 
 def test_a_young_shop_states_every_policy_in_both_languages():

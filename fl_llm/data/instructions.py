@@ -27,10 +27,11 @@ shops never saw some policy asked in some language — held-out questions its ow
 teach. So each split has the skills in SKILL_MIX's exact proportions, and its policy conversations
 ask the four policy facts (both return windows, shipping, warranty) in both languages in turn, each
 block of eight in its own random order (a shop's policies are stated in both languages; its other
-conversations follow its language mix). A federated model can learn the shared skills from everyone's data, while each platform's
-policy answers are its own (the system message says whose). A value the answer copies from the
-prompt is written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and
-"Orbit" different tokens, and copying should not need a spelling lesson. Records carry `skill`,
+conversations follow its language mix). A federated model can learn the shared skills from
+everyone's data, while each platform's policy answers are its own (the system message says
+whose). A value the answer copies from the prompt is written after a space in both, as in the
+card: a byte-level tokenizer gives " Orbit" and "Orbit" different tokens, and copying should not
+need a spelling lesson. Records carry `skill`,
 `scope` (shared or own) and `lang`; metrics are reported per skill and per scope. As in
 `synthetic`, a platform only ever draws its own records.
 """
