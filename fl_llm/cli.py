@@ -291,23 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="P",
-        help="the personalised arm: P local rounds from the federated model, as a fresh local run starts them "
-        "(warm-up, then the peak learning rate; default 1)",
+        help="the personalised arm: P local rounds from the federated model on each platform's own data (default 1)",
     )
     p.add_argument(
         "--personal-schedule",
         choices=("fresh", "continue"),
-        default="fresh",
-        help="the personalised rounds' learning rate: fresh (the schedule's first rounds, as a new local run; "
-        "default) or continue (past the schedule's end, at its final rate: a gentle fine-tune)",
+        help="the personalised rounds' learning rate: fresh (the schedule's first rounds, as a new local run) or "
+        "continue (past the schedule's end, at its final rate: a gentle fine-tune); default: the config's "
+        "personalise.schedule (fresh unless it says otherwise)",
     )
     p.add_argument(
         "--personal-anchor",
         type=float,
-        default=0.0,
         metavar="MU",
         help="the personalised rounds also minimise (MU/2)·||v - w||², w the federated model (Ditto's personal "
-        "objective; fl-llm personalise --anchor); default 0: none",
+        "objective; fl-llm personalise --anchor); default: the config's personalise.anchor (0: none)",
     )
     p.add_argument(
         "--strategies",

@@ -25,7 +25,8 @@ def cmd_compare(ns) -> int:
         raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
     if ns.personal_rounds < 1:
         raise UserError(f"--personal-rounds must be >= 1, got {ns.personal_rounds}")
-    check_anchor(ns.personal_anchor, "--personal-anchor")
+    if ns.personal_anchor is not None:
+        check_anchor(ns.personal_anchor, "--personal-anchor")
     if cfg.federation.platforms and ns.strategies is None:
         raise UserError(
             "fl-llm compare pools every platform's data (its centralized arm): it runs on one organisation's "
@@ -386,17 +387,17 @@ def add_personalise_command(sub) -> None:
     p.add_argument(
         "--schedule",
         choices=("continue", "fresh"),
-        default="continue",
-        help="continue (default): past the run's schedule end, at its final learning rate — a gentle fine-tune "
-        "that keeps what federation taught; fresh: the schedule's first rounds, as a new local run",
+        help="continue: past the run's schedule end, at its final learning rate — a gentle fine-tune that keeps "
+        "what federation taught; fresh: the schedule's first rounds, as a new local run (default: the run's "
+        "personalise.schedule, fresh unless its config says otherwise)",
     )
     p.add_argument(
         "--anchor",
         type=float,
-        default=0.0,
         metavar="MU",
         help="keep each platform's model near the global one: every step also minimises (MU/2)·||v - w||², w the "
-        "run's global adapter (Ditto's personal objective); pairs with --schedule fresh (default 0: none)",
+        "run's global adapter (Ditto's personal objective); pairs with --schedule fresh (default: the run's "
+        "personalise.anchor, 0: none)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR/personal")
     p.set_defaults(func=cmd_personalise)

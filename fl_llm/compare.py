@@ -17,7 +17,8 @@ round, on every platform's own held-out split. Writes
 A fourth arm, **personalised**, starts from the federated model and trains `personal_rounds`
 more local rounds (`client.local_steps` steps each) on each platform's own data, as a fresh local
 run would start them (the first rounds of the schedule, warm-up included) or, with
-`personal_schedule="continue"`, past the schedule's end at its final rate: the lever when one
+`personal_schedule="continue"`, past the schedule's end at its final rate (by default the
+config's `personalise.schedule`): the lever when one
 global model cannot serve platforms whose data differ. Each arm's budget (optimizer steps and examples per
 platform) is stated in the result. The final models of every arm are evaluated once more with
 detail: a bootstrap interval of the headline metric over each platform's held-out records, the
@@ -53,7 +54,7 @@ from fl_llm.config import RunConfig, to_dict
 from fl_llm.data.sources import POOLED, task_of
 from fl_llm.generation import generation_due
 from fl_llm.model.adapters import starting_adapter
-from fl_llm.personalise import apply_update, detailed, local_round, personalise, sent_update
+from fl_llm.personalise import apply_update, detailed, local_round, personalise, sent_update, settings
 from fl_llm.plots import plot_reliability
 from fl_llm.progress import Progress
 from fl_llm.server.backends import make_backend
@@ -71,16 +72,17 @@ def compare(
     seeds: int = 1,
     resume: bool = False,
     personal_rounds: int = 1,
-    personal_schedule: str = "fresh",
-    personal_anchor: float = 0.0,
+    personal_schedule: str | None = None,
+    personal_anchor: float | None = None,
 ) -> dict:
     """Local-only vs federated vs centralized (and personalised); over `seeds` seeds (mean and
     std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read.
     `personal_schedule`: the personalised rounds' learning rate — "fresh" (the schedule's first
     rounds, as a new local run) or "continue" (past the schedule's end, at its final rate);
-    `personal_anchor` μ: their proximal pull toward the federated model (0: none)."""
+    `personal_anchor` μ: their proximal pull toward the federated model (0: none); either left
+    None is the config's (`personalise.schedule`, `personalise.anchor`)."""
     progress = progress or Progress(enabled=False)
-    personal = (personal_rounds, personal_schedule, personal_anchor)
+    personal = (personal_rounds, *settings(cfg, personal_schedule, personal_anchor))
     if seeds <= 1:
         return _compare_one(cfg, Path(out_dir), progress, resume, personal)
     out_dir = Path(out_dir)

@@ -18,6 +18,7 @@ from fl_llm.config_sections import (
     EvalConfig,
     FaultsConfig,
     FederationConfig,
+    PersonaliseConfig,
     PrivacyConfig,
     RayConfig,
     ServeConfig,
@@ -277,6 +278,9 @@ class RunConfig:
     server: ServerConfig = section(ServerConfig, "the round loop")
     strategy: StrategyConfig = section(StrategyConfig, "aggregation")
     eval: EvalConfig = section(EvalConfig, "evaluation by generation (instruction task)")
+    personalise: PersonaliseConfig = section(
+        PersonaliseConfig, "each platform's own adapter after a run: fl-llm personalise, compare's personalised arm"
+    )
     privacy: PrivacyConfig = section(PrivacyConfig, "differential privacy and its budget, secure aggregation")
     compression: CompressionConfig = section(CompressionConfig, "compressed updates on the uplink")
     ray: RayConfig = section(RayConfig, "the Ray cluster")

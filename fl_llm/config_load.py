@@ -197,9 +197,18 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Settings that say where and how a run ran, not what it computes: `run --resume` and `compare
-# --resume` let them change. (Not server.rounds: the learning-rate schedule spans the rounds.)
-WHERE_NOT_WHAT = ("server.round_timeout_s", "backend", "ray.", "tracking.", "checkpoint.", "federation.")
+# Settings that say where and how a run ran, or what is done after it (personalise.), not what it
+# computes: `run --resume` and `compare --resume` let them change. (Not server.rounds: the
+# learning-rate schedule spans the rounds.)
+WHERE_NOT_WHAT = (
+    "server.round_timeout_s",
+    "backend",
+    "ray.",
+    "tracking.",
+    "checkpoint.",
+    "federation.",
+    "personalise.",
+)
 
 
 def key_in(key: str, patterns: tuple[str, ...]) -> bool:

@@ -1,5 +1,5 @@
 """The run configuration's operational sections: where platforms run (Ray), evaluation by
-generation, uplink compression, checkpoints, fault injection, privacy (DP and secure aggregation) and tracking — and `opt`,
+generation, personalisation after a run, uplink compression, checkpoints, fault injection, privacy (DP and secure aggregation) and tracking — and `opt`,
 `section`, the helpers every config field is declared with. `fl_llm.config` holds the rest of the
 schema and `RunConfig`."""
 
@@ -109,6 +109,18 @@ class EvalConfig:
         [],
         "instruction task: answers also scored by probability, e.g. ['No.', 'Yes.'] — the first token of each at "
         "the answer's start; reports choice_accuracy and, for two, the AUC of the second (as a yes/no task)",
+    )
+
+
+@dataclass
+class PersonaliseConfig:
+    schedule: Literal["fresh", "continue"] = opt(
+        "fresh",
+        "personal rounds' learning rate (fl-llm personalise, compare's personalised arm): fresh, the schedule's "
+        "first rounds as a new local run starts them; continue, past the schedule's end at its final rate",
+    )
+    anchor: float = opt(
+        0.0, "personal rounds also minimise (anchor/2)·||v - w||², w the global adapter (Ditto; 0: none)", ge=0
     )
 
 

@@ -121,12 +121,21 @@ def detailed(backend, states: dict[int, AdapterState], timeout: float, strict: b
     return require_all(got, "evaluate") if strict else got.results
 
 
+def settings(cfg: RunConfig, schedule: str | None = None, anchor: float | None = None) -> tuple[str, float]:
+    """The personal rounds' schedule and anchor μ: the command line's where it gave them, else the
+    config's `personalise` section (a task's config can say which schedule suits it)."""
+    return (
+        cfg.personalise.schedule if schedule is None else schedule,
+        cfg.personalise.anchor if anchor is None else anchor,
+    )
+
+
 # --- fl-llm personalise RUN_DIR ----------------------------------------------------------------------------------------
 
 
-# What an override may change: where and how the personalisation runs and is evaluated, never the
+# What an override may change: how the personalisation trains, where it runs and how it is evaluated, never the
 # run it starts from (model, data, seeds, strategy, privacy, the federation's parties).
-CHANGEABLE = ("server.round_timeout_s", "backend", "ray.", "tracking.", "eval.")
+CHANGEABLE = ("server.round_timeout_s", "backend", "ray.", "tracking.", "eval.", "personalise.")
 
 
 def check_run(run_dir: Path, overwrite: bool, overrides: list[str] = ()) -> RunConfig:
@@ -179,14 +188,15 @@ def check_run(run_dir: Path, overwrite: bool, overrides: list[str] = ()) -> RunC
 def personalise_run(
     run_dir: Path,
     rounds: int,
-    schedule: str,
+    schedule: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     overrides: list[str] = (),
-    anchor: float = 0.0,
+    anchor: float | None = None,
 ) -> dict:
     """Personalise a finished run's global adapter on every platform; write RUN_DIR/personal/
-    (whole or not at all) and return what personal.json holds."""
+    (whole or not at all) and return what personal.json holds. `schedule` and `anchor` left None
+    are the run's config's (`personalise.schedule`, `personalise.anchor`, overrides applied)."""
     from fl_llm.client.kept_state import safe_name
     from fl_llm.data.sources import task_of
     from fl_llm.model.adapters import load_init_adapter, save_adapter
@@ -198,11 +208,13 @@ def personalise_run(
 
     if rounds < 1:
         raise UserError(f"--rounds must be >= 1, got {rounds}")
-    if schedule not in SCHEDULES:
+    if schedule is not None and schedule not in SCHEDULES:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    check_anchor(anchor, "--anchor")
+    if anchor is not None:
+        check_anchor(anchor, "--anchor")
     rd = RunDir(Path(run_dir))
     cfg = check_run(rd.path, overwrite, overrides)
+    schedule, anchor = settings(cfg, schedule, anchor)
     progress = progress or Progress(enabled=False)
     # the platforms keep nothing on disk here: the run's own state dirs stay as the run left them
     cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, state_dir=""))

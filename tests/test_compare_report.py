@@ -108,6 +108,20 @@ def test_per_skill_figures_over_seeds():
     assert tags_over_seeds(runs) == {}
 
 
+def test_the_personal_rounds_settings_are_the_configs_unless_the_command_line_gives_them():
+    """compare's personalised arm and `fl-llm personalise` read personalise.schedule/anchor from the
+    config (fresh, no anchor by default); a flag given on the command line wins, 0 included; the
+    section is what happens after a run, so a resumed run or comparison may change it."""
+    from fl_llm.config import WHERE_NOT_WHAT, key_in, load
+    from fl_llm.personalise import settings
+
+    assert settings(load(None, [])) == ("fresh", 0.0)
+    cfg = load(None, ["personalise.schedule=continue", "personalise.anchor=0.2"])
+    assert settings(cfg) == ("continue", 0.2)
+    assert settings(cfg, "fresh", 0.0) == ("fresh", 0.0) and settings(cfg, None, 0.0) == ("continue", 0.0)
+    assert key_in("personalise.schedule", WHERE_NOT_WHAT) and key_in("personalise.anchor", WHERE_NOT_WHAT)
+
+
 def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
     """--personal-schedule continue: the personalised rounds are R+1..R+P, whose learning rate is
     the schedule's last (lr/10 under cosine); fresh: rounds 1..P, at the peak rate."""

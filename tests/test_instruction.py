@@ -264,7 +264,15 @@ def test_personalise_refuses_what_is_not_a_run_and_rounds_below_one(tmp_path, ca
     assert not (rd / "personal").exists()
     for override in ("seed=3", "data.num_platforms=2", "federation.platforms=[]", "eval"):
         assert main(["personalise", str(rd), override]) == 2
-        assert "only server.round_timeout_s, backend, ray., tracking., eval. may change" in capsys.readouterr().err
+        assert "only server.round_timeout_s, backend, ray., tracking., eval., personalise. may change" in (
+            capsys.readouterr().err
+        )
+    for override in ("personalise.schedule=gentle", "personalise.anchor=-1"):  # the section's values are checked
+        assert main(["personalise", str(rd), override]) == 2
+        assert "config key 'personalise." in capsys.readouterr().err
+        assert main(["compare", override]) == 2
+        assert "config key 'personalise." in capsys.readouterr().err
+    assert not (rd / "personal").exists()
 
 
 @pytest.mark.parametrize("allowed", [False, True])

@@ -56,12 +56,14 @@ def test_personalise_a_yes_no_run_keeps_its_global_figures_and_writes_loadable_a
     _, src, _ = ray_run
     run_dir = tmp_path / "run"
     shutil.copytree(src, run_dir)
-    # on Ray, anchored to the global adapter (Ditto's personal objective): the anchor reaches each actor
+    # on Ray, anchored to the global adapter (Ditto's personal objective): the anchor reaches each actor;
+    # the schedule is the config's personalise.schedule where --schedule is not given
     argv = ["personalise", str(run_dir), "--rounds", "1", "--anchor", "0.5", "tracking.progress=false"]
-    assert main(argv) == 0
-    assert "1 local rounds (" in (out := capsys.readouterr().out) and "anchored to the global model with μ 0.5" in out
+    assert main([*argv, "personalise.schedule=continue", "personalise.anchor=3"]) == 0
+    out = capsys.readouterr().out
+    assert "1 local rounds (" in out and "continue schedule, anchored to the global model with μ 0.5" in out
     result = json.loads((run_dir / "personal" / "personal.json").read_text())
-    assert result["anchor"] == 0.5
+    assert (result["anchor"], result["schedule"]) == (0.5, "continue")
     last = read_metrics(run_dir)[-1]["platforms"]
     glob = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert result["metric"] == "auc" and sorted(result["platforms"]) == sorted(last)
