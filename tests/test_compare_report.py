@@ -114,12 +114,15 @@ def test_the_personal_rounds_settings_are_the_configs_unless_the_command_line_gi
     section is what happens after a run, so a resumed run or comparison may change it."""
     from fl_llm.config import WHERE_NOT_WHAT, key_in, load
     from fl_llm.personalise import settings
+    from tests.conftest import REPO
 
     assert settings(load(None, [])) == ("fresh", 0.0)
     cfg = load(None, ["personalise.schedule=continue", "personalise.anchor=0.2"])
     assert settings(cfg) == ("continue", 0.2)
     assert settings(cfg, "fresh", 0.0) == ("fresh", 0.0) and settings(cfg, None, 0.0) == ("continue", 0.0)
     assert key_in("personalise.schedule", WHERE_NOT_WHAT) and key_in("personalise.anchor", WHERE_NOT_WHAT)
+    # the instruction config personalises at the schedule's final rate (docs/instruction.md says why)
+    assert settings(load(str(REPO / "configs" / "synthetic_instruction.yaml"), [])) == ("continue", 0.0)
 
 
 def test_personalised_rounds_continue_past_the_schedule_at_its_final_rate():
