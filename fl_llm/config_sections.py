@@ -1,7 +1,7 @@
 """The run configuration's operational sections: where platforms run (Ray), evaluation by
-generation, personalisation after a run, uplink compression, checkpoints, fault injection, privacy (DP and secure aggregation) and tracking — and `opt`,
-`section`, the helpers every config field is declared with. `fl_llm.config` holds the rest of the
-schema and `RunConfig`."""
+generation, personalisation after a run, uplink compression, checkpoints, fault injection,
+privacy (DP and secure aggregation) and tracking — and `opt`, `section`, the helpers every config
+field is declared with. `fl_llm.config` holds the rest of the schema and `RunConfig`."""
 
 from __future__ import annotations
 

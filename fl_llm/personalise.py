@@ -133,8 +133,8 @@ def settings(cfg: RunConfig, schedule: str | None = None, anchor: float | None =
 # --- fl-llm personalise RUN_DIR ----------------------------------------------------------------------------------------
 
 
-# What an override may change: how the personalisation trains, where it runs and how it is evaluated, never the
-# run it starts from (model, data, seeds, strategy, privacy, the federation's parties).
+# What an override may change: how the personalisation trains, where it runs and how it is
+# evaluated, never the run it starts from (model, data, seeds, strategy, privacy, the parties).
 CHANGEABLE = ("server.round_timeout_s", "backend", "ray.", "tracking.", "eval.", "personalise.")
 
 
