@@ -190,3 +190,19 @@ def test_metrics_per_skill():
     assert got["exact_match"] == pytest.approx(2 / 3)
     assert got["exact_match/title"] == 0.5 and got["exact_match/policy"] == 1.0
     assert got["exact_match/shared"] == 0.5 and got["token_f1/shared"] == 0.5
+
+
+def test_a_record_is_tagged_by_skill_scope_language_and_policy_fact_in_its_language():
+    """A policy fact is reported in its record's language, so a model that gets one window wrong in
+    Chinese only shows it; a file's tag columns are kept."""
+    from fl_llm.data.chat import conversation_records, record_tags
+    from fl_llm.text_metrics import by_tag
+
+    rec = {"skill": "policy", "scope": "own", "lang": "zh", "fact": "return_other"}
+    assert record_tags(rec) == ("policy", "own", "zh", "return_other/zh")
+    assert record_tags({"skill": "qa"}) == ("qa",) and record_tags({"fact": "shipping"}) == ("shipping",)
+    rows = [{"prompt": "q", "completion": "a", "lang": "en", "fact": "warranty", "other": 1}]
+    assert record_tags(conversation_records(rows, {}, "f.jsonl")[0]) == ("en", "warranty/en")
+    got = by_tag(["7", "30"], ["30", "30"], [("zh", "return_other/zh"), ("en", "return_other/en")])
+    assert got["exact_match/return_other/zh"] == 0.0 and got["exact_match/return_other/en"] == 1.0
+    assert got["token_f1/zh"] == 0.0 and "token_f1/return_other/zh" not in got

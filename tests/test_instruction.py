@@ -57,8 +57,16 @@ def test_every_round_reports_generation_metrics_per_platform_and_skill(sft_run):
             assert 0 <= row[key] < float("inf"), key
         for name, p in row["platforms"].items():
             assert p["num_generated"] == 12 and "samples" not in p
-            skills = {k.split("/")[1] for k in p if k.startswith("exact_match/")}
-            assert skills and skills <= {"attribute", "title", "qa", "policy", "shared", "own"}, name
+            tags = {k.removeprefix("exact_match/") for k in p if k.startswith("exact_match/")}
+            facts = {
+                f"{f}/{lang}"
+                for f in ("return_electronics", "return_other", "shipping", "warranty")
+                for lang in ("en", "zh")
+            }
+            assert tags and tags <= {"attribute", "title", "qa", "policy", "shared", "own", "en", "zh", *facts}, name
+            assert all(f"token_f1/{t}" in p for t in tags if "/" not in t) and not any(
+                f"token_f1/{f}" in p for f in facts
+            )
     assert rows[-1]["eval_loss"] < summary["initial"]["eval_loss"]  # it learns from the answers
     assert "exact_match" not in summary["initial"]  # the untrained adapter is not asked to generate
 

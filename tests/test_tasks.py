@@ -198,15 +198,21 @@ def test_a_platforms_policy_answers_are_few_fixed_sentences(world):
 
 
 def _policy_fact(question: str) -> str:
-    """Which of a shop's four policy facts a policy question asks for (the answer's number)."""
+    """Which of a shop's four policy facts a policy question asks for (the answer's number), read
+    off the question: a return question names the category path, department first."""
     from fl_llm.data.instructions import CATEGORIES_ZH, ELECTRONICS
 
     electronics_zh = {CATEGORIES_ZH[c] for c, (en, _, _) in enumerate(synthetic.CATEGORIES) if en in ELECTRONICS}
-    if question.startswith("How many days do I have to return the "):
-        product = question.removeprefix("How many days do I have to return the ").rstrip("?")
-        return "return_electronics" if product in ELECTRONICS else "return_other"
-    if question.endswith("可以在几天内退货？"):
-        return "return_electronics" if question.removesuffix("可以在几天内退货？") in electronics_zh else "return_other"
+    departments = {"en": ("electronics", "general goods"), "zh": ("电子产品", "百货")}
+    for lang, asked in (
+        ("en", "How many days do I have to return this item? Category: "),
+        ("zh", "这件商品可以在几天内退货？类目："),
+    ):
+        if question.startswith(asked):
+            department, category = question.removeprefix(asked).split(" > ")
+            electronic = category in ELECTRONICS or category in electronics_zh
+            assert department == departments[lang][0 if electronic else 1], question
+            return "return_electronics" if electronic else "return_other"
     if question in ("How much is shipping?", "运费怎么算？"):
         return "shipping"
     assert "warranty" in question or "保修" in question, question
@@ -255,5 +261,6 @@ def test_a_young_shop_states_every_policy_in_both_languages():
             for r in rows:
                 if r["skill"] == "policy":
                     key = (_policy_fact(r["messages"][-2]["content"]), r["lang"])
+                    assert r["fact"] == key[0]  # the tag its metrics are reported under
                     seen[key] = seen.get(key, 0) + 1
             assert len(seen) == 8 and min(seen.values()) >= 2, (seed, p, seen)

@@ -36,7 +36,7 @@ class Encoded:
     # turn); None: the last `answer_len` tokens. Then `answer_len` counts from the last turn's start.
     target_mask: list[np.ndarray] | None = None
     # Held-out conversations: the prompt of each row's last assistant turn (generation input), the
-    # reference answer text and its tags (the record's skill, scope) for per-skill metrics.
+    # reference answer text and its tags (chat.record_tags) for per-tag metrics.
     prompts: list[np.ndarray] | None = None
     references: list[str] | None = None
     tags: list[tuple[str, ...]] | None = None

@@ -75,16 +75,29 @@ def to_messages(record: dict, where: str = "record", open_ended: bool = False) -
     )
 
 
+# A record's optional tags: the generation metrics are also reported per tag. A `fact` is reported
+# in its record's language where it has one (`return_other/zh`).
+TAG_FIELDS = ("skill", "scope", "lang", "fact")
+
+
+def record_tags(record: dict) -> tuple[str, ...]:
+    """The tags a record's generation metrics are reported under (TAG_FIELDS it has)."""
+    tags = [str(record[k]) for k in TAG_FIELDS[:3] if record.get(k)]
+    if record.get("fact"):
+        tags.append(f"{record['fact']}/{record['lang']}" if record.get("lang") else str(record["fact"]))
+    return tuple(tags)
+
+
 def conversation_records(rows: list[dict], columns: dict, path: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """A file's rows as conversation records: chat messages (`to_messages`; columns renamed by
-    data.files.columns, e.g. {messages: conversation}), with the `skill` and `scope` columns
-    where the file has them (metrics per skill / scope) and the columns a split needs."""
+    data.files.columns, e.g. {messages: conversation}), with the TAG_FIELDS columns where the
+    file has them (metrics per tag) and the columns a split needs."""
     rename = {col: field for field, col in columns.items()}
     out = []
     for i, row in enumerate(rows, 1):
         named = {rename.get(k, k): v for k, v in row.items()}
         rec = {"messages": to_messages(named, f"data file {path!r}, row {i}")}
-        for tag in ("skill", "scope"):
+        for tag in TAG_FIELDS:
             if named.get(tag) is not None:
                 rec[tag] = str(named[tag])
         for c in extra:
@@ -174,7 +187,7 @@ def encode_chat(
 ) -> Encoded:
     """Conversations as rows trained on every assistant turn; with each row's generation prompt
     (at most max_length - `prompt_room` tokens), reference answer (the last assistant turn) and
-    tags (its `skill` and `scope`, where the record has them) for generation-based evaluation. The label of a row is
+    tags (`record_tags`) for generation-based evaluation. The label of a row is
     the index of its reference among `choices` (-1: none of them; 0 without choices)."""
     from fl_llm.text_metrics import normalize
 
@@ -189,7 +202,7 @@ def encode_chat(
         alen.append(a)
         prompts.append(generation_prompt(tokenizer, msgs, max(8, max_length - prompt_room)))
         refs.append(msgs[-1]["content"])
-        tags.append(tuple(str(r[k]) for k in ("skill", "scope") if r.get(k)))
+        tags.append(record_tags(r))
         labels.append(choice_of.get(normalize(refs[-1]), -1) if choices else 0)
     return Encoded(
         rows,

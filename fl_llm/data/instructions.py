@@ -15,14 +15,19 @@ platform its own mix):
   greeting and its numbers.
 
 Every answer is a deterministic function of the conversation, so exact match is meaningful, and
-every one is learnable from a young shop's data by the built-in model. Two earlier choices were
+every one is learnable from a young shop's data by the built-in model. Three earlier choices were
 not, and were changed. The shipping question named an order's amount and asked whether it ships
 free: comparing two prices is not learnable from a few dozen examples (shop models gave one verdict
 to nearly every amount, right on 20 of 38 held-out orders where always "free" is right on 29), so
 it asks for the rule. A return question asked about the product on the card, so a shop that
 sells mostly electronics (or hardly any) showed its other return window in 0 to 3 of its 60
 conversations, and its held-out answers to that window measured luck: it asks about any product.
-And drawn independently, a young shop's 60 conversations held 10 to 23 policy questions, and most
+Named only by its category, that product's window asked which goods are electronics — a fact of
+the catalog, not a shop's policy, and shown in Chinese two or three times per young shop: where it
+was read, the federated and the personalised model each gave one window (not the same) to nearly
+every Chinese return question, so the shop's score on its own policies measured which window a
+model happened to pick. So the question gives the category path, department first ("electronics >
+phones", "百货 > 咖啡"), as a product page does. And drawn independently, a young shop's 60 conversations held 10 to 23 policy questions, and most
 shops never saw some policy asked in some language — held-out questions its own data could not
 teach. So each split has the skills in SKILL_MIX's exact proportions, and its policy conversations
 ask the four policy facts (both return windows, shipping, warranty) in both languages in turn, each
@@ -31,9 +36,9 @@ conversations follow its language mix). A federated model can learn the shared s
 everyone's data, while each platform's policy answers are its own (the system message says
 whose). A value the answer copies from the prompt is written after a space in both, as in the
 card: a byte-level tokenizer gives " Orbit" and "Orbit" different tokens, and copying should not
-need a spelling lesson. Records carry `skill`,
-`scope` (shared or own) and `lang`; metrics are reported per skill and per scope. As in
-`synthetic`, a platform only ever draws its own records.
+need a spelling lesson. Records carry `skill`, `scope` (shared or own), `lang` and, for policy
+questions, `fact` (POLICY_FACTS); metrics are reported per skill, scope, language and policy fact
+in each language. As in `synthetic`, a platform only ever draws its own records.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ CATEGORIES_ZH = (
     "户外用品",
 )
 ELECTRONICS = frozenset({"phones", "laptops", "headphones"})
+# A return question names the product's category path, department first (English, Chinese).
+DEPARTMENTS = {True: ("electronics", "电子产品"), False: ("general goods", "百货")}
 # The categories a return question draws from, by whether they are electronics (indices into CATEGORIES).
 RETURN_GROUPS = {
     e: tuple(c for c, (en, _, _) in enumerate(CATEGORIES) if (en in ELECTRONICS) == e) for e in (True, False)
@@ -166,12 +173,15 @@ def _policy(fields, zh, rng, pol: dict, fact: str) -> list[dict]:
     if fact.startswith("return"):  # any product: see the module's note on learnability
         electronic = fact == "return_electronics"
         c = int(rng.choice(RETURN_GROUPS[electronic]))
-        cat = CATEGORIES_ZH[c] if zh else CATEGORIES[c][0]
+        path = f"{DEPARTMENTS[electronic][zh]} > {CATEGORIES_ZH[c] if zh else CATEGORIES[c][0]}"
         days = pol["return_days_electronics"] if electronic else pol["return_days"]
         qa = (
-            (f"{cat}可以在几天内退货？", f"{hi}可以在{days}天内退货。")
+            (f"这件商品可以在几天内退货？类目：{path}", f"{hi}可以在{days}天内退货。")
             if zh
-            else (f"How many days do I have to return the {cat}?", f"{hi} You can return it within {days} days.")
+            else (
+                f"How many days do I have to return this item? Category: {path}",
+                f"{hi} You can return it within {days} days.",
+            )
         )
     elif fact == "shipping":  # the rule, not a verdict on an amount: see the module's note on learnability
         over, fee = pol["free_over"], pol["fee"]
@@ -236,12 +246,13 @@ def instruction_records(world: World, platform: int, n: int, *, split: str) -> l
             zh = bool(rng.random() < zh_share)
             turns = {"attribute": _attribute, "title": _title, "qa": _qa}[kind](fields, zh, rng)
         system = f"你是{name}的购物助手。" if zh else f"You are the shopping assistant of {name}."
-        rows.append(
-            {
-                "messages": [{"role": "system", "content": system}, *turns],
-                "skill": kind,
-                "scope": "own" if kind == "policy" else "shared",
-                "lang": "zh" if zh else "en",
-            }
-        )
+        row = {
+            "messages": [{"role": "system", "content": system}, *turns],
+            "skill": kind,
+            "scope": "own" if kind == "policy" else "shared",
+            "lang": "zh" if zh else "en",
+        }
+        if kind == "policy":
+            row["fact"] = fact
+        rows.append(row)
     return rows
