@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fl_llm.tracking import read_metrics
-from tests.conftest import REPO, SMALL, start_local_ray
+from tests.conftest import REPO, SMALL, SMALL_STEPS, start_local_ray
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +250,10 @@ def test_compare_writes_table_json_and_plot(tmp_path):
             lo, hi = d["interval"]
             assert lo <= d["auc"] <= hi and 0 <= d["ece"] <= 1 and d["reliability"]
             assert {"threshold", "precision@threshold", "recall@threshold"} <= set(d)
-    assert result["budget"]["local"] == {"steps": 12, "examples": 12 * 16}
-    assert result["budget"]["centralized"]["examples"] == 2 * 12 * 16
-    assert result["budget"]["personalised"]["steps"] == 12 + 2 * 12 and result["personal_rounds"] == 2
+    k = SMALL_STEPS  # one round of k steps of 16
+    assert result["budget"]["local"] == {"steps": k, "examples": k * 16}
+    assert result["budget"]["centralized"]["examples"] == 2 * k * 16
+    assert result["budget"]["personalised"]["steps"] == k + 2 * k and result["personal_rounds"] == 2
     assert result["personal_anchor"] == 0.1
     assert result["detail"]["personalised"] != result["detail"]["federated"]  # it trained further
     assert isinstance(result["below_local"], list) and "budget per platform" in table

@@ -17,7 +17,7 @@ from fl_llm.privacy.accountant import Ledger, Mechanism, Party, calibrate, epsil
 from fl_llm.privacy.dp import adaptive_clip, adaptive_noise_multipliers, clip_update, dp_mean, private_gradient
 from fl_llm.server.loop import run
 from fl_llm.tracking import read_metrics
-from tests.conftest import SMALL, platform_states
+from tests.conftest import SMALL, SMALL_STEPS, platform_states
 
 LOCAL = [*SMALL, "backend=local", "privacy.dp.secure_rng=false"]  # reproducible DP noise, for the tests
 
@@ -263,7 +263,7 @@ def test_dp_adambc_trains_and_keeps_its_moments_on_the_platform(tmp_path):
     moments = [s["adambc"] for s in platform_states(tmp_path).values()]
     assert len(moments) == 3
     for m in moments:
-        assert m["t"] == 2 * 12 and np.abs(m["v"][0]).max() > 0
+        assert m["t"] == 2 * SMALL_STEPS and np.abs(m["v"][0]).max() > 0
 
 
 def test_adaptive_clipping_follows_the_quantile_from_a_centred_count():
@@ -309,7 +309,7 @@ def test_record_level_dp_trains_the_adapter_and_reports_epsilon(tmp_path):
     rows = read_metrics(tmp_path)
     assert all(r["epsilon"] > 0 for r in rows) and rows[1]["epsilon"] > rows[0]["epsilon"]
     for p in rows[-1]["platforms"].values():
-        assert 0 < p["epsilon"] <= 4.0 and p["dp_steps"] == 12
+        assert 0 < p["epsilon"] <= 4.0 and p["dp_steps"] == SMALL_STEPS
     ledger = json.loads((tmp_path / "privacy.json").read_text())
     assert ledger["level"] == "record" and len(ledger["parties"]["fashion-mall"]["epsilon_per_round"]) == 2
     assert summary["privacy"]["epsilon"]["fashion-mall"] <= 4.0
