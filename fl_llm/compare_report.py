@@ -145,8 +145,9 @@ def platforms_over_seeds(runs: list[dict], metric: str) -> dict[str, dict]:
 
 def tags_over_seeds(runs: list[dict]) -> dict[str, dict[str, dict]]:
     """The instruction task's per-tag figures (`exact_match/shared`, `token_f1/title`, ...) of each
-    arm's final model, per platform: mean and standard deviation over seeds, and federated minus
-    local-only paired by seed. Empty for tasks without tags."""
+    arm's final model, per platform: mean and standard deviation over seeds, and federated (and
+    the personalised arm, where there is one) minus local-only paired by seed. Empty for tasks
+    without tags."""
     import numpy as np
 
     arms = [a for a in (*MODES, PERSONAL) if all(a in r.get("detail", {}) for r in runs)]
@@ -160,25 +161,31 @@ def tags_over_seeds(runs: list[dict]) -> dict[str, dict[str, dict]]:
             sd = lambda v: float(np.nanstd(v, ddof=1)) if len(v) > 1 else float("nan")  # noqa: E731
             entry = {a: [float(np.nanmean(v)), sd(v)] for a, v in vals.items()}
             if "local" in vals:
-                d = vals["federated"] - vals["local"]
-                entry["federated_minus_local"] = [float(np.nanmean(d)), sd(d)]
+                for a in ("federated", PERSONAL):
+                    if a in vals:
+                        d = vals[a] - vals["local"]
+                        entry[f"{a}_minus_local"] = [float(np.nanmean(d)), sd(d)]
             out.setdefault(key, {})[name] = entry
     return out
 
 
 def _tag_lines(result: dict) -> list[str]:
-    """Per tag and platform: each arm's mean ± sd over seeds and federated − local-only (one seed:
-    the figures alone, there is no spread to show)."""
+    """Per tag and platform: each arm's mean ± sd over seeds, and federated (and personalised)
+    − local-only (one seed: the figures alone, there is no spread to show)."""
     tags = result.get("tags") or {}
     lines = []
     for key, per in tags.items():
-        arms = [a for a in next(iter(per.values())) if a != "federated_minus_local"]
+        first = next(iter(per.values()))
+        arms = [a for a in first if not a.endswith("_minus_local")]
+        diffs = [a for a in ("federated", PERSONAL) if f"{a}_minus_local" in first]
         width = max(12, *(len(n) for n in per))
-        lines.append(f"{key:<{width}}  " + "  ".join(f"{a[:11]:>13}" for a in arms) + "   federated - local")
+        heads = "".join(f"   {a + ' - local':<20}" for a in diffs)
+        lines.append(f"{key:<{width}}  " + "  ".join(f"{a[:11]:>13}" for a in arms) + heads.rstrip())
         for name, e in per.items():
             cells = "  ".join(f"{e[a][0]:>6.3f}{_spread(e[a][1]):<7}" for a in arms)
-            d = e.get("federated_minus_local", [float("nan")] * 2)
-            lines.append(f"{name:<{width}}  {cells}   {d[0]:+.3f}{_spread(d[1], ' ± ')}")
+            d = [e[f"{a}_minus_local"] for a in diffs]
+            ds = "".join(f"   {m:+.3f}{_spread(sd, ' ± '):<14}" for m, sd in d)
+            lines.append(f"{name:<{width}}  {cells}{ds}".rstrip())
     return lines
 
 

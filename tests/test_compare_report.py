@@ -86,10 +86,10 @@ def test_per_skill_figures_over_seeds():
     from fl_llm.compare_report import _tag_lines, tags_over_seeds
 
     runs = []
-    for local, fed in ((0.2, 0.5), (0.4, 0.5), (0.3, 0.8)):
+    for local, fed, own in ((0.2, 0.5, 0.3), (0.4, 0.5, 0.7), (0.3, 0.8, 0.5)):
         detail = {
             a: {"shop": {"exact_match/shared": v, "exact_match": v}}
-            for a, v in (("local", local), ("federated", fed), ("centralized", 0.9), ("personalised", fed))
+            for a, v in (("local", local), ("federated", fed), ("centralized", 0.9), ("personalised", own))
         }
         runs.append({"detail": detail})
     tags = tags_over_seeds(runs)
@@ -99,10 +99,14 @@ def test_per_skill_figures_over_seeds():
     assert e["federated"][0] == pytest.approx(0.6)
     # paired differences 0.3, 0.1, 0.5: mean 0.3, sd 0.2
     assert e["federated_minus_local"] == pytest.approx([0.3, 0.2])
+    # personalised: differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1
+    assert e["personalised_minus_local"] == pytest.approx([0.2, 0.1])
     lines = _tag_lines({"tags": tags})
-    assert lines[0].startswith("exact_match/shared") and "+0.300 ± 0.200" in lines[1]
+    assert lines[0].startswith("exact_match/shared") and "personalised - local" in lines[0]
+    assert "+0.300 ± 0.200" in lines[1] and "+0.200 ± 0.100" in lines[1]
     one = _tag_lines({"tags": tags_over_seeds(runs[:1])})  # one seed: no spread to print, no "±nan"
-    assert "nan" not in "\n".join(one) and one[1].split()[1:] == ["0.200", "0.500", "0.900", "0.500", "+0.300"]
+    assert "nan" not in "\n".join(one)
+    assert one[1].split()[1:] == ["0.200", "0.500", "0.900", "0.300", "+0.300", "+0.100"]
     for r in runs:  # a strategy that merges into the base (FedEx, FLoRA): no detail of it, no tag table
         del r["detail"]["federated"]
     assert tags_over_seeds(runs) == {}
