@@ -14,16 +14,16 @@ round, on every platform's own held-out split. Writes
 `comparison.json` and `comparison.png` in the output dir; the federated run's own run dir is
 `<output dir>/federated`.
 
-A fourth arm, **personalised**, starts from the federated model and trains `personal_rounds`
-more local rounds (`client.local_steps` steps each) on each platform's own data, as a fresh local
-run would start them (the first rounds of the schedule, warm-up included) or, with
-`personal_schedule="continue"`, past the schedule's end at its final rate (by default the
-config's `personalise.schedule`): the lever when one global model cannot serve platforms whose
-data differ. Each arm's budget (optimizer steps and examples per platform) is stated in the result. The final models of every arm are evaluated once more with
-detail: a bootstrap interval of the headline metric over each platform's held-out records, the
-calibration bins, and — for yes/no tasks — the threshold chosen on half of the held-out records
-with the precision and recall it gets on the other half. A platform where federated is below
-local-only by more than the intervals allow is named.
+A fourth arm, **personalised**, starts from the federated model and trains `personal_rounds` more
+local rounds (`client.local_steps` steps each) on each platform's own data, as a fresh local run
+would start them (the first rounds of the schedule, warm-up included) or, with
+`personal_schedule="continue"`, past the schedule's end at its final rate (by default the config's
+`personalise.schedule`): the lever when one global model cannot serve platforms whose data differ.
+Each arm's budget (optimizer steps and examples per platform) is stated in the result. The final
+models of every arm are evaluated once more with detail: a bootstrap interval of the headline
+metric over each platform's held-out records, the calibration bins, and — for yes/no tasks — the
+threshold chosen on half of the held-out records with the precision and recall it gets on the other
+half. A platform where federated is below local-only by more than the intervals allow is named.
 
 Federated results move with the seed (the data, the split, the initial adapter), so one run
 can mislead: `seeds=N` repeats the whole comparison for seeds seed..seed+N-1 (each in

@@ -82,7 +82,7 @@ TAG_FIELDS = ("skill", "scope", "lang", "fact")
 
 def record_tags(record: dict) -> tuple[str, ...]:
     """The tags a record's generation metrics are reported under (TAG_FIELDS it has)."""
-    tags = [str(record[k]) for k in TAG_FIELDS[:3] if record.get(k)]
+    tags = [str(record[k]) for k in TAG_FIELDS if k != "fact" and record.get(k)]
     if record.get("fact"):
         tags.append(f"{record['fact']}/{record['lang']}" if record.get("lang") else str(record["fact"]))
     return tuple(tags)

@@ -19,26 +19,27 @@ every one is learnable from a young shop's data by the built-in model. Three ear
 not, and were changed. The shipping question named an order's amount and asked whether it ships
 free: comparing two prices is not learnable from a few dozen examples (shop models gave one verdict
 to nearly every amount, right on 20 of 38 held-out orders where always "free" is right on 29), so
-it asks for the rule. A return question asked about the product on the card, so a shop that
-sells mostly electronics (or hardly any) showed its other return window in 0 to 3 of its 60
+it asks for the rule. A return question asked about the product on the card, so a shop that sells
+mostly electronics (or hardly any) showed its other return window in 0 to 3 of its 60
 conversations, and its held-out answers to that window measured luck: it asks about any product.
-Named only by its category, that product's window asked which goods are electronics — a fact of
-the catalog, not a shop's policy, and shown in Chinese two or three times per young shop: where it
-was read, the federated and the personalised model each gave one window (not the same) to nearly
-every Chinese return question, so the shop's score on its own policies measured which window a
-model happened to pick. So the question gives the category path, department first ("electronics >
-phones", "百货 > 咖啡"), as a product page does. And drawn independently, a young shop's 60 conversations held 10 to 23 policy questions, and most
-shops never saw some policy asked in some language — held-out questions its own data could not
-teach. So each split has the skills in SKILL_MIX's exact proportions, and its policy conversations
-ask the four policy facts (both return windows, shipping, warranty) in both languages in turn, each
-block of eight in its own random order (a shop's policies are stated in both languages; its other
-conversations follow its language mix). A federated model can learn the shared skills from
-everyone's data, while each platform's policy answers are its own (the system message says
-whose). A value the answer copies from the prompt is written after a space in both, as in the
-card: a byte-level tokenizer gives " Orbit" and "Orbit" different tokens, and copying should not
-need a spelling lesson. Records carry `skill`, `scope` (shared or own), `lang` and, for policy
-questions, `fact` (POLICY_FACTS); metrics are reported per skill, scope, language and policy fact
-in each language. As in `synthetic`, a platform only ever draws its own records.
+Named only by its category, that product's window asked which goods are electronics — a fact of the
+catalog, not a shop's policy, and shown in Chinese two or three times per young shop: where it was
+read, the federated and the personalised model each gave one window (not the same) to nearly every
+Chinese return question, so the shop's score on its own policies measured which window a model
+happened to pick. So the question gives the category path, department first ("electronics >
+phones", "百货 > 咖啡"), as a product page does. And drawn independently, a young shop's 60
+conversations held 10 to 23 policy questions, and most shops never saw some policy asked in some
+language — held-out questions its own data could not teach. So each split has the skills in
+SKILL_MIX's exact proportions, and its policy conversations ask the four policy facts (both return
+windows, shipping, warranty) in both languages in turn, each block of eight in its own random order
+(a shop's policies are stated in both languages; its other conversations follow its language mix).
+A federated model can learn the shared skills from everyone's data, while each platform's policy
+answers are its own (the system message says whose). A value the answer copies from the prompt is
+written after a space in both, as in the card: a byte-level tokenizer gives " Orbit" and "Orbit"
+different tokens, and copying should not need a spelling lesson. Records carry `skill`, `scope`
+(shared or own), `lang` and, for policy questions, `fact` (POLICY_FACTS); metrics are reported per
+skill, scope, language and policy fact in each language. As in `synthetic`, a platform only ever
+draws its own records.
 """
 
 from __future__ import annotations
