@@ -308,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         "objective; fl-llm personalise --anchor); default: the config's personalise.anchor (0: none)",
     )
     p.add_argument(
+        "--keep-adapters",
+        action="store_true",
+        help="also write the models compare trains itself as PEFT adapters: adapters/local/<platform>/, "
+        "adapters/centralized/, adapters/personalised/<platform>/ (fl-llm generate OUT/federated --adapter DIR)",
+    )
+    p.add_argument(
         "--strategies",
         metavar="A,B,...",
         help="compare these strategy.name values, the first as the baseline "

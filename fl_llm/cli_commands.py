@@ -34,6 +34,11 @@ def cmd_compare(ns) -> int:
         )
     _check_model(cfg)
     per_strategy = None  # {name: config} with --strategies
+    if ns.strategies is not None and ns.keep_adapters:
+        raise UserError(
+            "--keep-adapters keeps the models compare trains itself (local-only, centralized, personalised); "
+            "with --strategies every run is federated and its adapter is in its run directory already"
+        )
     if ns.strategies is not None:
         per_strategy = strategy_configs(cfg, [n.strip() for n in ns.strategies.split(",") if n.strip()])
     if ns.resume:
@@ -71,6 +76,7 @@ def cmd_compare(ns) -> int:
                 personal_rounds=ns.personal_rounds,
                 personal_schedule=ns.personal_schedule,
                 personal_anchor=ns.personal_anchor,
+                keep_adapters=ns.keep_adapters,
             )
     except UserError:
         if not ns.resume:  # never delete the earlier comparison's runs
@@ -292,7 +298,7 @@ def cmd_generate(ns) -> int:
         system = [{"role": "system", "content": ns.system}] if ns.system else []
         conversations.append([*system, {"role": "user", "content": text}])
         references.append(None)
-    model, tokenizer, cfg = load_run_model(Path(ns.run_dir), ns.platform, ns.device)
+    model, tokenizer, cfg = load_run_model(Path(ns.run_dir), ns.platform, ns.device, ns.adapter)
     settings = cfg.eval
     if ns.max_new_tokens is not None:
         import dataclasses
@@ -337,6 +343,11 @@ def add_generate_command(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("args", nargs="*", metavar="PROMPT")  # "args": prompts after options land here too
     p.add_argument("--platform", metavar="NAME", help="that platform's own adapter (RUN_DIR/personal/NAME)")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="this PEFT adapter on RUN_DIR's base instead (e.g. a compare's adapters/local/NAME, --keep-adapters)",
+    )
     p.add_argument("--jsonl", metavar="FILE", help="conversations to answer, one JSON record per line")
     p.add_argument("--out", metavar="FILE", help="write the answers here (JSONL with --jsonl) instead of stdout")
     p.add_argument("--system", metavar="TEXT", help="a system message before each PROMPT")

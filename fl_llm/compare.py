@@ -29,6 +29,7 @@ Federated results move with the seed (the data, the split, the initial adapter),
 can mislead: `seeds=N` repeats the whole comparison for seeds seed..seed+N-1 (each in
 `<output dir>/seed-<s>/`) and reports the mean and standard deviation over seeds. `resume=True`
 reads the seeds already compared and continues a federated run from its checkpoint.
+`keep_adapters=True` writes the arms compare trains itself as PEFT adapters (`_keep_adapters`).
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ def compare(
     personal_rounds: int = 1,
     personal_schedule: str | None = None,
     personal_anchor: float | None = None,
+    keep_adapters: bool = False,
 ) -> dict:
     """Local-only vs federated vs centralized (and personalised); over `seeds` seeds (mean and
     std) when > 1. `resume`: a seed whose comparison.json is there with the same config is read.
+    `keep_adapters`: also write the models compare trains itself (`_keep_adapters`).
     `personal_schedule`: the personalised rounds' learning rate — "fresh" (the schedule's first
     rounds, as a new local run) or "continue" (past the schedule's end, at its final rate);
     `personal_anchor` μ: their proximal pull toward the federated model (0: none); either left
@@ -83,7 +86,7 @@ def compare(
     progress = progress or Progress(enabled=False)
     personal = (personal_rounds, *settings(cfg, personal_schedule, personal_anchor))
     if seeds <= 1:
-        return _compare_one(cfg, Path(out_dir), progress, resume, personal)
+        return _compare_one(cfg, Path(out_dir), progress, resume, personal, keep_adapters)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -91,7 +94,9 @@ def compare(
         for s in range(cfg.seed, cfg.seed + seeds):
             progress.info(f"==== seed {s} ({s - cfg.seed + 1} of {seeds}) ====")
             seed_dir = out_dir / f"seed-{s}"
-            runs.append(_compare_one(dataclasses.replace(cfg, seed=s), seed_dir, progress, resume, personal))
+            runs.append(
+                _compare_one(dataclasses.replace(cfg, seed=s), seed_dir, progress, resume, personal, keep_adapters)
+            )
     finally:
         progress.close()
     result = over_seeds(runs)
@@ -102,13 +107,23 @@ def compare(
 
 
 def _compare_one(
-    cfg: RunConfig, out_dir: Path, progress: Progress, resume: bool = False, personal: tuple = (1, "fresh", 0.0)
+    cfg: RunConfig,
+    out_dir: Path,
+    progress: Progress,
+    resume: bool = False,
+    personal: tuple = (1, "fresh", 0.0),
+    keep_adapters: bool = False,
 ) -> dict:
     out_dir = Path(out_dir)
     personal_rounds, personal_schedule, personal_anchor = personal
     done = _earlier(cfg, out_dir, personal) if resume else None
     if done is not None:
         progress.info(f"== seed {cfg.seed}: compared already ({out_dir / 'comparison.json'}) ==")
+        if keep_adapters and not (out_dir / ADAPTERS).is_dir():
+            progress.warn(
+                f"seed {cfg.seed} was compared without --keep-adapters: its models are gone, and only a new "
+                "comparison of it (without --resume) keeps them"
+            )
         return done
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -171,6 +186,8 @@ def _compare_one(
     finally:
         backend.shutdown()
         progress.close()
+    if keep_adapters:
+        _keep_adapters(cfg, out_dir, finals, names)
 
     result = _result(cfg, metric, per_round)
     result["detail"] = detail
@@ -187,6 +204,27 @@ def _compare_one(
         progress.warn(undrawn)
     progress.info(format_table(result))
     return result
+
+
+ADAPTERS = "adapters"  # --keep-adapters: the arms' models, in the comparison's (or seed's) directory
+
+
+def _keep_adapters(cfg: RunConfig, out_dir: Path, finals: dict, names: dict[int, str]) -> None:
+    """The models compare trains itself, as PEFT adapters on the federated run's base model, for
+    `fl-llm generate OUT/federated --adapter DIR`: adapters/local/<platform>/,
+    adapters/centralized/ (one model for every platform) and adapters/personalised/<platform>/ —
+    written whole or not at all. The federated arm's is the run's own (federated/adapter/; a
+    FedSA or FedPer run's personal/<platform>/)."""
+    from fl_llm.personalise import save_adapters
+    from fl_llm.tracking import RunDir, atomic_dir
+
+    run = RunDir(out_dir / "federated")
+    with atomic_dir(out_dir / ADAPTERS) as tmp:
+        for mode, states in finals.items():
+            if mode == "centralized":
+                save_adapters(cfg, run, {mode: states[0]}, tmp)
+            elif mode != "federated":
+                save_adapters(cfg, run, {names[i]: state for i, state in states.items()}, tmp / mode)
 
 
 def _alone(cfg: RunConfig) -> RunConfig:

@@ -67,10 +67,12 @@ def generation_due(cfg, round_: int) -> bool:
     return round_ >= 1 and (round_ == last or (every > 0 and round_ % every == 0))
 
 
-def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cpu"):
+def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cpu", adapter_dir: str | None = None):
     """(model, tokenizer, config) of a finished run with plain transformers + peft: its base model
     (the built-in one as saved in RUN_DIR/base_model) with the global adapter — or, with
-    `platform`, that platform's own adapter (RUN_DIR/personal/<name>: fl-llm personalise, or a FedSA or FedPer run)."""
+    `platform`, that platform's own adapter (RUN_DIR/personal/<name>: fl-llm personalise, or a FedSA
+    or FedPer run) — or, with `adapter_dir`, any PEFT adapter made for that base (fl-llm compare
+    --keep-adapters writes one per arm and platform)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +90,14 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     if cfg.model.kind != "causal_lm":
         raise UserError(f"generate {str(run_dir)!r}: model.kind is {cfg.model.kind}; only a causal LM generates")
     adapter = rd.adapter
+    if platform is not None and adapter_dir is not None:
+        raise UserError("generate: --platform and --adapter each name the adapter to load; give one")
+    if adapter_dir is not None:
+        adapter = Path(adapter_dir)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(
+                f"generate --adapter {adapter_dir!r}: not a PEFT adapter directory (no adapter_config.json)"
+            )
     if platform is not None:
         personal = rd.path / "personal"
         adapter = personal / safe_name(platform)
@@ -112,7 +122,13 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     tokenizer = AutoTokenizer.from_pretrained(base)
     ensure_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(cfg.model.dtype))
-    model = PeftModel.from_pretrained(model, str(adapter)).to(device)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter)).to(device)
+    except (RuntimeError, ValueError, KeyError) as e:  # another base's, rank's or target set's tensors
+        if adapter_dir is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"generate --adapter {adapter_dir!r}: does not fit this run's base model ({first})") from None
     return model, tokenizer, cfg
 
 

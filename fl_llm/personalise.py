@@ -197,10 +197,8 @@ def personalise_run(
     """Personalise a finished run's global adapter on every platform; write RUN_DIR/personal/
     (whole or not at all) and return what personal.json holds. `schedule` and `anchor` left None
     are the run's config's (`personalise.schedule`, `personalise.anchor`, overrides applied)."""
-    from fl_llm.client.kept_state import safe_name
     from fl_llm.data.sources import task_of
-    from fl_llm.model.adapters import load_init_adapter, save_adapter
-    from fl_llm.model.build import is_builtin, resolve_name
+    from fl_llm.model.adapters import load_init_adapter
     from fl_llm.server.backends import make_backend
     from fl_llm.server.loop import SETUP_TIMEOUT_S
     from fl_llm.server.setup import described
@@ -219,9 +217,6 @@ def personalise_run(
     # the platforms keep nothing on disk here: the run's own state dirs stay as the run left them
     cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, state_dir=""))
     ids, timeout = list(range(cfg.data.num_platforms)), cfg.server.round_timeout_s
-    lora = cfg.model.lora
-    rank = max(lora.ranks or [lora.r])
-    base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
     with rd.lock():
         progress.phase(f"starting {len(ids)} platforms on the {cfg.backend_in_use} backend")
         backend = make_backend(cfg, rd.path.name)
@@ -249,11 +244,25 @@ def personalise_run(
             "platforms": {names[i]: {"global": before[i], "personal": after[i]} for i in ids},
         }
         with atomic_dir(rd.path / "personal") as tmp:
-            for i in ids:
-                state = {k: np.asarray(v, np.float32) for k, v in states[i].items()}
-                save_adapter(state, cfg.model, tmp / safe_name(names[i]), base_name, rank=rank)
+            save_adapters(cfg, rd, {names[i]: states[i] for i in ids}, tmp)
             write_json(tmp / "personal.json", result)
     return result
+
+
+def save_adapters(cfg: RunConfig, run, states: dict[str, AdapterState], out_dir: Path) -> None:
+    """Each named model in `states` as a PEFT adapter directory out_dir/<name>/ on the base model of
+    `run` (a RunDir: the built-in model as that run saved it), at the largest LoRA rank — what
+    `fl-llm generate RUN_DIR --platform NAME` (or `--adapter DIR`) loads."""
+    from fl_llm.client.kept_state import safe_name
+    from fl_llm.model.adapters import save_adapter
+    from fl_llm.model.build import is_builtin, resolve_name
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    rank = max(cfg.model.lora.ranks or [cfg.model.lora.r])
+    base_name = str(run.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
+    for name, state in states.items():
+        plain = {k: np.asarray(v, np.float32) for k, v in state.items()}
+        save_adapter(plain, cfg.model, Path(out_dir) / safe_name(name), base_name, rank=rank)
 
 
 def personal_table(result: dict) -> str:

@@ -95,6 +95,11 @@ CASES = [
     ),
     ("compare one strategy", lambda t: ["compare", "--strategies", "fedit"], "needs at least two names"),
     (
+        "keep the adapters of strategies' runs",
+        lambda t: ["compare", "--keep-adapters", "--strategies", "fedit,ffa"],
+        "with --strategies every run is federated",
+    ),
+    (
         "compare a strategy twice",
         lambda t: ["compare", "--strategies", "fedit,ffa,fedit"],
         "names fedit more than once",

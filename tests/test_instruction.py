@@ -7,6 +7,7 @@ generations leave), and bring-your-own conversation files."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -130,6 +131,17 @@ def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp
         assert says in capsys.readouterr().err, extra
     assert main(["generate", str(tmp_path), "hi"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    broken = tmp_path / "rank-changed"  # the run's tensors, a config saying another rank
+    shutil.copytree(run_dir / "adapter", broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] // 2}))
+    for extra, says in (
+        (["--adapter", str(broken)], "does not fit this run's base model"),
+        (["--adapter", str(tmp_path / "missing")], "not a PEFT adapter directory"),
+        (["--adapter", str(run_dir / "adapter"), "--platform", "gadget-hub"], "give one"),
+    ):
+        assert main(["generate", str(run_dir), *extra, "hi"]) == 2, extra
+        assert says in capsys.readouterr().err, extra
 
 
 def _generate_held_out(run_dir, platform: int, tmp_path, *extra) -> subprocess.CompletedProcess:
@@ -152,7 +164,6 @@ def test_personalise_writes_each_platforms_adapter_which_generate_reproduces(sft
     global figures it reports are the run's own last round (so it started from the run's model),
     each platform's own model fits its held-out answers better, and `fl-llm generate --platform`
     answers exactly as the platform scored its own model."""
-    import shutil
 
     from fl_llm.cli import main
 
@@ -185,6 +196,25 @@ def test_personalise_writes_each_platforms_adapter_which_generate_reproduces(sft
         json.loads(x)["answer"] for x in (tmp_path / "answers.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     assert glob_proc.returncode == 0 and answers != glob_answers
+    # the same adapter named by its directory (as fl-llm compare --keep-adapters writes them)
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--adapter",
+                str(run_dir / "personal" / "gadget-hub"),
+                "--jsonl",
+                str(tmp_path / "held-1.jsonl"),
+                "--out",
+                str(tmp_path / "by-dir.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert f"exact match {em:.4f} over 12" in capsys.readouterr().err
+    by_dir = [json.loads(x)["answer"] for x in (tmp_path / "by-dir.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert by_dir == answers
 
     # again: refused (exit 2) without --overwrite, and what is there is left as it was
     before = (run_dir / "personal" / "personal.json").read_bytes()
@@ -196,7 +226,6 @@ def test_personalise_writes_each_platforms_adapter_which_generate_reproduces(sft
 def test_personalise_stops_with_one_line_when_a_platforms_data_no_longer_loads(sft_run, tmp_path, capsys):
     """The platforms load their data again: a file that changed since the run (here: records without
     messages) is the user's error — exit 2 with the platform's line, nothing written."""
-    import shutil
 
     import yaml
 

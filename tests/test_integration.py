@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -218,8 +219,10 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_compare_writes_table_json_and_plot(tmp_path):
+    from fl_llm.client.platform import Platform
     from fl_llm.compare import MODES, compare, format_table
-    from fl_llm.config import load
+    from fl_llm.config import load, to_dict
+    from fl_llm.model.adapters import load_init_adapter
 
     cfg = load(
         None,
@@ -232,7 +235,7 @@ def test_compare_writes_table_json_and_plot(tmp_path):
             "data.synthetic.eval_examples=40",
         ],
     )
-    result = compare(cfg, tmp_path / "cmp", personal_rounds=2, personal_anchor=0.1)
+    result = compare(cfg, tmp_path / "cmp", personal_rounds=2, personal_anchor=0.1, keep_adapters=True)
     assert (tmp_path / "cmp" / "comparison.json").exists()
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     assert (tmp_path / "cmp" / "federated" / "metrics.jsonl").exists()
@@ -259,6 +262,22 @@ def test_compare_writes_table_json_and_plot(tmp_path):
     assert isinstance(result["below_local"], list) and "budget per platform" in table
     assert "gap local-only -> centralized" in table or "closes" in table
     assert (tmp_path / "cmp" / "reliability.png").stat().st_size > 1000
+
+    # --keep-adapters: the models compare trained itself, as PEFT adapters; read back from disk and
+    # evaluated by the platform they belong to, each scores what the comparison reported for it
+    kept = tmp_path / "cmp" / "adapters"
+    names = sorted(result["detail"]["local"])
+    assert sorted(p.name for p in kept.iterdir()) == ["centralized", "local", "personalised"]
+    assert all(sorted(p.name for p in (kept / arm).iterdir()) == names for arm in ("local", "personalised"))
+    platform = Platform(to_dict(cfg), 1)
+    fresh = platform.initial_adapter()
+    for arm, where in (
+        ("local", kept / "local" / names[1]),
+        ("centralized", kept / "centralized"),
+        ("personalised", kept / "personalised" / names[1]),
+    ):
+        state = load_init_adapter(dataclasses.replace(cfg.model, init_adapter=str(where)), like=fresh)
+        assert platform.evaluate(state, None, True)["auc"] == pytest.approx(result["detail"][arm][names[1]]["auc"]), arm
 
 
 def test_compare_over_seeds_reports_mean_and_spread(tmp_path):
