@@ -114,7 +114,7 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"generate {str(run_dir)!r}: no adapter at {str(adapter)!r} (did the run finish a round?)")
     base = str(rd.base_model) if rd.base_model.is_dir() else resolve_name(cfg.model.name_or_path)
-    if (rd.path / "base_delta.safetensors").is_file():
+    if adapter_dir is None and (rd.path / "base_delta.safetensors").is_file():  # --adapter: on the plain base
         raise UserError(
             f"generate {str(run_dir)!r}: the run merged adapters into its base (base_delta.safetensors); add the "
             "deltas to the base weights first"

@@ -142,6 +142,14 @@ def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp
     ):
         assert main(["generate", str(run_dir), *extra, "hi"]) == 2, extra
         assert says in capsys.readouterr().err, extra
+    # a run that merged its adapters into the base (FedEx, FLoRA) has no global adapter to load on the
+    # plain base; an adapter named with --adapter (a compare's local-only one) is made for that base
+    merged = tmp_path / "merged"
+    shutil.copytree(run_dir, merged)
+    (merged / "base_delta.safetensors").write_bytes(b"")
+    assert main(["generate", str(merged), "hi"]) == 2
+    assert "merged adapters into its base" in capsys.readouterr().err
+    assert main(["generate", str(merged), "--adapter", str(run_dir / "adapter"), "hi"]) == 0
 
 
 def _generate_held_out(run_dir, platform: int, tmp_path, *extra) -> subprocess.CompletedProcess:
