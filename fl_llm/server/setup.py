@@ -16,7 +16,7 @@ from fl_llm.config import RunConfig, recipe_line, to_dict
 from fl_llm.data.sources import task_of
 from fl_llm.errors import UserError
 from fl_llm.model.adapters import save_adapter, starting_adapter, state_nbytes
-from fl_llm.model.build import is_builtin, resolve_name, save_base
+from fl_llm.model.build import base_name, is_builtin, save_base
 from fl_llm.progress import Progress, fmt_value
 from fl_llm.server.backends import Collected, make_backend
 from fl_llm.server.base_merges import BaseMerges
@@ -79,14 +79,14 @@ def start(cfg: RunConfig, rd: RunDir, progress: Progress, resume: bool, t_start:
     if is_builtin(cfg.model) and not (rd.base_model / "config.json").exists():
         progress.phase("saving the built-in base model")
         save_base(cfg.model, cfg.seed, rd.base_model, num_labels=len(task_of(cfg).verbalizer))
-    base_name = str(rd.base_model.resolve()) if is_builtin(cfg.model) else resolve_name(cfg.model.name_or_path)
+    base = base_name(cfg.model, rd.base_model)
     primary = task_of(cfg).primary
     trackers = Trackers(cfg, rd.path, primary, resume)  # MLflow / TensorBoard, when asked for
     n, lora = cfg.data.num_platforms, cfg.model.lora
     progress.phase(f"starting {n} platforms on the {cfg.backend_in_use} backend (each loads its own data)")
     backend = make_backend(with_state_dir(cfg, rd), rd.path.name)
     ranks = lora.ranks or [lora.r] * n
-    return Run(cfg, rd, progress, backend, STRATEGIES[cfg.strategy.name], ranks, primary, base_name, trackers, t_start)
+    return Run(cfg, rd, progress, backend, STRATEGIES[cfg.strategy.name], ranks, primary, base, trackers, t_start)
 
 
 def setup(r: Run, resume_from: Path | None, on_started, privacy: Privacy | None) -> Federation:
