@@ -26,8 +26,14 @@ Named only by its category, that product's window asked which goods are electron
 catalog, not a shop's policy, and shown in Chinese two or three times per young shop: where it was
 read, the federated and the personalised model each gave one window (not the same) to nearly every
 Chinese return question, so the shop's score on its own policies measured which window a model
-happened to pick. So the question gives the category path, department first ("electronics >
-phones", "百货 > 咖啡"), as a product page does. And drawn independently, a young shop's 60
+happened to pick. Given as a category path, department first ("electronics > phones", "百货 > 咖啡"),
+as a product page does, the answer still asked to read the department off a path whose category the
+shop's data had mostly never shown in that language (57% of held-out return questions over six
+seeds): the federated and personalised models answered the categories their training asked and
+gave the other window to the rest — a shared skill, reading a path, scored as the shop's policy.
+So a return question names the department alone ("How many days do I have to return
+electronics?", "电子产品可以在几天内退货？"), as a shopper asks a shop's FAQ; reading a product card
+is scored where it belongs, in the shared skills. And drawn independently, a young shop's 60
 conversations held 10 to 23 policy questions, and most shops never saw some policy asked in some
 language — held-out questions its own data could not teach. So each split has the skills in
 SKILL_MIX's exact proportions, and its policy conversations ask the four policy facts (both return
@@ -64,13 +70,8 @@ CATEGORIES_ZH = (
     "家具",
     "户外用品",
 )
-ELECTRONICS = frozenset({"phones", "laptops", "headphones"})
-# A return question names the product's category path, department first (English, Chinese).
+# A return question names the department alone (English, Chinese): see the module's note.
 DEPARTMENTS = {True: ("electronics", "电子产品"), False: ("general goods", "百货")}
-# The categories a return question draws from, by whether they are electronics (indices into CATEGORIES).
-RETURN_GROUPS = {
-    e: tuple(c for c, (en, _, _) in enumerate(CATEGORIES) if (en in ELECTRONICS) == e) for e in (True, False)
-}
 GREETINGS = (
     ("Hi lovely!", "亲爱的，"),
     ("Hello, tech fan.", "科技达人您好，"),
@@ -171,18 +172,14 @@ def _qa(fields, zh, rng) -> list[dict]:
 def _policy(fields, zh, rng, pol: dict, fact: str) -> list[dict]:
     hi = pol["greeting_zh"] if zh else pol["greeting"]
     cat = fields["category_zh"] if zh else fields["category"]
-    if fact.startswith("return"):  # any product: see the module's note on learnability
+    if fact.startswith("return"):  # the department alone: see the module's note on learnability
         electronic = fact == "return_electronics"
-        c = int(rng.choice(RETURN_GROUPS[electronic]))
-        path = f"{DEPARTMENTS[electronic][zh]} > {CATEGORIES_ZH[c] if zh else CATEGORIES[c][0]}"
+        department = DEPARTMENTS[electronic][zh]
         days = pol["return_days_electronics"] if electronic else pol["return_days"]
         qa = (
-            (f"这件商品可以在几天内退货？类目：{path}", f"{hi}可以在{days}天内退货。")
+            (f"{department}可以在几天内退货？", f"{hi}可以在{days}天内退货。")
             if zh
-            else (
-                f"How many days do I have to return this item? Category: {path}",
-                f"{hi} You can return it within {days} days.",
-            )
+            else (f"How many days do I have to return {department}?", f"{hi} You can return it within {days} days.")
         )
     elif fact == "shipping":  # the rule, not a verdict on an amount: see the module's note on learnability
         over, fee = pol["free_over"], pol["fee"]
