@@ -227,8 +227,6 @@ def cmd_run(ns) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fl_llm.cli_commands import (
         add_bench_arguments,
-        add_generate_command,
-        add_personalise_command,
         cmd_audit,
         cmd_bench,
         cmd_compare,
@@ -237,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_tasks,
         strategies_help,
     )
+    from fl_llm.cli_model import add_generate_command, add_personalise_command
 
     doc = (__doc__ or "").strip()
     parser = argparse.ArgumentParser(
