@@ -119,7 +119,7 @@ def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp
 
     _, run_dir, _ = sft_run
     system = ["--system", "You are the shopping assistant of gadget-hub."]
-    assert main(["generate", str(run_dir), *system, "Shipping?", "What warranty comes with the phones?"]) == 0
+    assert main(["generate", str(run_dir), *system, "Shipping?", "How long is the warranty?"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert [line[:4] for line in printed if line.startswith("[")] == ["[1] ", "[2] "]
     for extra, says in (

@@ -199,7 +199,7 @@ def test_a_platforms_policy_answers_are_few_fixed_sentences(world):
 
 def _policy_fact(question: str) -> str:
     """Which of a shop's four policy facts a policy question asks for (the answer's number), read
-    off the question: a return question names the department alone."""
+    off the question: a return question names the department alone, the others no product."""
     returns = {
         "How many days do I have to return electronics?": "return_electronics",
         "电子产品可以在几天内退货？": "return_electronics",
@@ -211,8 +211,30 @@ def _policy_fact(question: str) -> str:
     assert "return" not in question and "退货" not in question, question
     if question in ("How much is shipping?", "运费怎么算？"):
         return "shipping"
-    assert "warranty" in question or "保修" in question, question
+    assert question in ("How long is the warranty?", "保修多久？"), question
     return "warranty"
+
+
+def test_a_policy_question_names_nothing_of_the_catalog(world):
+    """A shop's policy questions are eight fixed questions, the same on every platform: the score on a
+    shop's own policies measures its policies, not reading a category or a product. (Asked about a
+    category, a question whose category the shop's data never named in that language was answered
+    from the category: the other return window, or another shop's warranty.)"""
+    expected = {
+        "How many days do I have to return electronics?",
+        "How many days do I have to return general goods?",
+        "How much is shipping?",
+        "How long is the warranty?",
+        "电子产品可以在几天内退货？",
+        "百货可以在几天内退货？",
+        "运费怎么算？",
+        "保修多久？",
+    }
+    for p in range(3):
+        for split in ("train", "eval"):
+            rows = instruction_records(world, p, 300, split=split)
+            asked = {r["messages"][-2]["content"] for r in rows if r["skill"] == "policy"}
+            assert asked == expected, (p, split, asked ^ expected)
 
 
 def test_every_platform_asks_about_both_return_windows(world):

@@ -32,8 +32,11 @@ shop's data had mostly never shown in that language (57% of held-out return ques
 seeds): the federated and personalised models answered the categories their training asked and
 gave the other window to the rest — a shared skill, reading a path, scored as the shop's policy.
 So a return question names the department alone ("How many days do I have to return
-electronics?", "电子产品可以在几天内退货？"), as a shopper asks a shop's FAQ; reading a product card
-is scored where it belongs, in the shared skills. And drawn independently, a young shop's 60
+electronics?", "电子产品可以在几天内退货？"), as a shopper asks a shop's FAQ, and the warranty question,
+one warranty for every product, names none ("How long is the warranty?", "保修多久？"): asked about a
+category ("What warranty comes with the sneakers?"), a category the shop's warranty questions never
+named in that language drew another shop's number into the answer. Reading a product card is scored
+where it belongs, in the shared skills. And drawn independently, a young shop's 60
 conversations held 10 to 23 policy questions, and most shops never saw some policy asked in some
 language — held-out questions its own data could not teach. So each split has the skills in
 SKILL_MIX's exact proportions, and its policy conversations ask the four policy facts (both return
@@ -169,9 +172,8 @@ def _qa(fields, zh, rng) -> list[dict]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def _policy(fields, zh, rng, pol: dict, fact: str) -> list[dict]:
+def _policy(zh: bool, pol: dict, fact: str) -> list[dict]:
     hi = pol["greeting_zh"] if zh else pol["greeting"]
-    cat = fields["category_zh"] if zh else fields["category"]
     if fact.startswith("return"):  # the department alone: see the module's note on learnability
         electronic = fact == "return_electronics"
         department = DEPARTMENTS[electronic][zh]
@@ -188,12 +190,12 @@ def _policy(fields, zh, rng, pol: dict, fact: str) -> list[dict]:
             if zh
             else ("How much is shipping?", f"{hi} Orders from ${over} ship free; below that, shipping is ${fee}.")
         )
-    else:
+    else:  # one warranty for every product, so the question names none: see the module's note
         months = pol["warranty_months"]
         qa = (
-            (f"{cat}保修多久？", f"{hi}保修{months}个月。")
+            ("保修多久？", f"{hi}保修{months}个月。")
             if zh
-            else (f"What warranty comes with the {cat}?", f"{hi} It comes with {months} months of warranty.")
+            else ("How long is the warranty?", f"{hi} It comes with {months} months of warranty.")
         )
     return [{"role": "user", "content": qa[0]}, {"role": "assistant", "content": qa[1]}]
 
@@ -239,7 +241,7 @@ def instruction_records(world: World, platform: int, n: int, *, split: str) -> l
         kind = SKILLS[skill]
         if kind == "policy":
             fact, zh = next(asked)
-            turns = _policy(fields, zh, rng, pol, fact)
+            turns = _policy(zh, pol, fact)
         else:
             zh = bool(rng.random() < zh_share)
             turns = {"attribute": _attribute, "title": _title, "qa": _qa}[kind](fields, zh, rng)
