@@ -197,22 +197,24 @@ def test_a_platforms_policy_answers_are_few_fixed_sentences(world):
             assert len(shipping) == 1 and str(pol["free_over"]) in shipping[0] and str(pol["fee"]) in shipping[0]
 
 
+# Every policy question a shop asks, and the fact (the answer's number) it asks for: the return questions
+# name the department alone, the others no product.
+POLICY_QUESTIONS = {
+    "How many days do I have to return electronics?": "return_electronics",
+    "电子产品可以在几天内退货？": "return_electronics",
+    "How many days do I have to return general goods?": "return_other",
+    "百货可以在几天内退货？": "return_other",
+    "How much is shipping?": "shipping",
+    "运费怎么算？": "shipping",
+    "How long is the warranty?": "warranty",
+    "保修多久？": "warranty",
+}
+
+
 def _policy_fact(question: str) -> str:
-    """Which of a shop's four policy facts a policy question asks for (the answer's number), read
-    off the question: a return question names the department alone, the others no product."""
-    returns = {
-        "How many days do I have to return electronics?": "return_electronics",
-        "电子产品可以在几天内退货？": "return_electronics",
-        "How many days do I have to return general goods?": "return_other",
-        "百货可以在几天内退货？": "return_other",
-    }
-    if question in returns:
-        return returns[question]
-    assert "return" not in question and "退货" not in question, question
-    if question in ("How much is shipping?", "运费怎么算？"):
-        return "shipping"
-    assert question in ("How long is the warranty?", "保修多久？"), question
-    return "warranty"
+    """Which of a shop's four policy facts a policy question asks for, read off the question."""
+    assert question in POLICY_QUESTIONS, question
+    return POLICY_QUESTIONS[question]
 
 
 def test_a_policy_question_names_nothing_of_the_catalog(world):
@@ -220,21 +222,11 @@ def test_a_policy_question_names_nothing_of_the_catalog(world):
     shop's own policies measures its policies, not reading a category or a product. (Asked about a
     category, a question whose category the shop's data never named in that language was answered
     from the category: the other return window, or another shop's warranty.)"""
-    expected = {
-        "How many days do I have to return electronics?",
-        "How many days do I have to return general goods?",
-        "How much is shipping?",
-        "How long is the warranty?",
-        "电子产品可以在几天内退货？",
-        "百货可以在几天内退货？",
-        "运费怎么算？",
-        "保修多久？",
-    }
     for p in range(3):
         for split in ("train", "eval"):
             rows = instruction_records(world, p, 300, split=split)
             asked = {r["messages"][-2]["content"] for r in rows if r["skill"] == "policy"}
-            assert asked == expected, (p, split, asked ^ expected)
+            assert asked == set(POLICY_QUESTIONS), (p, split, asked ^ set(POLICY_QUESTIONS))
 
 
 def test_every_platform_asks_about_both_return_windows(world):

@@ -15,8 +15,8 @@ platform its own mix):
   greeting and its numbers.
 
 Every answer is a deterministic function of the conversation, so exact match is meaningful, and
-every one is learnable from a young shop's data by the built-in model. Three earlier choices were
-not, and were changed. The shipping question named an order's amount and asked whether it ships
+every one is learnable from a young shop's data by the built-in model. Earlier choices were not,
+and were changed. The shipping question named an order's amount and asked whether it ships
 free: comparing two prices is not learnable from a few dozen examples (shop models gave one verdict
 to nearly every amount, right on 20 of 38 held-out orders where always "free" is right on 29), so
 it asks for the rule. A return question asked about the product on the card, so a shop that sells
