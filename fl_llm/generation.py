@@ -80,6 +80,7 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     from fl_llm.config import load
     from fl_llm.data.chat import ensure_template
     from fl_llm.errors import UserError
+    from fl_llm.model.adapters import peft_quietly
     from fl_llm.model.build import resolve_name
     from fl_llm.tracking import RunDir
 
@@ -123,7 +124,8 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     ensure_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=_dtype(cfg.model.dtype))
     try:
-        model = PeftModel.from_pretrained(model, str(adapter)).to(device)
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, str(adapter)).to(device)
     except (RuntimeError, ValueError, KeyError) as e:  # another base's, rank's or target set's tensors
         if adapter_dir is None:
             raise

@@ -7,12 +7,23 @@ Ray hands numpy arrays over zero-copy; they arrive read-only, so `set_adapter_st
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from fl_llm.config import ModelConfig
 from fl_llm.tensors import AdapterState
+
+
+@contextmanager
+def peft_quietly():
+    """peft asks transformers a deprecated question about gradient checkpointing (a FutureWarning
+    on every wrap and every load): not ours to fix, and nothing the user can act on, so not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def lora_config(model_cfg: ModelConfig, rank: int | None = None):
@@ -58,17 +69,13 @@ def apply_lora(
     `compile_blocks`: torch.compile every transformer block in place, adapters included
     (client.compile) — one compiled graph serves all blocks, shapes marked dynamic so that
     packed rows of varying width do not recompile."""
-    import warnings
-
     import torch
     from peft import get_peft_model
     from peft.utils.error import NoMatchingPeftModuleError
 
     from fl_llm.errors import UserError
 
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # peft asks transformers a deprecated question about gradient checkpointing; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with torch.random.fork_rng(devices=[]), peft_quietly():
         torch.manual_seed(seed)
         try:
             wrapped = get_peft_model(model, lora_config(model_cfg, rank))
