@@ -15,14 +15,17 @@ def cmd_generate(ns) -> int:
     import json
 
     from fl_llm.data.chat import generation_prompt, to_messages
-    from fl_llm.generation import generate_answers, load_run_model
+    from fl_llm.generation import generate_answers, held_out_conversations, load_run_model
     from fl_llm.text_metrics import exact_match
 
-    if not ns.args and not ns.jsonl:
-        raise UserError("generate: give PROMPT arguments or --jsonl FILE")
+    if sum(map(bool, (ns.args, ns.jsonl, ns.held_out))) != 1:
+        raise UserError("generate: give PROMPT arguments, --jsonl FILE or --held-out NAME (one of them)")
     if ns.jsonl and not Path(ns.jsonl).is_file():
         raise UserError(f"generate --jsonl {ns.jsonl!r}: no such file")
     conversations, references = [], []
+    if ns.held_out:  # checked and read before the model loads: a wrong name costs nothing
+        conversations = held_out_conversations(Path(ns.run_dir), ns.held_out)
+        references = [m[-1]["content"] if m[-1]["role"] == "assistant" else None for m in conversations]
     if ns.jsonl:
         with open(ns.jsonl, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -53,7 +56,7 @@ def cmd_generate(ns) -> int:
     out = open(ns.out, "w", encoding="utf-8") if ns.out else sys.stdout
     try:
         for k, (ref, answer) in enumerate(zip(references, answers), 1):
-            if ns.jsonl:
+            if ns.jsonl or ns.held_out:
                 row = {"answer": answer, **({"reference": ref} if ref is not None else {})}
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
             elif len(answers) == 1:
@@ -78,8 +81,8 @@ def add_generate_command(sub) -> None:
         description="Load RUN_DIR's base model and adapter with plain transformers + peft and answer each "
         "PROMPT (a user message, rendered with the model's chat template), or each conversation of --jsonl FILE "
         "(chat messages, Alpaca or prompt/completion records; a final assistant turn is the reference, and the "
-        "exact match over those is printed). Decoding follows the run's eval.* settings (greedy by default), "
-        "exactly as the platforms generate in evaluation.",
+        "exact match over those is printed), or a platform's held-out conversations (--held-out). Decoding "
+        "follows the run's eval.* settings (greedy by default), exactly as the platforms generate in evaluation.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("args", nargs="*", metavar="PROMPT")  # "args": prompts after options land here too
@@ -90,7 +93,16 @@ def add_generate_command(sub) -> None:
         help="this PEFT adapter on RUN_DIR's base instead (e.g. a compare's adapters/local/NAME, --keep-adapters)",
     )
     p.add_argument("--jsonl", metavar="FILE", help="conversations to answer, one JSON record per line")
-    p.add_argument("--out", metavar="FILE", help="write the answers here (JSONL with --jsonl) instead of stdout")
+    p.add_argument(
+        "--held-out",
+        metavar="NAME",
+        help="answer platform NAME's held-out conversations as the run made them (the synthetic shops' from its "
+        "seed; its own files where readable here), the eval.generate_examples it answered, and print the exact "
+        "match: the figure that platform reported for this adapter",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="write the answers here (JSONL with --jsonl, --held-out) instead of stdout"
+    )
     p.add_argument("--system", metavar="TEXT", help="a system message before each PROMPT")
     p.add_argument(
         "--max-new-tokens", type=int, metavar="N", help="longest answer (default: the run's eval.max_new_tokens)"

@@ -134,6 +134,42 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     return model, tokenizer, cfg
 
 
+def held_out_conversations(run_dir: Path, name: str) -> list[list[dict]]:
+    """Platform `name`'s held-out conversations as the run's config makes them — the synthetic
+    shops' from the run's seed, a platform's own files where they are readable on this machine —
+    the first eval.generate_examples of them (those it answered; 0: all), for
+    `fl-llm generate --held-out NAME` to answer and score as that platform did."""
+    import json
+
+    from fl_llm.config import load
+    from fl_llm.data.chat import to_messages
+    from fl_llm.data.sources import load_platform_data
+    from fl_llm.errors import UserError
+    from fl_llm.tracking import RunDir
+
+    rd = RunDir(Path(run_dir))
+    where = f"generate --held-out {name!r}"
+    if not rd.config.is_file():
+        raise UserError(f"generate {str(run_dir)!r}: not a run directory (no config.yaml)")
+    cfg = load(str(rd.config), [])
+    if cfg.data.task != "instruction":
+        raise UserError(
+            f"{where}: the run's data.task is {cfg.data.task}; held-out conversations are the instruction task's"
+        )
+    if cfg.federation.platforms:
+        raise UserError(
+            f"{where}: a federation of organisations — each platform's held-out data is on its own machine; "
+            "write it as JSONL there and use --jsonl"
+        )
+    listed = rd.path / "platforms.json"
+    names = [p["name"] for p in json.loads(listed.read_text(encoding="utf-8"))] if listed.is_file() else []
+    if name not in names:
+        raise UserError(f"{where}: no platform of that name in this run (it has: {', '.join(names) or 'none listed'})")
+    records = load_platform_data(cfg, names.index(name)).eval
+    answered = records[: cfg.eval.generate_examples or None]  # read as the platform reads them (encode_chat)
+    return [r["messages"] if "messages" in r else to_messages(r, f"record {k}") for k, r in enumerate(answered, 1)]
+
+
 def _dtype(name: str):
     import torch
 

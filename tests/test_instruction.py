@@ -115,6 +115,31 @@ def test_the_saved_adapter_reproduces_a_platforms_reported_figures(sft_run, tmp_
     assert [a["answer"] for a in answers[:2]] == [s["answer"] for s in last]
 
 
+def test_generate_held_out_answers_a_platforms_own_conversations_as_it_reported(sft_run, tmp_path, capsys):
+    """`fl-llm generate RUN_DIR --held-out NAME` remakes that platform's held-out conversations from
+    the run's config and prints the exact match the platform reported — no JSONL to write first."""
+    from fl_llm.cli import main
+    from fl_llm.data.sources import load_platform_data
+
+    cfg, run_dir, _ = sft_run
+    out = tmp_path / "answers.jsonl"
+    assert main(["generate", str(run_dir), "--held-out", "home-market", "--out", str(out)]) == 0
+    reported = read_metrics(run_dir)[-1]["platforms"]["home-market"]
+    assert f"exact match {reported['exact_match']:.4f} over 12 " in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    held = load_platform_data(cfg, 2).eval  # home-market is the third platform
+    assert [r["reference"] for r in rows] == [r["messages"][-1]["content"] for r in held]
+    for extra, says in (
+        (["--held-out", "nowhere-mall"], "it has: fashion-mall, gadget-hub, home-market"),
+        (["--held-out", "home-market", "hi"], "one of them"),
+        (["--held-out", "home-market", "--jsonl", str(out)], "one of them"),
+    ):
+        assert main(["generate", str(run_dir), *extra]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+    assert main(["generate", str(tmp_path), "--held-out", "home-market"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
 def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp_path, capsys):
     from fl_llm.cli import main
 
@@ -125,7 +150,7 @@ def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp
     assert [line[:4] for line in printed if line.startswith("[")] == ["[1] ", "[2] "]
     for extra, says in (
         (["--platform", "gadget-hub", "hi"], "no adapter of that platform"),
-        ([], "give PROMPT arguments or --jsonl"),
+        ([], "give PROMPT arguments, --jsonl FILE or --held-out NAME"),
         (["--jsonl", str(tmp_path / "missing.jsonl")], "no such file"),
     ):
         assert main(["generate", str(run_dir), *extra]) == 2
