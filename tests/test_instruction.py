@@ -138,6 +138,12 @@ def test_generate_held_out_answers_a_platforms_own_conversations_as_it_reported(
         assert says in capsys.readouterr().err, extra
     assert main(["generate", str(tmp_path), "--held-out", "home-market"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    yes_no = tmp_path / "yes-no"  # the same run dir, its config saying a yes/no task: no conversations to remake
+    shutil.copytree(run_dir, yes_no, ignore=shutil.ignore_patterns("checkpoints", "platforms_state"))
+    config = (yes_no / "config.yaml").read_text(encoding="utf-8")
+    (yes_no / "config.yaml").write_text(config.replace("task: instruction", "task: ctr", 1), encoding="utf-8")
+    assert main(["generate", str(yes_no), "--held-out", "home-market"]) == 2
+    assert "data.task is ctr" in capsys.readouterr().err
 
 
 def test_generate_answers_a_plain_prompt_and_refuses_what_it_cannot(sft_run, tmp_path, capsys):
