@@ -22,10 +22,9 @@ def cmd_generate(ns) -> int:
         raise UserError("generate: give PROMPT arguments, --jsonl FILE or --held-out NAME (one of them)")
     if ns.jsonl and not Path(ns.jsonl).is_file():
         raise UserError(f"generate --jsonl {ns.jsonl!r}: no such file")
-    conversations, references = [], []
+    conversations = []
     if ns.held_out:  # checked and read before the model loads: a wrong name costs nothing
         conversations = held_out_conversations(Path(ns.run_dir), ns.held_out)
-        references = [m[-1]["content"] if m[-1]["role"] == "assistant" else None for m in conversations]
     if ns.jsonl:
         with open(ns.jsonl, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -35,13 +34,12 @@ def cmd_generate(ns) -> int:
                     record = json.loads(line)
                 except ValueError:
                     raise UserError(f"generate --jsonl {ns.jsonl!r}, line {i}: not valid JSON") from None
-                msgs = to_messages(record, f"{ns.jsonl!r}, line {i}", open_ended=True)
-                conversations.append(msgs)
-                references.append(msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else None)
+                conversations.append(to_messages(record, f"{ns.jsonl!r}, line {i}", open_ended=True))
     for text in ns.args:
         system = [{"role": "system", "content": ns.system}] if ns.system else []
         conversations.append([*system, {"role": "user", "content": text}])
-        references.append(None)
+    # a conversation's final assistant turn is its reference; a PROMPT's has none
+    references = [m[-1]["content"] if m[-1]["role"] == "assistant" else None for m in conversations]
     model, tokenizer, cfg = load_run_model(Path(ns.run_dir), ns.platform, ns.device, ns.adapter)
     settings = cfg.eval
     if ns.max_new_tokens is not None:

@@ -77,17 +77,12 @@ def load_run_model(run_dir: Path, platform: str | None = None, device: str = "cp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fl_llm.client.kept_state import safe_name
-    from fl_llm.config import load
     from fl_llm.data.chat import ensure_template
     from fl_llm.errors import UserError
     from fl_llm.model.adapters import peft_quietly
     from fl_llm.model.build import resolve_name
-    from fl_llm.tracking import RunDir
 
-    rd = RunDir(Path(run_dir))
-    if not rd.config.is_file():
-        raise UserError(f"generate {str(run_dir)!r}: not a run directory (no config.yaml)")
-    cfg = load(str(rd.config), [])
+    rd, cfg = _run_config(run_dir)
     if cfg.model.kind != "causal_lm":
         raise UserError(f"generate {str(run_dir)!r}: model.kind is {cfg.model.kind}; only a causal LM generates")
     adapter = rd.adapter
@@ -141,17 +136,12 @@ def held_out_conversations(run_dir: Path, name: str) -> list[list[dict]]:
     `fl-llm generate --held-out NAME` to answer and score as that platform did."""
     import json
 
-    from fl_llm.config import load
-    from fl_llm.data.chat import to_messages
+    from fl_llm.data.chat import record_messages
     from fl_llm.data.sources import load_platform_data
     from fl_llm.errors import UserError
-    from fl_llm.tracking import RunDir
 
-    rd = RunDir(Path(run_dir))
+    rd, cfg = _run_config(run_dir)
     where = f"generate --held-out {name!r}"
-    if not rd.config.is_file():
-        raise UserError(f"generate {str(run_dir)!r}: not a run directory (no config.yaml)")
-    cfg = load(str(rd.config), [])
     if cfg.data.task != "instruction":
         raise UserError(
             f"{where}: the run's data.task is {cfg.data.task}; held-out conversations are the instruction task's"
@@ -161,13 +151,24 @@ def held_out_conversations(run_dir: Path, name: str) -> list[list[dict]]:
             f"{where}: a federation of organisations — each platform's held-out data is on its own machine; "
             "write it as JSONL there and use --jsonl"
         )
-    listed = rd.path / "platforms.json"
-    names = [p["name"] for p in json.loads(listed.read_text(encoding="utf-8"))] if listed.is_file() else []
-    if name not in names:
-        raise UserError(f"{where}: no platform of that name in this run (it has: {', '.join(names) or 'none listed'})")
-    records = load_platform_data(cfg, names.index(name)).eval
-    answered = records[: cfg.eval.generate_examples or None]  # read as the platform reads them (encode_chat)
-    return [r["messages"] if "messages" in r else to_messages(r, f"record {k}") for k, r in enumerate(answered, 1)]
+    listed = json.loads(rd.platforms.read_text(encoding="utf-8")) if rd.platforms.is_file() else []
+    index = {p["name"]: p["platform"] for p in listed}
+    if name not in index:
+        raise UserError(f"{where}: no platform of that name in this run (it has: {', '.join(index) or 'none listed'})")
+    answered = load_platform_data(cfg, index[name]).eval[: cfg.eval.generate_examples or None]
+    return [record_messages(r, k) for k, r in enumerate(answered, 1)]
+
+
+def _run_config(run_dir: Path):
+    """(RunDir, its config) of a finished run; one line and exit 2 where RUN_DIR is not one."""
+    from fl_llm.config import load
+    from fl_llm.errors import UserError
+    from fl_llm.tracking import RunDir
+
+    rd = RunDir(Path(run_dir))
+    if not rd.config.is_file():
+        raise UserError(f"generate {str(run_dir)!r}: not a run directory (no config.yaml)")
+    return rd, load(str(rd.config), [])
 
 
 def _dtype(name: str):

@@ -182,6 +182,12 @@ def generation_prompt(tokenizer, messages: list[dict], max_length: int) -> np.nd
     return np.asarray(ids[-max_length:], dtype=np.int64)
 
 
+def record_messages(record: dict, k: int) -> list[dict]:
+    """A loaded record's conversation (record `k`, from 1): its `messages` as read, else its Alpaca
+    or prompt/completion fields as messages — how a platform reads its held-out conversations."""
+    return record["messages"] if "messages" in record else to_messages(record, f"record {k}")
+
+
 def encode_chat(
     records: list[dict], tokenizer, max_length: int, prompt_room: int = 0, choices: list[str] = ()
 ) -> Encoded:
@@ -195,7 +201,7 @@ def encode_chat(
     ensure_template(tokenizer)
     rows, masks, alen, prompts, refs, tags, labels = [], [], [], [], [], [], []
     for i, r in enumerate(records):
-        msgs = r["messages"] if "messages" in r else to_messages(r, f"record {i + 1}")
+        msgs = record_messages(r, i + 1)
         ids, mask, a = encode_conversation(tokenizer, msgs, max_length)
         rows.append(ids)
         masks.append(mask)
